@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny offline model directory built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep tests offline and quiet, whatever the environment says.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SAMPLE_TEXTS = [
+    "What is 12 + 34? The answer is 46.",
+    "Sort the letters d b a c. Answer: a b c d",
+    "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, then bake it.",
+    "Reverse the word 'hello': olleh",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory holding a tiny random Llama and its byte-level BPE tokenizer (save_pretrained)."""
+    from alphadpo_ray.models import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), SAMPLE_TEXTS, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from alphadpo_ray.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
