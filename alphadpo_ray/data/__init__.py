@@ -1,0 +1,17 @@
+"""Preference data: loading (jsonl/json/jsonl.gz/parquet/hub), row validation, tokenisation with
+TRL-style truncation, collation for one concatenated forward pass, and a prompt-disjoint held-out split."""
+
+from .collate import collate_pairs, collate_sft, pad_sequences
+from .formats import FORMATS, HH_MARKER, REASONS, RowProblem, detect_format
+from .sources import SUPPORTED_EXTENSIONS, is_local_source, read_raw
+from .split import load_with_held_out, split_held_out
+from .tokenization import TRUNCATION_MODES, check_lengths, tokenize_pairs, tokenize_sft, truncate
+from .validation import ValidationReport, load_preference_data, preference_data_from_rows, validate_rows
+
+__all__ = [
+    "FORMATS", "HH_MARKER", "REASONS", "SUPPORTED_EXTENSIONS", "TRUNCATION_MODES",
+    "RowProblem", "ValidationReport",
+    "check_lengths", "collate_pairs", "collate_sft", "detect_format", "is_local_source", "load_preference_data",
+    "load_with_held_out", "pad_sequences", "preference_data_from_rows", "read_raw", "split_held_out",
+    "tokenize_pairs", "tokenize_sft", "truncate", "validate_rows",
+]
