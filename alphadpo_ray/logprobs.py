@@ -1,0 +1,421 @@
+"""Per-sequence response log-probs of a causal LM, chunked over tokens; exact token KL to a reference.
+
+For a batch row n with tokens x_0..x_{T-1} and response mask r (r_t = 1 iff x_t is a response token),
+
+    logp_n   = sum_{t>=1} r_t * log softmax(z_{t-1})[x_t]          (z_{t-1} = logits at position t-1)
+    length_n = sum_{t>=1} r_t
+    kl_n     = sum_{t>=1} r_t * sum_v p(v|x_<t) (log p(v|x_<t) - log q(v|x_<t))   (q = reference)
+
+Why chunked: the straightforward path, ``log_softmax(model(...).logits[:, :-1])``, holds the
+[N, T, V] logits *and* a log-softmax of the same size (plus, in training, the same again for
+their gradients). At V = 32k, T = 1024 in float32 each of those is 128 MiB per sequence, so a
+DPO batch of 2B sequences costs gigabytes just for the output layer. Here the decoder is run to
+its final hidden states [N, T, H] (H << V), only the response positions are kept, and the output
+head + log-softmax + gather is applied ``chunk_size`` tokens at a time, so at most one
+[chunk_size, V] block of logits is alive. In training each chunk is wrapped in
+``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps only the
+chunk's hidden states and its [chunk_size] log-probs; the backward recomputes that chunk's logits,
+and the log-softmax + gather has a hand-written backward needing one extra [chunk_size, V] buffer.
+Peak extra memory is O(chunk_size * V), independent of N * T. Prompt and padding positions never
+reach the head at all. Results equal the straightforward computation up to float32 rounding.
+Default chunk_size 512 tokens: one float32 [512, 32k] block is 62.5 MiB (for V >= 128k use 128-256);
+benchmarks/bench_logprobs.py prints the figures.
+
+Precision: the head runs in the model's dtype and each chunk's logits are upcast to float32
+before the (optional) logit scale, soft-capping and log-softmax.
+
+Model-specific logit post-processing taken from the (text) config:
+  * ``final_logit_softcapping`` (Gemma-2/3): z <- cap * tanh(z / cap);
+  * ``logit_scale`` (Cohere): z <- z * logit_scale;  ``logits_scaling`` (Granite): z <- z / logits_scaling.
+Anything else a model does after its head (or before it, outside its decoder) is not known here, so
+in ``mode="auto"`` the decoder+head path is checked once per model against ``model(...).logits`` on
+a few tokens of the first batch (dropout off, no grad); if they disagree, or the model has no
+usable decoder / output embeddings, this falls back to ``model(...).logits`` (exact, chunked
+log-softmax, but the [N, T, V] logits are materialised) and warns once.
+
+DeepSpeed ZeRO-3: the output head is called as a module (its forward hooks gather the weight);
+with a stable trace ``stage3_max_reuse_distance`` keeps it gathered across chunks. A *frozen*
+head (LoRA) under ZeRO-3 with non-reentrant checkpointing needs a DeepSpeed that re-gathers
+frozen params in checkpoint recomputes (deepspeedai/DeepSpeed#8148). Pass the engine or the bare
+HF model; wrappers without ``get_output_embeddings`` are unwrapped through ``.module`` (this
+bypasses a DDP wrapper's forward, so don't rely on DDP gradient sync through this function).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_SIZE = 512
+
+# mode decided by the "auto" probe, per model object: "hidden" (decoder + chunked head) or "logits".
+_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_MODES = ("auto", "hidden", "logits")
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence results of `sequence_logps` (all [N])."""
+
+    logps: torch.Tensor  # summed response log-probs, float32 (with grad when the model has grad)
+    lengths: torch.Tensor  # response token counts, long (0 => logps 0; the caller validates)
+    kl: Optional[torch.Tensor] = None  # exact KL(pi_theta || pi_ref) summed over response tokens, no grad
+    ref_logps: Optional[torch.Tensor] = None  # reference's summed response log-probs, no grad
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked core (no model needed)
+
+
+def _logits(head: Callable, h: torch.Tensor, scale: Optional[float], softcap: Optional[float]) -> torch.Tensor:
+    """z = head(h) in float32, then z*scale, then cap*tanh(z/cap)."""
+    z = head(h).float()
+    if scale is not None and scale != 1.0:
+        z = z * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+class _TokenLogSoftmax(torch.autograd.Function):
+    """out_i = z[i, t_i] - logsumexp(z_i);  d out_i / d z_i = onehot(t_i) - softmax(z_i).
+
+    Same values as log_softmax(z).gather(t), but the backward needs one [c, V] buffer (z itself is
+    saved, not copied) where autograd's log_softmax + gather would hold the log-softmax output, a
+    zero-filled gather gradient and the log-softmax gradient at once.
+    """
+
+    @staticmethod
+    def forward(ctx, z, tgt):
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(z, lse, tgt)
+        return z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        z, lse, tgt = ctx.saved_tensors
+        grad = (z - lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))  # -g * softmax(z)
+        grad.scatter_add_(-1, tgt.unsqueeze(-1), g.unsqueeze(-1))  # + g * onehot(t)
+        return grad, None
+
+
+def _chunk_token_logps(h, tgt, head, scale, softcap):
+    return _TokenLogSoftmax.apply(_logits(head, h, scale, softcap), tgt)
+
+
+def _select(hidden: torch.Tensor, mask: Optional[torch.Tensor]):
+    """The rows of `hidden` [..., H] where `mask` [...] is true, as [M, H], with their indices (one per dim)."""
+    lead = hidden.shape[:-1]
+    if mask is None:
+        mask = torch.ones(lead, dtype=torch.bool, device=hidden.device)
+    if mask.shape != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the leading shape of hidden {tuple(lead)}")
+    where = tuple(i.to(hidden.device) for i in mask.bool().nonzero(as_tuple=True))
+    return hidden[where], where, lead  # copies only the M selected rows, even from a strided view
+
+
+def _scatter(vals: torch.Tensor, where, lead) -> torch.Tensor:
+    """Per-token values back into a float32 zero tensor of shape `lead` (differentiable)."""
+    return torch.zeros(lead, dtype=torch.float32, device=vals.device).index_put(where, vals)
+
+
+def _check_chunk(chunk_size) -> int:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
+    return chunk_size
+
+
+def _needs_grad(hidden: torch.Tensor, head: Callable) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if hidden.requires_grad:
+        return True
+    return isinstance(head, torch.nn.Module) and any(p.requires_grad for p in head.parameters())
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    target_ids: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    softcap: Optional[float] = None,
+    scale: Optional[float] = None,
+    use_checkpoint: Optional[bool] = None,
+) -> torch.Tensor:
+    """Per-token log p(target | state) = log_softmax(z)[target], z = softcap(scale * head(hidden)) in float32.
+
+    `hidden` [..., H] are the states that predict `target_ids` [...] (already shifted); only positions
+    where `mask` [...] is true go through `head`, `chunk_size` of them at a time. Returns float32 [...],
+    0 where masked out. `use_checkpoint=None` checkpoints each chunk iff a gradient is needed.
+    """
+    chunk_size = _check_chunk(chunk_size)
+    if target_ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"target_ids has shape {tuple(target_ids.shape)}, expected {tuple(hidden.shape[:-1])}")
+    h, where, lead = _select(hidden, mask)
+    tgt = target_ids.to(h.device)[where]
+    if use_checkpoint is None:
+        use_checkpoint = _needs_grad(hidden, head)
+    parts = []
+    for s in range(0, h.shape[0], chunk_size):
+        hc, tc = h[s : s + chunk_size], tgt[s : s + chunk_size]
+        if use_checkpoint:
+            parts.append(checkpoint(_chunk_token_logps, hc, tc, head, scale, softcap, use_reentrant=False))
+        else:
+            parts.append(_chunk_token_logps(hc, tc, head, scale, softcap))
+    vals = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32) + h.sum() * 0
+    return _scatter(vals, where, lead)
+
+
+@torch.no_grad()
+def _pair_stats(
+    hidden, head, ref_hidden, ref_head, target_ids, mask, chunk_size, softcap, scale, ref_softcap, ref_scale
+):
+    """One chunked pass over both models: per-token (kl, logp, ref_logp); logps only if target_ids given."""
+    chunk_size = _check_chunk(chunk_size)
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} != hidden's {tuple(hidden.shape[:-1])}"
+        )
+    h, where, lead = _select(hidden, mask)
+    rh, _, _ = _select(ref_hidden, mask)  # stays on the reference's device; its log-probs move over
+    tgt = None if target_ids is None else target_ids.to(h.device)[where]
+    kls, lps, rlps = [], [], []
+    for s in range(0, h.shape[0], chunk_size):
+        lp = torch.log_softmax(_logits(head, h[s : s + chunk_size], scale, softcap), dim=-1)
+        lq = torch.log_softmax(_logits(ref_head, rh[s : s + chunk_size], ref_scale, ref_softcap).to(lp.device), dim=-1)
+        if lp.shape[-1] != lq.shape[-1]:
+            raise ValueError(
+                f"policy vocab {lp.shape[-1]} != reference vocab {lq.shape[-1]}: KL needs the same tokenizer"
+            )
+        if tgt is not None:
+            t = tgt[s : s + chunk_size].unsqueeze(-1)
+            lps.append(lp.gather(-1, t).squeeze(-1))
+            rlps.append(lq.gather(-1, t).squeeze(-1))
+        diff = lq.neg_().add_(lp)  # log p - log q, in place
+        kls.append(torch.linalg.vecdot(lp.exp_(), diff).clamp_(min=0.0))  # sum_v p (log p - log q) >= 0
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float32, device=h.device)  # noqa: E731
+    kl = _scatter(cat(kls), where, lead)
+    if tgt is None:
+        return kl, None, None
+    return kl, _scatter(cat(lps), where, lead), _scatter(cat(rlps), where, lead)
+
+
+def chunked_token_kl(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    ref_hidden: torch.Tensor,
+    ref_head: Callable[[torch.Tensor], torch.Tensor],
+    mask: Optional[torch.Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    softcap: Optional[float] = None,
+    ref_softcap: Optional[float] = None,
+    scale: Optional[float] = None,
+    ref_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-token exact KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the full vocabulary, no grad.
+
+    p = softmax(z), z = softcap(scale * head(hidden)); q likewise from `ref_hidden`/`ref_head`. Both
+    hidden tensors are [..., H_model] over the same positions; `mask` [...] selects them. Float32 [...],
+    0 where masked out; rounding negatives are clamped to 0.
+    """
+    kl, _, _ = _pair_stats(
+        hidden, head, ref_hidden, ref_head, None, mask, chunk_size, softcap, scale, ref_softcap, ref_scale
+    )
+    return kl
+
+
+# ----------------------------------------------------------------------------------------------
+# HF causal LMs
+
+
+@dataclass
+class _HeadInputs:
+    states: torch.Tensor  # [N, T, H] final hidden states, or [N, T, V] logits in "logits" mode
+    head: Callable
+    scale: Optional[float]
+    softcap: Optional[float]
+
+
+def _identity(x):
+    return x
+
+
+def _unwrap(model):
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _logit_transform(model):
+    """(scale, softcap) from the model's (text) config: see the module docstring."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None, None
+    try:
+        config = config.get_text_config(decoder=True)
+    except Exception:  # older / custom configs
+        pass
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0  # noqa: E731
+    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = float(softcap) if num(softcap) else None
+    scale = None
+    if num(getattr(config, "logit_scale", None)):
+        scale = float(config.logit_scale)
+    elif num(getattr(config, "logits_scaling", None)):
+        scale = 1.0 / float(config.logits_scaling)
+    return scale, softcap
+
+
+def _find_decoder(model):
+    dec = None
+    if hasattr(model, "get_decoder"):
+        try:
+            dec = model.get_decoder()
+        except Exception:
+            dec = None
+    if dec is None or dec is model:
+        dec = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
+    if not isinstance(dec, torch.nn.Module) or dec is model:
+        return None
+    return dec
+
+
+def _decoder_hidden(decoder, input_ids, attention_mask) -> torch.Tensor:
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    h = getattr(out, "last_hidden_state", None)
+    if h is None:
+        h = out[0]
+    if not torch.is_tensor(h) or h.dim() != 3 or h.shape[:2] != input_ids.shape:
+        raise RuntimeError(f"decoder returned {type(h).__name__} {getattr(h, 'shape', '')}, expected [N, T, H]")
+    return h
+
+
+def _full_logits(model, input_ids, attention_mask) -> _HeadInputs:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return _HeadInputs(logits, _identity, None, None)
+
+
+def _probe(model, decoder, head, scale, softcap, input_ids, attention_mask) -> Optional[str]:
+    """None if decoder+head reproduces model(...).logits on a few tokens, else the reason."""
+    n = min(input_ids.shape[1], 16)
+    ids, am = input_ids[:1, :n], attention_mask[:1, :n]
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            raw = model(input_ids=ids, attention_mask=am, use_cache=False).logits  # errors here are the caller's
+            full = raw.float()
+            try:
+                ours = _logits(head, _decoder_hidden(decoder, ids, am), scale, softcap)
+            except Exception as e:  # the decoder path cannot even run: fall back
+                return f"{type(e).__name__}: {e}"
+    finally:
+        for m, t in training.items():
+            m.training = t
+    if full.shape != ours.shape:
+        return f"logits shape {tuple(full.shape)} vs decoder+head {tuple(ours.shape)}"
+    keep = am[0].bool() if am[0].any() else torch.ones_like(am[0], dtype=torch.bool)
+    full, ours = full[0][keep], ours[0][keep]
+    rtol = 1e-3 if raw.dtype == torch.float32 else 3e-2  # bf16/fp16: softcap/scale may run in half precision
+    err, tol = (full - ours).abs().max().item(), 1e-4 + rtol * full.abs().max().item()
+    return None if err <= tol else f"max |logits difference| {err:.3g} > {tol:.3g}"
+
+
+def _head_inputs(model, input_ids, attention_mask, mode: str) -> _HeadInputs:
+    model = _unwrap(model)
+    if mode == "logits":
+        return _full_logits(model, input_ids, attention_mask)
+    decoder = _find_decoder(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    scale, softcap = _logit_transform(model)
+    if mode == "auto":
+        decided = _PROBED.get(model)
+        if decided is None:
+            reason = "no decoder module / output embeddings" if decoder is None or head is None else None
+            if reason is None:
+                reason = _probe(model, decoder, head, scale, softcap, input_ids, attention_mask)
+            decided = "hidden" if reason is None else "logits"
+            _PROBED[model] = decided
+            if reason is not None:
+                warnings.warn(
+                    f"sequence_logps: {type(model).__name__}'s decoder + output head does not reproduce its logits "
+                    f"({reason}); using the full model(...).logits instead (exact, but materialises [N, T, V]).",
+                    stacklevel=3,
+                )
+        if decided == "logits":
+            return _full_logits(model, input_ids, attention_mask)
+    elif decoder is None or head is None:
+        raise ValueError(
+            f"mode='hidden' needs a decoder module and output embeddings; {type(model).__name__} lacks one"
+        )
+    return _HeadInputs(_decoder_hidden(decoder, input_ids, attention_mask), head, scale, softcap)
+
+
+def _check_batch(input_ids, attention_mask, response_mask):
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [N, T], got shape {tuple(input_ids.shape)}")
+    for name, t in (("attention_mask", attention_mask), ("response_mask", response_mask)):
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected input_ids' {tuple(input_ids.shape)}")
+    if response_mask.shape[1] and response_mask[:, 0].bool().any():
+        rows = response_mask[:, 0].bool().nonzero().flatten().tolist()
+        raise ValueError(f"response_mask[:, 0] is set in rows {rows[:10]}: token 0 has no context to be predicted from")
+
+
+def sequence_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference=None,
+    *,
+    mode: str = "auto",
+) -> SequenceLogps:
+    """Summed response log-probs logp_n = sum_{t>=1} r_t log p(x_t | x_<t), r = response_mask & attention_mask.
+
+    Batch: `input_ids`, `attention_mask`, `response_mask` all [N, T], right-padded; response_mask[n, t]
+    = 1 iff token t is a response token (predicted by the logits at t-1; column 0 must be 0). Rows with
+    no response token get length 0 and logp 0. With `reference` (same tokenizer), also returns the exact
+    per-sequence KL(pi || pi_ref) = sum_t r_t sum_v p(v) (log p(v) - log q(v)) and the reference's
+    logps, from the same pass and without grad. `mode`: "auto" (decoder + chunked head, verified once
+    per model, else full logits), "hidden" (decoder + chunked head, unverified), "logits" (full logits).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    _check_chunk(chunk_size)
+    _check_batch(input_ids, attention_mask, response_mask)
+    tmask = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    targets = input_ids[:, 1:]
+    lengths = tmask.sum(-1)
+
+    pol = _head_inputs(model, input_ids, attention_mask, mode)
+    states = pol.states[:, :-1]
+    if reference is None:
+        tok = chunked_token_logps(states, pol.head, targets, tmask, chunk_size, pol.softcap, pol.scale)
+        return SequenceLogps(tok.sum(-1), lengths)
+
+    ref_dev = _device_of(reference, input_ids)
+    with torch.no_grad():
+        ref = _head_inputs(reference, input_ids.to(ref_dev), attention_mask.to(ref_dev), mode)
+    ref_states = ref.states[:, :-1]
+    args = (targets, tmask, chunk_size, pol.softcap, pol.scale, ref.softcap, ref.scale)
+    if _needs_grad(states, pol.head):
+        tok = chunked_token_logps(states, pol.head, targets, tmask, chunk_size, pol.softcap, pol.scale)
+        kl, _, ref_tok = _pair_stats(states.detach(), pol.head, ref_states, ref.head, *args)
+    else:  # one fused pass: policy and reference logits are each computed once per chunk
+        kl, tok, ref_tok = _pair_stats(states, pol.head, ref_states, ref.head, *args)
+    return SequenceLogps(tok.sum(-1), lengths, kl.sum(-1), ref_tok.to(tok.device).sum(-1))
+
+
+def _device_of(model, default: torch.Tensor) -> torch.device:
+    try:
+        return next(_unwrap(model).parameters()).device
+    except (StopIteration, AttributeError):
+        return default.device
