@@ -1,0 +1,349 @@
+"""The experiment config: one typed, validated YAML file → `ExperimentConfig`.
+
+Sections: ``model``, ``data``, ``method`` (+ its hyperparameters), ``training``, ``deepspeed``,
+``ray``, ``tracking`` (and ``sweep`` for `alphadpo-ray sweep`/`compare`). Names follow the official
+AlphaDPO/SimPO configs where they exist (``beta``, ``gamma_beta_ratio``, ``alpha``,
+``learning_rate``, ``per_device_train_batch_size``, ``gradient_accumulation_steps``, ``max_length``,
+``max_prompt_length``, ``warmup_ratio``, ``lr_scheduler_type``, ``num_train_epochs``,
+``gradient_checkpointing``, ``bf16``, ``seed``).
+
+Everything is checked before Ray starts: unknown keys, unknown methods, hyperparameters the method
+does not take, out-of-range values, a data file that does not exist, and a ``total_batch_size`` that
+the workers × per-device batch × accumulation cannot meet exactly. Errors are `ConfigError`s that
+name the key (``training.learning_rate: must be > 0, got 0``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .losses import METHODS, build_loss, method_hyperparameters
+
+BUILTIN = "builtin"
+
+# Starting values for each method's required hyperparameters when a config leaves them out (the
+# built-in task's defaults; the paper setups under experiments/paper/ set the official values).
+DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
+    "alpha-dpo": {"beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.2},
+    "dpo": {"beta": 0.1},
+    "simpo": {"beta": 2.5, "gamma_beta_ratio": 0.3},
+    "ipo": {"beta": 0.1},
+    "cpo": {"beta": 0.1},
+    "kto": {"beta": 0.1},
+    "orpo": {"beta": 0.1},
+    "r-dpo": {"beta": 0.1, "length_alpha": 0.05},
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SFTSettings(_Section):
+    """Size and training budget of the built-in task's tiny SFT reference."""
+
+    vocab_size: int = Field(512, ge=300)
+    hidden_size: int = Field(96, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class BuiltinTaskSettings(_Section):
+    """The built-in verifiable task (see `alphadpo_ray.task`) and its SFT reference."""
+
+    train_size: int = Field(2000, ge=8)
+    held_out_size: int = Field(200, ge=2)
+    difficulty: Literal[1, 2, 3] = 1
+    length_bias: float = Field(0.0, ge=-1.0, le=1.0)
+    label_noise: float = Field(0.0, ge=0.0, lt=0.5)
+    operations: tuple[Literal["reverse", "sort"], ...] = ("reverse", "sort")
+    seed: int = 0
+    sft: SFTSettings = SFTSettings()
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(BUILTIN, description="hub id, local directory, or 'builtin' (the task's SFT reference)")
+    reference: str | None = Field(None, description="reference model; defaults to name_or_path (policy starts there)")
+    tokenizer: str | None = Field(None, description="defaults to the reference")
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    source: str = Field(BUILTIN, description="'builtin', a local .jsonl/.json/.jsonl.gz/.parquet file, or a hub id")
+    format: Literal["auto", "strings", "messages", "hh"] = "auto"
+    split: str = "train"
+    eval_source: str | None = None
+    eval_split: str | None = None
+    held_out_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    chat_template: bool = False
+    strict: bool = False
+    max_length: int = Field(128, ge=8)
+    max_prompt_length: int = Field(96, ge=1)
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(200, ge=1)
+    builtin: BuiltinTaskSettings = BuiltinTaskSettings()
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
+            )
+        return self
+
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _exists(cls, value: str | None):
+        if value is None or value == BUILTIN:
+            return value
+        from .data import SUPPORTED_EXTENSIONS, is_local_source
+
+        if is_local_source(value) and not Path(value).expanduser().exists():
+            raise ValueError(
+                f"data file not found: {value} (expected an existing {'/'.join(SUPPORTED_EXTENSIONS)} file, "
+                "'builtin', or a hub dataset id)"
+            )
+        return value
+
+
+class MethodConfig(BaseModel):
+    """``name`` plus that method's hyperparameters (validated against the loss registry)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "alpha-dpo"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        build_loss(self.name, **self.hyperparameters)  # raises ValueError naming the hyperparameter
+        return self
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        return dict(self.model_extra or {})
+
+    def resolved(self) -> dict[str, float]:
+        """All hyperparameters with defaults filled in."""
+        return build_loss(self.name, **self.hyperparameters).hparams
+
+
+class TrainingConfig(_Section):
+    learning_rate: float = Field(5e-4, gt=0)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    total_batch_size: int = Field(16, ge=1, description="pairs per optimizer step across all workers")
+    gradient_accumulation_steps: int | None = Field(None, ge=1, description="derived from total_batch_size if unset")
+    per_device_eval_batch_size: int = Field(32, ge=1)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides num_train_epochs")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    seed: int = 42
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int = Field(25, ge=1)
+    save_steps: int = Field(50, ge=1)
+    generation_eval_samples: int = Field(64, ge=0, description="held-out prompts decoded for generation_accuracy")
+    max_new_tokens: int = Field(32, ge=1)
+    logprob_chunk_size: int = Field(512, ge=1)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    optimizer: Literal["auto", "torch", "deepspeed"] = Field(
+        "auto", description="auto: torch.optim.AdamW on CPU (faster to build), DeepSpeed's fused Adam on GPU"
+    )
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="existing cluster (or RAY_ADDRESS); None starts a local one")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    storage_path: str = Field("outputs/ray", description="local path, NFS, or s3://, gs:// URI")
+    max_failures: int = Field(0, ge=-1)
+    num_to_keep: int | None = Field(2, ge=1)
+    health_check_interval_s: float = Field(0.1, gt=0, description="Ray Train controller poll interval")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
+    experiment_name: str = "alphadpo-ray"
+    run_name: str | None = None
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: str = "outputs"
+    cache_dir: str | None = Field(None, description="built-in task cache; default ALPHADPO_RAY_CACHE or ~/.cache/alphadpo-ray")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig(name="alpha-dpo", **DEFAULT_HYPERPARAMETERS["alpha-dpo"])
+    training: TrainingConfig = TrainingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    sweep: dict[str, Any] | None = Field(None, description="sweep settings; validated by alphadpo_ray.sweep")
+
+    @model_validator(mode="after")
+    def _batch(self):
+        self.gradient_accumulation_steps  # raises on an inconsistent batch
+        if self.model.name_or_path == BUILTIN and self.data.source != BUILTIN:
+            raise ValueError("model.name_or_path 'builtin' is the built-in task's reference; it needs data.source 'builtin'")
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """total_batch_size / (num_workers × per_device_train_batch_size), which must be a whole number."""
+        t = self.training
+        per_step = self.ray.num_workers * t.per_device_train_batch_size
+        if t.total_batch_size % per_step:
+            raise ValueError(
+                f"training.total_batch_size ({t.total_batch_size}) is not a multiple of ray.num_workers "
+                f"({self.ray.num_workers}) × training.per_device_train_batch_size ({t.per_device_train_batch_size}) "
+                f"= {per_step}; pick sizes that divide it"
+            )
+        derived = t.total_batch_size // per_step
+        if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps != derived:
+            raise ValueError(
+                f"training.gradient_accumulation_steps ({t.gradient_accumulation_steps}) disagrees with "
+                f"total_batch_size {t.total_batch_size} / ({self.ray.num_workers} workers × "
+                f"{t.per_device_train_batch_size} per device) = {derived}; remove it or make them agree"
+            )
+        return derived
+
+    @property
+    def run_name(self) -> str:
+        return self.tracking.run_name or self.name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+    def storage_path(self) -> str:
+        """`ray.storage_path` made absolute when it is a local path (Ray needs that)."""
+        path = self.ray.storage_path
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"].startswith("missing"):
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'training.learning_rate=1e-4' → (['training', 'learning_rate'], 1e-4); values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def with_method_defaults(method: dict[str, Any] | None) -> dict[str, Any]:
+    """Fill a method section's missing hyperparameters from DEFAULT_HYPERPARAMETERS for its name."""
+    method = dict(method or {})
+    name = method.setdefault("name", "alpha-dpo")
+    return {**DEFAULT_HYPERPARAMETERS.get(name, {}), **method} if isinstance(name, str) else method
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None) -> ExperimentConfig:
+    data = apply_overrides(data or {}, overrides or [])
+    if data.get("method") is None or isinstance(data.get("method"), dict):
+        data["method"] = with_method_defaults(data.get("method"))
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (None → the embedded quickstart defaults), apply `--set` overrides, validate.
+
+    Relative data paths in the file are resolved against the file's directory first, then the
+    working directory.
+    """
+    if path is None:
+        return config_from_dict({}, "<defaults>", overrides)
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    for key in ("source", "eval_source"):
+        value = (data.get("data") or {}).get(key)
+        if isinstance(value, str) and value != BUILTIN and not Path(value).is_absolute():
+            beside = path.parent / value
+            if beside.exists() and not Path(value).exists():
+                data["data"][key] = str(beside)
+    return config_from_dict(data, str(path), overrides)
+
+
+def total_steps(config: ExperimentConfig, train_pairs: int) -> int:
+    """Optimizer steps of a run: max_steps, or epochs × (train_pairs // total_batch_size)."""
+    t = config.training
+    if t.max_steps is not None:
+        return t.max_steps
+    per_epoch = train_pairs // t.total_batch_size
+    if per_epoch < 1:
+        raise ConfigError(
+            f"training.total_batch_size ({t.total_batch_size}) is larger than the training set ({train_pairs} pairs)"
+        )
+    return max(1, math.floor(per_epoch * t.num_train_epochs))
