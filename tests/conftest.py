@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The built-in task's SFT reference is built once per machine and reused by every test (and by the
+# Ray workers the tests start, which inherit this environment).
+os.environ.setdefault("ALPHADPO_RAY_CACHE", str(Path(tempfile.gettempdir()) / "alphadpo-ray-test-cache"))
 
 SAMPLE_TEXTS = [
     "What is 12 + 34? The answer is 46.",
@@ -32,3 +37,11 @@ def tiny_tokenizer(tiny_model_dir):
     from alphadpo_ray.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def builtin_task():
+    """The built-in task with its default SFT reference (what experiments/quickstart.yaml uses)."""
+    from alphadpo_ray.sft import prepare_builtin_task
+
+    return prepare_builtin_task(progress=False)
