@@ -18,14 +18,16 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .losses import METHODS, build_loss, method_hyperparameters
+from .losses import METHODS, REQUIRED, build_loss, method_hyperparameters
 
 BUILTIN = "builtin"
 
@@ -41,6 +43,27 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
     "orpo": {"beta": 0.1},
     "r-dpo": {"beta": 0.1, "length_alpha": 0.05},
 }
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-4``), which PyYAML (YAML 1.1)
+    would otherwise read as the string '1e-4'."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _keyed(key: str, message: str) -> PydanticCustomError:
+    """A validation error reported under `key` (relative to the section that raises it), e.g. a
+    cross-field check in ``data`` raised as ``_keyed("max_prompt_length", ...)`` shows up as
+    ``data.max_prompt_length: ...``. ``key`` may be dotted (``training.total_batch_size``)."""
+    return PydanticCustomError("keyed", "{message}", {"message": message, "key": key})
 
 
 class _Section(BaseModel):
@@ -100,9 +123,8 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _lengths(self):
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
-            )
+            raise _keyed("max_prompt_length", f"must be smaller than data.max_length ({self.max_length}), "
+                                              f"got {self.max_prompt_length}")
         return self
 
     @field_validator("source", "eval_source")
@@ -129,8 +151,22 @@ class MethodConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self):
         if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
-        build_loss(self.name, **self.hyperparameters)  # raises ValueError naming the hyperparameter
+            raise _keyed("name", f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        takes = method_hyperparameters(self.name)
+        described = ", ".join(f"{k} ({'required' if v is REQUIRED else f'default {v}'})" for k, v in takes.items())
+        for key in self.hyperparameters:
+            if key not in takes:
+                raise _keyed(key, f"method {self.name!r} does not take this hyperparameter; it takes: {described}")
+        for key, default in takes.items():
+            if default is REQUIRED and key not in self.hyperparameters:
+                raise _keyed(key, f"required by method {self.name!r}; it takes: {described}")
+        try:
+            build_loss(self.name, **self.hyperparameters)
+        except ValueError as err:  # range / type checks: "method 'x': hyperparameter beta must be > 0, got 0"
+            found = re.search(r"hyperparameter (\w+) (.*)", str(err))
+            if found and found.group(1) in takes:
+                raise _keyed(found.group(1), f"{found.group(2)} (method {self.name!r})") from None
+            raise
         return self
 
     @property
@@ -208,29 +244,38 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _batch(self):
-        self.gradient_accumulation_steps  # raises on an inconsistent batch
+        _, problem = self._accumulation()
+        if problem:
+            raise _keyed(*problem)
         if self.model.name_or_path == BUILTIN and self.data.source != BUILTIN:
-            raise ValueError("model.name_or_path 'builtin' is the built-in task's reference; it needs data.source 'builtin'")
+            raise _keyed("model.name_or_path",
+                         "'builtin' is the built-in task's reference; it needs data.source 'builtin', "
+                         f"got data.source {self.data.source!r}")
         return self
+
+    def _accumulation(self) -> tuple[int, tuple[str, str] | None]:
+        """(derived accumulation steps, (key, problem) or None)."""
+        t = self.training
+        per_step = self.ray.num_workers * t.per_device_train_batch_size
+        if t.total_batch_size % per_step:
+            return 0, ("training.total_batch_size", (
+                f"{t.total_batch_size} is not a multiple of ray.num_workers ({self.ray.num_workers}) × "
+                f"training.per_device_train_batch_size ({t.per_device_train_batch_size}) = {per_step}; "
+                "pick sizes that divide it"))
+        derived = t.total_batch_size // per_step
+        if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps != derived:
+            return derived, ("training.gradient_accumulation_steps", (
+                f"{t.gradient_accumulation_steps} disagrees with training.total_batch_size {t.total_batch_size} / "
+                f"({self.ray.num_workers} workers × {t.per_device_train_batch_size} per device) = {derived}; "
+                "remove it or make them agree"))
+        return derived, None
 
     @property
     def gradient_accumulation_steps(self) -> int:
         """total_batch_size / (num_workers × per_device_train_batch_size), which must be a whole number."""
-        t = self.training
-        per_step = self.ray.num_workers * t.per_device_train_batch_size
-        if t.total_batch_size % per_step:
-            raise ValueError(
-                f"training.total_batch_size ({t.total_batch_size}) is not a multiple of ray.num_workers "
-                f"({self.ray.num_workers}) × training.per_device_train_batch_size ({t.per_device_train_batch_size}) "
-                f"= {per_step}; pick sizes that divide it"
-            )
-        derived = t.total_batch_size // per_step
-        if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps != derived:
-            raise ValueError(
-                f"training.gradient_accumulation_steps ({t.gradient_accumulation_steps}) disagrees with "
-                f"total_batch_size {t.total_batch_size} / ({self.ray.num_workers} workers × "
-                f"{t.per_device_train_batch_size} per device) = {derived}; remove it or make them agree"
-            )
+        derived, problem = self._accumulation()
+        if problem:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
         return derived
 
     @property
@@ -257,16 +302,23 @@ class ExperimentConfig(_Section):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = [str(p) for p in e["loc"]]
+        if e["type"] == "keyed":  # a cross-field check that names its own key (see `_keyed`)
+            loc.append(e["ctx"]["key"])
+        key = ".".join(loc) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "keyed":
+            pass
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"].startswith("missing"):
             msg = "required key is missing"
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
             msg += f" (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
-    return f"invalid config {source}:\n" + "\n".join(lines)
+        lines.append(f"{key}: {msg}")
+    if len(lines) == 1:  # the common case: one line, e.g. for the CLI's `error: ...`
+        return f"invalid config {source}: {lines[0]}"
+    return f"invalid config {source} ({len(lines)} problems):\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -276,13 +328,28 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set {item!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty part in key {key.strip()!r}")
+    try:
+        value = _load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from None
+    return parts, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set KEY=VALUE` items in order. Switching the method (``method.name=<other>``) drops the
+    previous method's hyperparameters, so the new one starts from its defaults; method switches are
+    applied first, so the other ``method.*`` items apply to the new method whatever their order."""
     data = copy.deepcopy(data)
-    for item in overrides:
-        path, value = parse_override(item)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    parsed.sort(key=lambda entry: entry[1] != ["method", "name"])  # stable: switches first, rest in order
+    for item, path, value in parsed:
+        method = data.get("method")
+        if path == ["method", "name"] and isinstance(method, dict) and method.get("name", "alpha-dpo") != value:
+            data["method"] = {"name": value}
+            continue
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -319,19 +386,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is None:
         return config_from_dict({}, "<defaults>", overrides)
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:  # an empty file: the defaults
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
     for key in ("source", "eval_source"):
-        value = (data.get("data") or {}).get(key)
+        value = section.get(key)
         if isinstance(value, str) and value != BUILTIN and not Path(value).is_absolute():
-            beside = path.parent / value
-            if beside.exists() and not Path(value).exists():
+            beside = path.resolve().parent / value
+            if beside.exists():
                 data["data"][key] = str(beside)
     return config_from_dict(data, str(path), overrides)
 
