@@ -68,7 +68,8 @@ def default_cache_dir() -> Path:
 
 
 def builtin_key(task: task_lib.TaskConfig, sft: SFTConfig) -> str:
-    payload = json.dumps({"task": asdict(task), "sft": asdict(sft), "version": 1}, sort_keys=True, default=list)
+    # version 2: held-out pairs no longer carry the task's length bias (task.generate).
+    payload = json.dumps({"task": asdict(task), "sft": asdict(sft), "version": 2}, sort_keys=True, default=list)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

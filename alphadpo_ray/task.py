@@ -6,9 +6,11 @@ systematic mistake (copying instead of reversing, sorting descending instead of 
 Every wrong answer is checkable, so the task has ground truth: `check(prompt, response)` scores any
 generated text, which is what makes sweeps over α, β, γ meaningful on a laptop.
 
-Knobs (`TaskConfig`): size, difficulty (list length), a length bias (rejected responses
-systematically longer, or shorter, by a verbose preamble that does not change correctness), label
-noise (a fraction of *training* pairs flipped; held-out pairs are always clean) and the seed.
+Knobs (`TaskConfig`): size, difficulty (list length), a length bias (in a fraction |length_bias| of
+*training* pairs the rejected response, if positive, or the chosen one, if negative, carries a verbose
+preamble that does not change correctness), label noise (a fraction of *training* pairs flipped) and
+the seed. Held-out pairs are always clean: no label noise and no length bias, so a method that learned
+"shorter is better" (or "longer is better") from biased training pairs is caught on held-out data.
 Generation is deterministic for a config, and held-out prompts are disjoint from training prompts.
 """
 
@@ -122,7 +124,9 @@ def _sample_problem(rng: random.Random, config: TaskConfig) -> Problem:
 
 
 def generate(config: TaskConfig) -> tuple[list[dict], list[dict]]:
-    """(train, held_out) lists of {prompt, chosen, rejected} dicts; prompts are disjoint between them."""
+    """(train, held_out) lists of {prompt, chosen, rejected} dicts; prompts are disjoint between them.
+
+    Length bias and label noise apply to the training rows only; held-out rows are always clean."""
     rng = random.Random(config.seed)
     wanted = config.train_size + config.held_out_size
     problems: dict[str, Problem] = {}
@@ -138,10 +142,13 @@ def generate(config: TaskConfig) -> tuple[list[dict], list[dict]]:
         problems.setdefault(problem.prompt, problem)
     ordered = list(problems.values())
     rows = []
-    for problem in ordered:
+    for index, problem in enumerate(ordered):
         wrong = _wrong_answer(problem)
         verbose_rejected = verbose_chosen = False
-        if rng.random() < abs(config.length_bias):
+        # One draw per row, held-out rows included, so the random stream (and with it the training
+        # rows and their label noise) does not depend on whether held-out rows are biased: they are not.
+        biased = rng.random() < abs(config.length_bias)
+        if biased and index < config.train_size:
             verbose_rejected, verbose_chosen = config.length_bias > 0, config.length_bias < 0
         rows.append(
             {
