@@ -1,4 +1,4 @@
-"""`alphadpo-ray` command line: reference, validate, train (sweep, compare and report come with the sweep)."""
+"""`alphadpo-ray` command line: sweep (the main job), compare, report, train, reference, validate."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import sys
 from .errors import AlphaDPOError
 
 
-def _config(args):
-    from .config import load_config
+def _config(args, preset: dict | None = None):
+    """The CONFIG file, or the embedded preset when none is given; --set overrides apply to both."""
+    from .config import config_from_dict, load_config
 
+    if args.config is None and preset is not None:
+        return config_from_dict(preset, "<embedded defaults>", args.set)
     return load_config(args.config, args.set)
 
 
@@ -43,10 +46,43 @@ def cmd_train(args) -> int:
     print(f"\nfinished {summary['run_name']}: " + ", ".join(
         f"{k.removeprefix('eval/')} {final[k]:.4f}" for k in
         ("eval/accuracy", "eval/accuracy_logratio", "eval/kl", "eval/generation_accuracy") if k in final))
-    print(f"summary: {summary['policy'] and summary['policy'].rsplit('/', 1)[0]}/summary.json")
+    print(f"summary: {summary['summary_path']}")
     print(f"policy:  {summary['policy']}")
     if summary.get("mlflow_run_id"):
         print(f"mlflow:  run {summary['mlflow_run_id']} — view with `mlflow ui --backend-store-uri {summary['tracking_uri']}`")
+    return 0
+
+
+def _where(result_dir, parent_run_id, uri) -> None:
+    print(f"\nresults: {result_dir}  (trials.csv, pareto.png, results.json)")
+    if parent_run_id:
+        print(f"mlflow:  parent run {parent_run_id} — `mlflow ui --backend-store-uri {uri}` then open the experiment")
+
+
+def cmd_sweep(args) -> int:
+    from .presets import QUICKSTART_SWEEP
+    from .sweep.run import run_sweep
+
+    result = run_sweep(_config(args, QUICKSTART_SWEEP), resume=args.resume, address=args.address)
+    uri = json.loads((result.directory / "results.json").read_text())["tracking_uri"]
+    _where(result.directory, result.parent_run_id, uri)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .presets import COMPARE_QUICKSTART
+    from .sweep.run import run_compare
+
+    summary = run_compare(_config(args, COMPARE_QUICKSTART), resume=args.resume, address=args.address)
+    _where(summary["files"]["methods"].rsplit("/", 1)[0], summary["mlflow_compare_run_id"], summary["tracking_uri"])
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .sweep.report import report
+
+    out = report(args.target, tracking_uri=args.tracking_uri, output_dir=args.output_dir)
+    print(f"\nrebuilt from MLflow: {out['directory']}")
     return 0
 
 
@@ -68,10 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     with_config(sub.add_parser("train", help="one training run (Ray Train × DeepSpeed)"))
+    for name, text in (("sweep", "Ray Tune + Optuna sweep of one method (default: the built-in quickstart sweep)"),
+                       ("compare", "the same sweep budget for several methods, side by side")):
+        p = with_config(sub.add_parser(name, help=text))
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
+        p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
+    p = sub.add_parser("report", help="rebuild a sweep's or compare's table and plots from MLflow alone")
+    p.add_argument("target", help="sweep/compare name, MLflow run id, or experiment name")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
+    p.add_argument("--output-dir", default=None, help="default: outputs/reports/TARGET")
     return parser
 
 
-COMMANDS = {"reference": cmd_reference, "validate": cmd_validate, "train": cmd_train}
+COMMANDS = {"reference": cmd_reference, "validate": cmd_validate, "train": cmd_train, "sweep": cmd_sweep,
+            "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

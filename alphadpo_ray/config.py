@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .losses import METHODS, REQUIRED, build_loss, method_hyperparameters
+from .sweep.config import SweepConfig, method_space
 
 BUILTIN = "builtin"
 
@@ -240,13 +241,21 @@ class ExperimentConfig(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
-    sweep: dict[str, Any] | None = Field(None, description="sweep settings; validated by alphadpo_ray.sweep")
+    sweep: SweepConfig | None = Field(None, description="settings of `alphadpo-ray sweep` / `compare`")
 
     @model_validator(mode="after")
     def _batch(self):
         _, problem = self._accumulation()
         if problem:
             raise _keyed(*problem)
+        if self.sweep is not None:  # each method's conditional search space must be valid
+            sections = [m for m in METHODS if m in self.sweep.search_space]
+            for method in dict.fromkeys([self.method.name, *(self.sweep.methods or []), *sections]):
+                try:
+                    method_space(self.sweep, method, self.training.learning_rate)
+                except ValueError as err:
+                    key, _, message = str(err).partition(": ")
+                    raise _keyed(key, message) from None
         if self.model.name_or_path == BUILTIN and self.data.source != BUILTIN:
             raise _keyed("model.name_or_path",
                          "'builtin' is the built-in task's reference; it needs data.source 'builtin', "

@@ -156,6 +156,7 @@ def train(config: ExperimentConfig, log=print) -> dict:
         "history": out.get("history", []),
         "wall_seconds": round(time.time() - start, 1),
     }
+    summary["summary_path"] = str(run_dir / "summary.json")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "config.json").write_text(json.dumps(tracking.mask_secrets(config.to_dict()), indent=2))
     if run_id:

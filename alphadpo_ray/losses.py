@@ -284,6 +284,11 @@ def method_hyperparameters(name: str) -> dict[str, object]:
     return dict(_method_spec(name).hparams)
 
 
+def needs_reference(name: str) -> bool:
+    """Whether method ``name`` uses reference log-probs (False for simpo, cpo, orpo)."""
+    return _method_spec(name).needs_reference
+
+
 def _describe(name: str) -> str:
     return ", ".join(f"{k} ({'required' if v is REQUIRED else f'default {v}'})"
                      for k, v in _REGISTRY[name].hparams.items())

@@ -22,6 +22,7 @@ import pyarrow as pa
 from . import reference_cache, storage
 from .config import BUILTIN, ExperimentConfig, total_steps
 from .errors import DataError
+from .losses import needs_reference
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,12 @@ def _to_table(dataset, columns) -> pa.Table:
     return dataset.select_columns(list(columns)).data.table.combine_chunks()
 
 
-def prepare_run(config: ExperimentConfig, log=print) -> PreparedRun:
+def prepare_run(config: ExperimentConfig, log=print, need_reference: bool | None = None) -> PreparedRun:
     """Prepare data and reference cache for `config` under its storage path (Ray must be initialised
-    when the method needs a reference and the cache is missing: the reference pass runs as Ray tasks)."""
+    when the method needs a reference and the cache is missing: the reference pass runs as Ray tasks).
+
+    `need_reference` defaults to whether the config's method uses one; a sweep over several methods
+    passes True if any of them does, so the cache is built once for all of them."""
     from .data import load_with_held_out, tokenize_pairs
     from .models import load_tokenizer
 
@@ -109,9 +113,9 @@ def prepare_run(config: ExperimentConfig, log=print) -> PreparedRun:
     steps = total_steps(config, train_table.num_rows)
 
     cache = None
-    from .losses import build_loss
-
-    if build_loss(config.method.name, **config.method.hyperparameters).needs_reference:
+    if need_reference is None:
+        need_reference = needs_reference(config.method.name)
+    if need_reference:
         result = reference_cache.ensure_reference_cache(
             train_table, reference=reference, tokenizer=tokenizer, truncation=truncation,
             storage_path=config.storage_path(), num_shards=config.ray.num_workers,

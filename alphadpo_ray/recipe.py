@@ -89,9 +89,51 @@ def _seed_all(seed: int) -> None:
 # The worker
 
 
+class TrainSession:
+    """Where the recipe reports to: a Ray Train worker (`ray.train.*`)."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneSession:
+    """The same interface inside a Ray Tune trial (`ray.tune.*`): the single-worker direct path."""
+
+    rank, world = 0, 1
+
+    def get_checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
+    """Entry point of each Ray Train worker."""
+    return run_recipe(loop_config, TrainSession())
+
+
+def run_recipe(loop_config: dict, session) -> dict:
     import deepspeed
-    import ray.train
 
     from .config import ExperimentConfig
     from .data import collate_pairs
@@ -99,6 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     from .logprobs import sequence_logps
     from .losses import build_loss
     from .metrics import evaluate_preferences, generation_accuracy
+    from .sweep.config import objectives
     from .models import load_tokenizer
     from .prepare import PreparedRun
     from .storage import read_table
@@ -109,8 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     plan = PreparedRun(**loop_config["plan"])
     t = config.training
     quiet_logs()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(config.ray.resources_per_worker.get("CPU", 1))))
     if world > 1 or not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if config.ray.use_gpu else "gloo", verbose=False)
@@ -130,7 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     # --- resume ------------------------------------------------------------------------------
     state = {"step": 0, "history": [], "evals": [], "best_eval": None, "loss_state": loss_fn.state_dict()}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -161,6 +203,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                                batch_size=t.per_device_eval_batch_size))
         metrics = {f"eval/{k}": v for k, v in metrics.items()}
         metrics["eval/step"] = step
+        metrics.update(objectives(metrics, config.sweep))
         return metrics
 
     def save_checkpoint(metrics: dict, final: bool) -> None:
@@ -174,7 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if final:
                     engine.module.save_pretrained(Path(tmp) / "policy", state_dict=weights, safe_serialization=True)
                     tokenizer.save_pretrained(Path(tmp) / "policy")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            session.report(metrics, checkpoint_dir=tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -226,7 +269,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                        f"learning_rate {t.learning_rate}); training stopped instead of continuing on garbage")
             if rank == 0:
                 print(f"[error] {message}", flush=True)
-            ray.train.report({"step": step, "status": status})
+            session.report({"step": step, "status": status})
             break
         step += 1
         window_steps += 1
@@ -256,7 +299,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if step % t.save_steps == 0 or is_last:
                 save_checkpoint(report, final=is_last)
             else:
-                ray.train.report(report)
+                session.report(report)
 
     return {
         "status": status,

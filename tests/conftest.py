@@ -45,3 +45,44 @@ def builtin_task():
     from alphadpo_ray.sft import prepare_builtin_task
 
     return prepare_builtin_task(progress=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs Ray (4 logical CPUs on 2 cores:
+    Train controllers, 2 workers and Tune trials must fit at once)."""
+    import ray
+
+    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.launch import worker_env
+
+    env = worker_env(config_from_dict({}))
+    os.environ.update(env)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, runtime_env={"env_vars": env}, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+def small_config(tmp_path, **sections):
+    """A short built-in-task run writing everything (storage, MLflow store, outputs) under tmp_path."""
+    from alphadpo_ray.config import config_from_dict
+
+    base = {
+        "name": "small",
+        "output_dir": str(tmp_path / "outputs"),
+        "data": {"source": "builtin", "max_eval_samples": 48},
+        "method": {"name": "alpha-dpo", "beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.2},
+        "training": {"learning_rate": 2e-4, "per_device_train_batch_size": 4, "total_batch_size": 8,
+                     "max_steps": 8, "eval_steps": 100, "logging_steps": 2, "save_steps": 4,
+                     "generation_eval_samples": 0, "per_device_eval_batch_size": 24},
+        "deepspeed": {"zero_stage": 2},
+        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "storage")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "tests"},
+    }
+    for key, value in sections.items():
+        if key != "method" and isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return config_from_dict(base)

@@ -1,0 +1,233 @@
+"""The ``sweep:`` section of an experiment config, the search spaces, and the objectives.
+
+Search spaces use Ray Tune's space types, written in YAML as
+``{type: loguniform|uniform|choice|grid|quniform, ...}``. A space is conditional on the method:
+a flat ``search_space`` applies each entry to the methods that take that hyperparameter (α only
+where the method has α), and a ``search_space: {method-name: {...}}`` entry overrides per method.
+``learning_rate`` belongs to every method. Defaults per method follow the SimPO and AlphaDPO
+papers' search ranges; the learning rate is searched around the base config's value (papers'
+7B-model rates do not transfer to other model sizes). Known-good points (the papers' settings)
+are evaluated first.
+
+Objectives: by default multi-objective — maximise held-out accuracy (or ``accuracy_logratio``)
+and minimise KL — so the result is a Pareto set, not one "best". Alternatively single-objective
+on a named metric, or accuracy subject to a KL budget (``objective/constrained_accuracy``:
+accuracy where KL ≤ budget, below any feasible trial otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..losses import METHODS, method_hyperparameters
+
+SPACE_TYPES = ("loguniform", "uniform", "quniform", "choice", "grid")
+
+# The papers' search ranges (SimPO, arXiv 2405.14734, Table 7; AlphaDPO, arXiv 2410.10148, §5).
+DEFAULT_SPACES: dict[str, dict[str, dict]] = {
+    "alpha-dpo": {
+        "alpha": {"type": "loguniform", "low": 0.01, "high": 0.5},
+        "beta": {"type": "choice", "values": [2.5, 10.0]},
+        "gamma_beta_ratio": {"type": "uniform", "low": 0.1, "high": 0.6},
+    },
+    "simpo": {
+        "beta": {"type": "choice", "values": [2.0, 2.5, 10.0]},
+        "gamma_beta_ratio": {"type": "uniform", "low": 0.1, "high": 0.65},
+    },
+    "dpo": {"beta": {"type": "choice", "values": [0.01, 0.05, 0.1]}},
+    "ipo": {"beta": {"type": "choice", "values": [0.01, 0.1, 0.5, 1.0]}},
+    "cpo": {"beta": {"type": "choice", "values": [0.01, 0.05, 0.1]}},
+    "kto": {"beta": {"type": "choice", "values": [0.01, 0.05, 0.1]}},
+    "orpo": {"beta": {"type": "choice", "values": [0.1, 0.5, 1.0, 2.0]}},
+    "r-dpo": {
+        "beta": {"type": "choice", "values": [0.01, 0.05, 0.1]},
+        "length_alpha": {"type": "choice", "values": [0.05, 0.1, 0.5, 1.0]},
+    },
+}
+
+# Known-good starting points: the papers' published settings (learning rate: the base config's).
+PAPER_POINTS: dict[str, list[dict[str, float]]] = {
+    "alpha-dpo": [
+        {"beta": 2.5, "gamma_beta_ratio": 0.6, "alpha": 0.2},  # Llama-3-8B-Instruct
+        {"beta": 2.5, "gamma_beta_ratio": 0.15, "alpha": 0.05},  # Mistral-7B-Instruct
+    ],
+    "simpo": [{"beta": 2.5, "gamma_beta_ratio": 0.55}, {"beta": 2.5, "gamma_beta_ratio": 0.1}],
+    "dpo": [{"beta": 0.1}, {"beta": 0.01}],
+    "ipo": [{"beta": 0.5}],
+    "cpo": [{"beta": 0.1}],
+    "kto": [{"beta": 0.1}],
+    "orpo": [{"beta": 0.1}],
+    "r-dpo": [{"beta": 0.1, "length_alpha": 0.05}],
+}
+
+
+class Objective(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: str
+    mode: Literal["max", "min"]
+
+
+class SchedulerConfig(BaseModel):
+    """Early stopping: ASHA or median stopping on a scalar metric (default accuracy − λ·KL)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["none", "asha", "median"] = "none"
+    metric: str = "objective/score"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(20, ge=1, description="optimizer steps before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="sweep id; default: the experiment name + '-sweep'")
+    methods: list[str] | None = Field(None, description="compare: the methods to run (default: all eight)")
+    num_samples: int = Field(8, ge=1, description="trials per method")
+    max_concurrent_trials: int = Field(1, ge=1)
+    search: Literal["optuna", "grid"] = Field("optuna", description="grid: full factorial of 'grid' entries")
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    objective: Literal["pareto", "single", "kl_budget"] = "pareto"
+    accuracy_metric: Literal["accuracy", "accuracy_logratio", "generation_accuracy"] = "accuracy"
+    metric: str | None = Field(None, description="single-objective: the metric to optimise")
+    mode: Literal["max", "min"] = "max"
+    kl_budget: float | None = Field(None, gt=0)
+    kl_weight: float = Field(0.05, ge=0, description="λ in objective/score = accuracy − λ·KL")
+    scheduler: SchedulerConfig = SchedulerConfig()
+    search_space: dict[str, Any] = Field(default_factory=dict)
+    learning_rate_range: float = Field(4.0, ge=1, description="default lr space: [lr/r, lr·r] (loguniform)")
+    points_to_evaluate: bool | list[dict[str, float]] = True
+    direct_single_worker: bool = Field(True, description="1-worker trials run the recipe in the Tune trial itself")
+    trial_cpus: float = Field(0.01, gt=0, description="bundle of a trial that only drives a TorchTrainer")
+    max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods):
+        for m in methods or []:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        return methods
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.objective == "single" and not self.metric:
+            raise ValueError("objective 'single' needs sweep.metric (e.g. eval/accuracy)")
+        if self.objective == "kl_budget" and self.kl_budget is None:
+            raise ValueError("objective 'kl_budget' needs sweep.kl_budget")
+        return self
+
+    # --- objectives ------------------------------------------------------------------------------
+    @property
+    def accuracy_key(self) -> str:
+        return f"eval/{self.accuracy_metric}"
+
+    def metrics_and_modes(self) -> tuple[list[str] | str, list[str] | str]:
+        if self.objective == "pareto":
+            return [self.accuracy_key, "eval/kl"], ["max", "min"]
+        if self.objective == "kl_budget":
+            return "objective/constrained_accuracy", "max"
+        return self.metric, self.mode
+
+
+def objectives(eval_metrics: dict, sweep: dict | SweepConfig | None) -> dict[str, float]:
+    """Scalar objectives derived from held-out metrics (added to every evaluation's report)."""
+    if not sweep:
+        return {}
+    sweep = sweep if isinstance(sweep, SweepConfig) else SweepConfig.model_validate(sweep)
+    accuracy, kl = eval_metrics.get(sweep.accuracy_key), eval_metrics.get("eval/kl")
+    if accuracy is None or kl is None or not (math.isfinite(accuracy) and math.isfinite(kl)):
+        return {}
+    out = {"objective/score": accuracy - sweep.kl_weight * kl}
+    if sweep.kl_budget is not None:
+        over = max(0.0, kl - sweep.kl_budget)
+        out["objective/constrained_accuracy"] = accuracy if over == 0 else -1.0 - over
+    return out
+
+
+# --- search spaces ---------------------------------------------------------------------------------
+
+
+def _check_entry(name: str, spec: Any) -> dict:
+    if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
+        raise ValueError(f"sweep.search_space.{name}: expected {{type: {'|'.join(SPACE_TYPES)}, ...}}, got {spec!r}")
+    kind = spec["type"]
+    if kind in ("choice", "grid"):
+        if not isinstance(spec.get("values"), list) or not spec["values"]:
+            raise ValueError(f"sweep.search_space.{name}: '{kind}' needs a non-empty list 'values'")
+    else:
+        low, high = spec.get("low"), spec.get("high")
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
+            raise ValueError(f"sweep.search_space.{name}: '{kind}' needs numbers low < high, got {low}, {high}")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"sweep.search_space.{name}: loguniform needs low > 0, got {low}")
+    return spec
+
+
+def method_space(sweep: SweepConfig, method: str, base_learning_rate: float) -> dict[str, dict]:
+    """The validated space spec of one method: defaults, then flat entries it takes, then its own section."""
+    takes = set(method_hyperparameters(method)) | {"learning_rate"}
+    r = sweep.learning_rate_range
+    space: dict[str, dict] = {
+        "learning_rate": {"type": "loguniform", "low": base_learning_rate / r, "high": base_learning_rate * r}
+    } if r > 1 else {}
+    space.update(DEFAULT_SPACES[method])
+    flat = {k: v for k, v in sweep.search_space.items() if k not in METHODS}
+    all_taken = set().union(*(method_hyperparameters(m) for m in METHODS)) | {"learning_rate"}
+    for name, spec in flat.items():
+        if name not in all_taken:
+            raise ValueError(f"sweep.search_space.{name}: no method takes this hyperparameter")
+        if name in takes:
+            space[name] = _check_entry(name, spec)
+    for name, spec in (sweep.search_space.get(method) or {}).items():
+        if name not in takes:
+            raise ValueError(f"sweep.search_space.{method}.{name}: method {method!r} does not take it; "
+                             f"it takes {', '.join(sorted(takes))}")
+        space[name] = _check_entry(f"{method}.{name}", spec)
+    return space
+
+
+def tune_domains(space: dict[str, dict], grid_as_choice: bool):
+    """Ray Tune domains for a space spec (grid → tune.grid_search, or choice under Optuna)."""
+    from ray import tune
+
+    out = {}
+    for name, spec in space.items():
+        kind = spec["type"]
+        if kind == "loguniform":
+            out[name] = tune.loguniform(spec["low"], spec["high"])
+        elif kind == "uniform":
+            out[name] = tune.uniform(spec["low"], spec["high"])
+        elif kind == "quniform":
+            out[name] = tune.quniform(spec["low"], spec["high"], spec.get("q", 1))
+        elif kind == "choice" or (kind == "grid" and grid_as_choice):
+            out[name] = tune.choice(spec["values"])
+        else:
+            out[name] = tune.grid_search(spec["values"])
+    return out
+
+
+def starting_points(sweep: SweepConfig, method: str, space: dict[str, dict], base_learning_rate: float) -> list[dict]:
+    """Points evaluated first: the papers' settings (clipped to the space), or the user's list."""
+    if sweep.points_to_evaluate is False:
+        return []
+    raw = PAPER_POINTS.get(method, []) if sweep.points_to_evaluate is True else sweep.points_to_evaluate
+    points = []
+    for point in raw:
+        full = {}
+        for name, spec in space.items():
+            value = point.get(name, base_learning_rate if name == "learning_rate" else None)
+            if value is None:
+                continue
+            if spec["type"] in ("choice", "grid"):
+                value = min(spec["values"], key=lambda v: abs(float(v) - float(value)))
+            elif spec["type"] != "grid":
+                value = min(max(value, spec["low"]), spec["high"])
+            full[name] = value
+        if set(full) == set(space):
+            points.append(full)
+    return points

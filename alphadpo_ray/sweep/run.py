@@ -1,0 +1,327 @@
+"""`alphadpo-ray sweep` and `alphadpo-ray compare`: Ray Tune + Optuna over the training recipe.
+
+A sweep, top to bottom:
+  1. validate the config and its ``sweep`` section; check the MLflow store; start/connect Ray;
+  2. prepare data and the reference cache once (`prepare_run`): every trial reuses them;
+  3. per method: its conditional search space, `SafeOptunaSearch` (multi-objective by default),
+     an optional ASHA/median scheduler, and a `Tuner` whose trials are training runs;
+     ``--resume`` restores the Tuner from storage instead (finished trials are kept, unfinished
+     ones resume from their checkpoints, the Optuna study continues);
+  4. MLflow: a parent run per sweep, child runs per trial (one writer: the driver's callback);
+  5. the results table, the Pareto set of accuracy vs KL, plots, and ``results.json``.
+
+`compare` runs the same sweep budget for several methods under one compare run and ranks them on
+the method-independent ``accuracy_logratio`` and ``kl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray.tune import Callback
+
+from ..config import ExperimentConfig, config_from_dict
+from ..errors import AlphaDPOError
+from ..losses import METHODS, needs_reference
+from . import results as res
+from .config import SweepConfig, method_space, starting_points, tune_domains
+from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, SWEEP_TAG, SweepMLflowCallback
+
+
+class SweepFailed(AlphaDPOError):
+    """No trial of a sweep finished."""
+
+
+class TrialProgress(Callback):
+    """One console line when a trial starts, finishes or fails (Tune's own tables are switched off)."""
+
+    def __init__(self, accuracy_key: str, total: int):
+        self.accuracy_key, self.total, self.done = accuracy_key, total, 0
+
+    @staticmethod
+    def _params(trial) -> str:
+        return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.config.items()))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[trial {trial.trial_id}] started: {self._params(trial)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result or {}
+        print(f"[trial {trial.trial_id}] done ({self.done}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
+              f"{r.get(self.accuracy_key, float('nan')):.3f}  kl {r.get('eval/kl', float('nan')):.3f}  "
+              f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        from .tracking import error_reason
+
+        print(f"[trial {trial.trial_id}] FAILED ({self.done}/{self.total}): "
+              f"{error_reason(str(trial.get_error() or ''))}", flush=True)
+
+
+def sweep_settings(config: ExperimentConfig) -> SweepConfig:
+    """The config's sweep section (validated with the config), or the defaults."""
+    return config.sweep or SweepConfig()
+
+
+def _searcher(sweep: SweepConfig, space: dict, points: list[dict]):
+    from ray.tune.search.optuna import OptunaSearch
+
+    import optuna
+
+    metric, mode = sweep.metrics_and_modes()
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=sweep.seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=sweep.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=sweep.seed),
+    }
+
+    class SafeOptunaSearch(OptunaSearch):
+        """Optuna never sees a failed trial's stale metrics nor a NaN objective: both are FAIL."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            keys = metric if isinstance(metric, list) else [metric]
+            values = [(result or {}).get(k) for k in keys]
+            if error or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                result, error = None, True
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return SafeOptunaSearch(space=tune_domains(space, grid_as_choice=True), metric=metric, mode=mode,
+                            points_to_evaluate=points or None, sampler=samplers[sweep.sampler]())
+
+
+def _scheduler(sweep: SweepConfig):
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    s = sweep.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor, max_t=10**9)
+    if s.type == "median":
+        return MedianStoppingRule(time_attr="step", metric=s.metric, mode=s.mode, grace_period=s.grace_period)
+    return None
+
+
+@dataclass
+class SweepResult:
+    name: str
+    method: str
+    rows: list[dict]
+    directory: Path
+    parent_run_id: str | None
+    files: dict = field(default_factory=dict)
+
+
+def _parent_run(uri, experiment_name: str, key: str, run_name: str, kind: str, tags: dict, params: dict):
+    from .. import tracking
+
+    run_id, resumed = tracking.start_or_resume_run(uri, experiment_name, run_name, key, params,
+                                                   tags={KIND_TAG: kind, **tags})
+    return run_id, resumed
+
+
+def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, *, name: str, resume: bool,
+                     uri: str | None, parent_of: str | None = None, log=print) -> SweepResult:
+    """One Tuner over one method's space (the unit both `sweep` and `compare` are built from)."""
+    from ray import tune
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+
+    from .. import tracking
+    from .trial import run_trial
+
+    space = method_space(sweep, method, config.training.learning_rate)
+    points = starting_points(sweep, method, space, config.training.learning_rate)
+    storage = config.storage_path()
+    experiment_dir = f"{storage}/{name}"
+    trainers_path = f"{storage}/{name}-trainers"
+
+    parent_id, callbacks = None, [TrialProgress(sweep.accuracy_key, sweep.num_samples)]
+    if uri:
+        from mlflow.tracking import MlflowClient
+
+        parent_id, _ = _parent_run(
+            uri, config.tracking.experiment_name, tracking.run_key(storage, name), name, "sweep",
+            {SWEEP_TAG: name, METHOD_TAG: method, **({PARENT_TAG: parent_of} if parent_of else {})},
+            {"method": method, "num_samples": str(sweep.num_samples), "objective": sweep.objective,
+             "sampler": sweep.sampler, "seed": str(sweep.seed)},
+        )
+        client = MlflowClient(uri)
+        client.log_dict(parent_id, {"search_space": space, "points_to_evaluate": points}, "search_space.json")
+        client.log_dict(parent_id, tracking.mask_secrets(config.to_dict()), "config.json")
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        callbacks.append(SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers))
+
+    direct = config.ray.num_workers == 1 and sweep.direct_single_worker
+    per_worker = dict(config.ray.resources_per_worker)
+    if direct:
+        resources = {"CPU": per_worker.get("CPU", 1), **({"GPU": per_worker.get("GPU", 1)} if config.ray.use_gpu else {})}
+    else:
+        resources = {"CPU": sweep.trial_cpus}
+    base = config.to_dict()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, method=method, plan=plan.to_dict(), sweep_name=name,
+                             trainers_path=trainers_path),
+        resources,
+    )
+    use_grid = sweep.search == "grid"
+    if resume and Tuner.can_restore(experiment_dir):
+        log(f"[sweep] resuming {name} from {experiment_dir}")
+        tuner = Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
+                              restart_errored=False)
+    else:
+        if resume:
+            log(f"[sweep] nothing to resume at {experiment_dir}; starting {name}")
+        tune_config = TuneConfig(
+            search_alg=None if use_grid else _searcher(sweep, space, points),
+            scheduler=_scheduler(sweep),
+            num_samples=sweep.num_samples if not use_grid else 1,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            reuse_actors=direct,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        )
+        tuner = Tuner(
+            trainable,
+            param_space=tune_domains(space, grid_as_choice=False) if use_grid else {},
+            tune_config=tune_config,
+            run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                 failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
+        )
+    grid = tuner.fit()
+    rows = res.mark_pareto(res.rows_from_result_grid(grid, method, config.ray.num_workers), sweep.accuracy_metric)
+    return SweepResult(name=name, method=method, rows=rows, directory=config.run_dir.parent / name,
+                       parent_run_id=parent_id)
+
+
+def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_accuracy, title: str) -> None:
+    """Tables, plots, results.json; the parent run gets them as artifacts and is finished."""
+    accuracy = sweep.accuracy_metric
+    files = res.write_tables(result.rows, result.directory)
+    files["pareto_plot"] = res.plot_pareto({result.method: result.rows}, accuracy, result.directory / "pareto.png",
+                                           reference_accuracy)
+    alpha_plot = res.plot_alpha_sensitivity(result.rows, accuracy, result.directory / "alpha_sensitivity.png")
+    if alpha_plot:
+        files["alpha_plot"] = alpha_plot
+    result.files = files
+    res.print_trials(result.rows, accuracy, title)
+    if uri and result.parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        for path in files.values():
+            client.log_artifact(result.parent_run_id, str(path))
+        summary = res.method_summary(result.rows, accuracy)
+        from ..tracking import log_metrics
+
+        log_metrics(client, result.parent_run_id, {k: v for k, v in summary.items() if k != "method"}, 0)
+        client.set_terminated(result.parent_run_id, "FINISHED")
+
+
+def _prepare(config: ExperimentConfig, methods: list[str], log):
+    """Data + reference cache, once for every method of the sweep (the cache only if one needs it)."""
+    from ..prepare import prepare_run
+
+    return prepare_run(config, log=log, need_reference=any(needs_reference(m) for m in methods))
+
+
+def with_method(config: ExperimentConfig, method: str) -> ExperimentConfig:
+    """The config with `method` and that method's default hyperparameters."""
+    return config_from_dict({**config.to_dict(), "method": {"name": method}}, f"{config.name} [{method}]")
+
+
+def _start(config: ExperimentConfig, address: str | None):
+    from .. import tracking
+    from ..launch import init_ray
+
+    uri = None
+    if config.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+        tracking.check_tracking(uri)
+    init_ray(config, address)
+    return uri
+
+
+def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | None = None, log=print) -> SweepResult:
+    """`alphadpo-ray sweep`: one method (the config's) searched with Tune + Optuna."""
+    sweep = sweep_settings(config)
+    method = config.method.name
+    name = sweep.name or f"{config.name}-sweep"
+    start = time.time()
+    uri = _start(config, address)
+    plan = _prepare(config, [method], log)
+    log(f"[sweep] {name}: {method}, {sweep.num_samples} trials, objective {sweep.objective} "
+        f"({', '.join(map(str, sweep.metrics_and_modes()[0] if isinstance(sweep.metrics_and_modes()[0], list) else [sweep.metrics_and_modes()[0]]))}), "
+        f"{plan.total_steps} steps per trial, up to {sweep.max_concurrent_trials} at once")
+    result = run_method_sweep(config, sweep, method, plan, name=name, resume=resume, uri=uri, log=log)
+    reference_accuracy = (plan.reference_metrics or {}).get(sweep.accuracy_metric)
+    _finish(result, sweep, uri, reference_accuracy, f"sweep {name} ({method})")
+    (result.directory / "results.json").write_text(json.dumps({
+        "name": name, "method": method, "reference_metrics": plan.reference_metrics,
+        "pareto": res.pareto_front(result.rows, sweep.accuracy_metric),
+        "summary": res.method_summary(result.rows, sweep.accuracy_metric),
+        "mlflow_parent_run_id": result.parent_run_id, "tracking_uri": uri,
+        "files": {k: str(v) for k, v in result.files.items()}, "wall_seconds": round(time.time() - start, 1),
+    }, indent=2, default=str))
+    if not any(r["status"] == "finished" for r in result.rows):
+        raise SweepFailed(f"sweep {name}: every trial failed (see the table above and {result.directory})")
+    return result
+
+
+def run_compare(config: ExperimentConfig, *, resume: bool = False, address: str | None = None, log=print) -> dict:
+    """`alphadpo-ray compare`: the same sweep budget for each method, side by side."""
+    from .. import tracking
+
+    sweep = sweep_settings(config)
+    # Methods are ranked on the method-independent reward: their own implicit-reward accuracies differ in scale.
+    sweep = sweep.model_copy(update={"accuracy_metric": "accuracy_logratio"})
+    methods = sweep.methods or list(METHODS)
+    name = sweep.name or f"{config.name}-compare"
+    start = time.time()
+    uri = _start(config, address)
+    plan = _prepare(config, methods, log)
+    log(f"[compare] {name}: {', '.join(methods)} — each {sweep.num_samples} trials × {plan.total_steps} steps "
+        f"× {config.training.total_batch_size} pairs, same data, model and seeds")
+    compare_id = None
+    if uri:
+        compare_id, _ = _parent_run(uri, config.tracking.experiment_name, tracking.run_key(config.storage_path(), name),
+                                    name, "compare", {SWEEP_TAG: name},
+                                    {"methods": ",".join(methods), "num_samples": str(sweep.num_samples),
+                                     "total_steps": str(plan.total_steps)})
+    compare_config = config.model_copy(update={"sweep": sweep})
+    by_method: dict[str, list[dict]] = {}
+    for method in methods:
+        method_config = with_method(compare_config, method)
+        result = run_method_sweep(method_config, sweep, method, plan, name=f"{name}-{method}", resume=resume,
+                                  uri=uri, parent_of=compare_id, log=log)
+        _finish(result, sweep, uri, 0.5, f"{name}: {method}")
+        by_method[method] = result.rows
+    budgets = {m: len(rows) for m, rows in by_method.items()}
+    if len(set(budgets.values())) != 1:
+        raise SweepFailed(f"unequal trial budgets across methods: {budgets}")
+    directory = config.run_dir.parent / name
+    summaries = sorted((res.method_summary(rows, "accuracy_logratio") for rows in by_method.values()),
+                       key=lambda s: (-(s["best_accuracy_logratio"] or -1), s["kl_at_best"] or 0))
+    res.print_methods(summaries, "accuracy_logratio", f"compare {name}: methods ranked on accuracy_logratio, then KL")
+    all_rows = [r for rows in by_method.values() for r in rows]
+    files = res.write_tables(all_rows, directory)
+    files["methods"] = directory / "methods.json"
+    files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
+    files["pareto_plot"] = res.plot_pareto(by_method, "accuracy_logratio", directory / "pareto.png", 0.5)
+    alpha = res.plot_alpha_sensitivity(all_rows, "accuracy_logratio", directory / "alpha_sensitivity.png")
+    if alpha:
+        files["alpha_plot"] = alpha
+    if uri and compare_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        for path in files.values():
+            client.log_artifact(compare_id, str(path))
+        client.set_terminated(compare_id, "FINISHED")
+    summary = {"name": name, "methods": summaries, "files": {k: str(v) for k, v in files.items()},
+               "mlflow_compare_run_id": compare_id, "tracking_uri": uri, "wall_seconds": round(time.time() - start, 1)}
+    (directory / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,104 @@
+"""MLflow for sweeps: one parent run per sweep, one nested child run per trial, one writer.
+
+`SweepMLflowCallback` is a Tune callback: it runs in the sweep driver and sees every trial's
+results, so concurrent trials never write to the store themselves (SQLite would lock). Trial →
+MLflow run ids are kept in the callback's saved state *and* recoverable from MLflow itself (child
+runs are tagged with sweep id and trial id), so a resumed sweep continues the same child runs
+instead of creating duplicates.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ray.tune import Callback
+
+from ..tracking import log_metrics, numeric_metrics
+
+KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
+ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def error_reason(text: str) -> str:
+    """The line of a trial's traceback that says what went wrong (diverged, out of memory, ...)."""
+    for pattern in (r"non-finite loss[^\n]*", r"(out of memory|OutOfMemory)[^\n]*"):
+        match = re.search(pattern, text or "")
+        if match:
+            return match.group(0)[:500]
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "trial failed")[:500]
+
+
+class SweepMLflowCallback(Callback):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, method: str,
+                 workers: int = 1):
+        self.tracking_uri, self.experiment_id, self.workers = tracking_uri, experiment_id, workers
+        self.parent_run_id, self.sweep_id, self.method = parent_run_id, sweep_id, method
+        self.runs: dict[str, str] = {}
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def _find_existing(self, trial_id: str) -> str | None:
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{SWEEP_TAG}` = '{self.sweep_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
+    def run_id(self, trial) -> str:
+        from mlflow.entities import Param
+
+        trial_id = trial.trial_id
+        if trial_id not in self.runs:
+            existing = self._find_existing(trial_id)
+            if existing is not None:
+                self.runs[trial_id] = existing
+                self.client.update_run(existing, status="RUNNING")
+            else:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=f"{self.method}-{trial_id}",
+                    tags={PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", SWEEP_TAG: self.sweep_id,
+                          TRIAL_TAG: trial_id, METHOD_TAG: self.method, WORKERS_TAG: str(self.workers)},
+                )
+                self.runs[trial_id] = run.info.run_id
+                params = [Param("method", self.method)] + [Param(k, str(v)) for k, v in sorted(trial.config.items())]
+                self.client.log_batch(run.info.run_id, params=params)
+        return self.runs[trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        metrics = {k: v for k, v in numeric_metrics(result).items()
+                   if "/" in k or k in ("time_total_s", "epoch")}
+        log_metrics(self.client, self.run_id(trial), metrics, step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, ERROR_TAG, error_reason(str(trial.get_error() or "")))
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def get_state(self):
+        return {"runs": dict(self.runs)}
+
+    def set_state(self, state):
+        self.runs.update(state.get("runs", {}))

@@ -1,0 +1,85 @@
+"""One sweep trial = one training run of `alphadpo_ray.recipe` with the trial's hyperparameters.
+
+Two paths, same recipe, same checkpoints, same metrics:
+
+* multi-worker trials drive a nested `TorchTrainer` (its own workers and DeepSpeed engines); its
+  reports reach Tune through `TuneReportCallback`. Its run name is ``{sweep}_{trial_id}`` — stable
+  across `Tuner.restore`, so an interrupted trial resumes from its own Train checkpoint;
+* single-worker trials (``sweep.direct_single_worker``) run the recipe in the Tune trial itself,
+  reporting and checkpointing through `ray.tune`: no controller, no worker actor, and with
+  ``reuse_actors`` the imports and the (single-process) gloo group are paid once per actor.
+
+A diverged trial (non-finite loss) raises `TrialDiverged`, so Tune records it as failed with its
+reason and the searcher is told it failed (see `SafeOptunaSearch`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from ..config import ExperimentConfig, config_from_dict
+from ..errors import AlphaDPOError
+from ..prepare import PreparedRun
+
+HYPERPARAMETER_KEYS = ("learning_rate",)
+
+
+class TrialDiverged(AlphaDPOError, RuntimeError):
+    """The trial's loss became NaN/inf; it stopped at once."""
+
+
+def trial_config(base: dict, method: str, params: dict, run_name: str) -> ExperimentConfig:
+    """The base config with the trial's method, hyperparameters and learning rate applied."""
+    data = {**base, "name": run_name}
+    hparams = {k: v for k, v in params.items() if k not in HYPERPARAMETER_KEYS}
+    data["method"] = {"name": method, **hparams}
+    if "learning_rate" in params:
+        data["training"] = {**base.get("training", {}), "learning_rate": float(params["learning_rate"])}
+    data["tracking"] = {**base.get("tracking", {}), "enabled": False}  # the sweep driver logs to MLflow
+    return config_from_dict(data, f"trial {run_name}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process_group(use_gpu: bool) -> None:
+    """A world-size-1 process group for DeepSpeed in this actor, created once and never destroyed
+    (a reused actor keeps it for every later trial)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
+
+
+def run_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name: str, trainers_path: str) -> None:
+    """The Tune trainable (function API)."""
+    import ray.tune
+
+    context = ray.tune.get_context()
+    run_name = f"{sweep_name}_{context.get_trial_id()}"
+    config = trial_config(base, method, params, run_name)
+    loop_config = {"config": config.to_dict(), "plan": plan}
+    if config.ray.num_workers == 1 and (config.sweep is None or config.sweep.direct_single_worker):
+        from ..engine import quiet_logs
+        from ..recipe import TuneSession, run_recipe
+
+        quiet_logs()
+        ensure_single_process_group(config.ray.use_gpu)
+        out = run_recipe(loop_config, TuneSession())
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from ..launch import build_trainer
+
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"storage_path": trainers_path})})
+        trainer = build_trainer(config, PreparedRun(**plan), callbacks=[TuneReportCallback()], run_name=run_name)
+        out = trainer.fit().return_value or {}
+    if out.get("status") != "finished":
+        raise TrialDiverged(out.get("message") or f"trial {run_name} ended with status {out.get('status')}")
