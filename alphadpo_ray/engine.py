@@ -83,7 +83,8 @@ def quiet_logs() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor|.*all_gather_into_tensor")
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "ray.train"):
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "ray.train.v2._internal.execution.context",
+                 "ray.train.v2._internal.execution.storage", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from deepspeed.utils import logger as ds_logger

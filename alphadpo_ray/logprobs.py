@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 512
@@ -138,6 +139,29 @@ def _needs_grad(hidden: torch.Tensor, head: Callable) -> bool:
     return isinstance(head, torch.nn.Module) and any(p.requires_grad for p in head.parameters())
 
 
+def _zero3_partitioned(*heads) -> bool:
+    """True when a head's weights are ZeRO-3 partitioned (each call all-gathers them)."""
+    return any(isinstance(h, torch.nn.Module) and any(hasattr(p, "ds_id") for p in h.parameters()) for h in heads)
+
+
+def _group_max(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _lockstep_chunks(n_rows: int, chunk_size: int, device: torch.device, *heads) -> int:
+    """How many head calls this pass makes: ceil(n_rows / chunk_size), raised to the maximum over the
+    data-parallel group when the heads are ZeRO-3 partitioned. There every head call is a collective
+    all-gather, so every rank must make the same number of calls — in forward and, through the
+    checkpoint recompute, in backward — although each rank holds a different number of response
+    tokens. Extra calls run on one dummy row and contribute exactly zero."""
+    n = -(-n_rows // chunk_size)
+    if _zero3_partitioned(*heads) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        n = _group_max(n, device)
+    return n
+
+
 def chunked_token_logps(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -161,15 +185,22 @@ def chunked_token_logps(
     tgt = target_ids.to(h.device)[where]
     if use_checkpoint is None:
         use_checkpoint = _needs_grad(hidden, head)
-    parts = []
-    for s in range(0, h.shape[0], chunk_size):
-        hc, tc = h[s : s + chunk_size], tgt[s : s + chunk_size]
+    parts, filler = [], None
+    for i in range(_lockstep_chunks(h.shape[0], chunk_size, h.device, head)):
+        s = i * chunk_size
+        real = s < h.shape[0]
+        hc, tc = (h[s : s + chunk_size], tgt[s : s + chunk_size]) if real else (h.new_zeros(1, h.shape[-1]), tgt.new_zeros(1))
         if use_checkpoint:
-            parts.append(checkpoint(_chunk_token_logps, hc, tc, head, scale, softcap, use_reentrant=False))
+            out = checkpoint(_chunk_token_logps, hc, tc, head, scale, softcap, use_reentrant=False)
         else:
-            parts.append(_chunk_token_logps(hc, tc, head, scale, softcap))
+            out = _chunk_token_logps(hc, tc, head, scale, softcap)
+        if real:
+            parts.append(out)
+        else:  # in the graph with weight 0, so its backward (and recompute) runs on this rank too
+            filler = out.sum() * 0 if filler is None else filler + out.sum() * 0
     vals = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32) + h.sum() * 0
-    return _scatter(vals, where, lead)
+    result = _scatter(vals, where, lead)
+    return result if filler is None else result + filler
 
 
 @torch.no_grad()
@@ -186,7 +217,12 @@ def _pair_stats(
     rh, _, _ = _select(ref_hidden, mask)  # stays on the reference's device; its log-probs move over
     tgt = None if target_ids is None else target_ids.to(h.device)[where]
     kls, lps, rlps = [], [], []
-    for s in range(0, h.shape[0], chunk_size):
+    for i in range(_lockstep_chunks(h.shape[0], chunk_size, h.device, head, ref_head)):
+        s = i * chunk_size
+        if s >= h.shape[0]:  # ZeRO-3 lockstep filler (see _lockstep_chunks)
+            _logits(head, h.new_zeros(1, h.shape[-1]), scale, softcap)
+            _logits(ref_head, rh.new_zeros(1, rh.shape[-1]), ref_scale, ref_softcap)
+            continue
         lp = torch.log_softmax(_logits(head, h[s : s + chunk_size], scale, softcap), dim=-1)
         lq = torch.log_softmax(_logits(ref_head, rh[s : s + chunk_size], ref_scale, ref_softcap).to(lp.device), dim=-1)
         if lp.shape[-1] != lq.shape[-1]:
@@ -340,6 +376,10 @@ def _head_inputs(model, input_ids, attention_mask, mode: str) -> _HeadInputs:
             reason = "no decoder module / output embeddings" if decoder is None or head is None else None
             if reason is None:
                 reason = _probe(model, decoder, head, scale, softcap, input_ids, attention_mask)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # every rank must take the same path (ZeRO-3 forwards are collective)
+                failed = _group_max(int(reason is not None), input_ids.device)
+                reason = reason or ("another rank's check failed" if failed else None)
             decided = "hidden" if reason is None else "logits"
             _PROBED[model] = decided
             if reason is not None:
