@@ -123,6 +123,7 @@ def build_policy_engine(config: ExperimentConfig, policy_path: str, total_steps:
 
     ds_config = deepspeed_config(config)
     model, handle = _from_pretrained(policy_path, config, ds_config if config.deepspeed.zero_stage == 3 else None)
+    model.train()  # from_pretrained returns eval mode: no dropout and, silently, no gradient checkpointing
     if config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -140,26 +140,93 @@ def _needs_grad(hidden: torch.Tensor, head: Callable) -> bool:
 
 
 def _zero3_partitioned(*heads) -> bool:
-    """True when a head's weights are ZeRO-3 partitioned (each call all-gathers them)."""
+    """True when a head's weights are ZeRO-3 partitioned (calling the module all-gathers them)."""
     return any(isinstance(h, torch.nn.Module) and any(hasattr(p, "ds_id") for p in h.parameters()) for h in heads)
 
 
 def _group_max(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.long, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
 
-def _lockstep_chunks(n_rows: int, chunk_size: int, device: torch.device, *heads) -> int:
-    """How many head calls this pass makes: ceil(n_rows / chunk_size), raised to the maximum over the
-    data-parallel group when the heads are ZeRO-3 partitioned. There every head call is a collective
-    all-gather, so every rank must make the same number of calls — in forward and, through the
-    checkpoint recompute, in backward — although each rank holds a different number of response
-    tokens. Extra calls run on one dummy row and contribute exactly zero."""
-    n = -(-n_rows // chunk_size)
-    if _zero3_partitioned(*heads) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        n = _group_max(n, device)
-    return n
+def _gathered(*heads):
+    """Full weights of ZeRO-3 partitioned heads for the duration of the block: one all-gather per
+    head, the same on every rank whatever its number of tokens (calling a partitioned head once per
+    chunk would make the number of collectives depend on each rank's data)."""
+    import contextlib
+
+    params = [p for h in heads if _zero3_partitioned(h) for p in h.parameters()]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _as_linear(head):
+    """A ZeRO-3 head as a plain function of its (gathered) weight: module calls would re-partition it."""
+    if not isinstance(head, torch.nn.Linear):
+        raise NotImplementedError(
+            f"ZeRO-3 chunked log-probs need an nn.Linear output head, got {type(head).__name__}; "
+            "use sequence_logps(..., mode='logits')"
+        )
+    return lambda x: torch.nn.functional.linear(x, head.weight, head.bias)
+
+
+def _transform_grad(a: torch.Tensor, scale: Optional[float], softcap: Optional[float]) -> Optional[torch.Tensor]:
+    """d z / d a for z = softcap·tanh(scale·a / softcap) (or scale·a); None when z = a."""
+    s = scale if scale is not None else 1.0
+    if not softcap:
+        return None if s == 1.0 else torch.full_like(a, s)
+    return s * (1 - torch.tanh(s * a / softcap) ** 2)
+
+
+class _Zero3HeadLogps(torch.autograd.Function):
+    """Chunked log p(target) through a ZeRO-3 partitioned linear head, exact in values and gradients.
+
+    Forward and backward each gather the head's weight once (the caller's `_gathered` block in
+    forward, its own in backward) and loop over chunks of rows with the plain weight, so the number
+    of collectives does not depend on how many response tokens this rank holds. Memory: one
+    [chunk, V] logits buffer at a time plus the full weight gradient that ZeRO-3 reduce-scatters.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, tgt, head, chunk_size, scale, softcap):
+        linear = _as_linear(head)
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        with torch.no_grad():
+            for s in range(0, h.shape[0], chunk_size):
+                z = _logits(linear, h[s : s + chunk_size], scale, softcap)
+                out[s : s + chunk_size] = z.gather(-1, tgt[s : s + chunk_size, None]).squeeze(-1) - z.logsumexp(-1)
+        ctx.save_for_backward(h, tgt)
+        ctx.head, ctx.chunk_size, ctx.scale, ctx.softcap = head, chunk_size, scale, softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, tgt = ctx.saved_tensors
+        head, c = ctx.head, ctx.chunk_size
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        with _gathered(head), torch.no_grad():
+            weight = head.weight
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for s in range(0, h.shape[0], c):
+                hc, gc = h[s : s + c], g[s : s + c].float()
+                a = torch.nn.functional.linear(hc, weight, head.bias).float()
+                z = a
+                if ctx.scale is not None and ctx.scale != 1.0:
+                    z = z * ctx.scale
+                if ctx.softcap:
+                    z = ctx.softcap * torch.tanh(z / ctx.softcap)
+                dz = torch.softmax(z, dim=-1).mul_(-gc[:, None])  # d out / d z = onehot(t) - softmax(z)
+                dz.scatter_add_(-1, tgt[s : s + c, None], gc[:, None])
+                d = _transform_grad(a, ctx.scale, ctx.softcap)
+                da = dz if d is None else dz.mul_(d)
+                if grad_h is not None:
+                    grad_h[s : s + c] = (da.to(weight.dtype) @ weight).to(h.dtype)
+                grad_w.addmm_(da.t(), hc.float())
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def chunked_token_logps(
@@ -185,22 +252,19 @@ def chunked_token_logps(
     tgt = target_ids.to(h.device)[where]
     if use_checkpoint is None:
         use_checkpoint = _needs_grad(hidden, head)
-    parts, filler = [], None
-    for i in range(_lockstep_chunks(h.shape[0], chunk_size, h.device, head)):
-        s = i * chunk_size
-        real = s < h.shape[0]
-        hc, tc = (h[s : s + chunk_size], tgt[s : s + chunk_size]) if real else (h.new_zeros(1, h.shape[-1]), tgt.new_zeros(1))
+    if _zero3_partitioned(head):
+        with _gathered(head):
+            vals = _Zero3HeadLogps.apply(h, head.weight, tgt, head, chunk_size, scale, softcap)
+        return _scatter(vals, where, lead)
+    parts = []
+    for s in range(0, h.shape[0], chunk_size):
+        hc, tc = h[s : s + chunk_size], tgt[s : s + chunk_size]
         if use_checkpoint:
-            out = checkpoint(_chunk_token_logps, hc, tc, head, scale, softcap, use_reentrant=False)
+            parts.append(checkpoint(_chunk_token_logps, hc, tc, head, scale, softcap, use_reentrant=False))
         else:
-            out = _chunk_token_logps(hc, tc, head, scale, softcap)
-        if real:
-            parts.append(out)
-        else:  # in the graph with weight 0, so its backward (and recompute) runs on this rank too
-            filler = out.sum() * 0 if filler is None else filler + out.sum() * 0
+            parts.append(_chunk_token_logps(hc, tc, head, scale, softcap))
     vals = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32) + h.sum() * 0
-    result = _scatter(vals, where, lead)
-    return result if filler is None else result + filler
+    return _scatter(vals, where, lead)
 
 
 @torch.no_grad()
@@ -217,29 +281,30 @@ def _pair_stats(
     rh, _, _ = _select(ref_hidden, mask)  # stays on the reference's device; its log-probs move over
     tgt = None if target_ids is None else target_ids.to(h.device)[where]
     kls, lps, rlps = [], [], []
-    for i in range(_lockstep_chunks(h.shape[0], chunk_size, h.device, head, ref_head)):
-        s = i * chunk_size
-        if s >= h.shape[0]:  # ZeRO-3 lockstep filler (see _lockstep_chunks)
-            _logits(head, h.new_zeros(1, h.shape[-1]), scale, softcap)
-            _logits(ref_head, rh.new_zeros(1, rh.shape[-1]), ref_scale, ref_softcap)
-            continue
-        lp = torch.log_softmax(_logits(head, h[s : s + chunk_size], scale, softcap), dim=-1)
-        lq = torch.log_softmax(_logits(ref_head, rh[s : s + chunk_size], ref_scale, ref_softcap).to(lp.device), dim=-1)
-        if lp.shape[-1] != lq.shape[-1]:
-            raise ValueError(
-                f"policy vocab {lp.shape[-1]} != reference vocab {lq.shape[-1]}: KL needs the same tokenizer"
-            )
-        if tgt is not None:
-            t = tgt[s : s + chunk_size].unsqueeze(-1)
-            lps.append(lp.gather(-1, t).squeeze(-1))
-            rlps.append(lq.gather(-1, t).squeeze(-1))
-        diff = lq.neg_().add_(lp)  # log p - log q, in place
-        kls.append(torch.linalg.vecdot(lp.exp_(), diff).clamp_(min=0.0))  # sum_v p (log p - log q) >= 0
+    with _gathered(head, ref_head):  # ZeRO-3: one gather per head for the whole pass
+        head = _as_linear(head) if _zero3_partitioned(head) else head
+        ref_head = _as_linear(ref_head) if _zero3_partitioned(ref_head) else ref_head
+        for s in range(0, h.shape[0], chunk_size):
+            _kl_chunk(h, rh, tgt, s, chunk_size, head, ref_head, scale, softcap, ref_scale, ref_softcap, kls, lps, rlps)
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float32, device=h.device)  # noqa: E731
     kl = _scatter(cat(kls), where, lead)
     if tgt is None:
         return kl, None, None
     return kl, _scatter(cat(lps), where, lead), _scatter(cat(rlps), where, lead)
+
+
+def _kl_chunk(h, rh, tgt, s, chunk_size, head, ref_head, scale, softcap, ref_scale, ref_softcap, kls, lps, rlps):
+    """Rows s:s+chunk_size of `_pair_stats`: appends per-token KL (and policy/reference log-probs)."""
+    lp = torch.log_softmax(_logits(head, h[s : s + chunk_size], scale, softcap), dim=-1)
+    lq = torch.log_softmax(_logits(ref_head, rh[s : s + chunk_size], ref_scale, ref_softcap).to(lp.device), dim=-1)
+    if lp.shape[-1] != lq.shape[-1]:
+        raise ValueError(f"policy vocab {lp.shape[-1]} != reference vocab {lq.shape[-1]}: KL needs the same tokenizer")
+    if tgt is not None:
+        t = tgt[s : s + chunk_size].unsqueeze(-1)
+        lps.append(lp.gather(-1, t).squeeze(-1))
+        rlps.append(lq.gather(-1, t).squeeze(-1))
+    diff = lq.neg_().add_(lp)  # log p - log q, in place
+    kls.append(torch.linalg.vecdot(lp.exp_(), diff).clamp_(min=0.0))  # sum_v p (log p - log q) >= 0
 
 
 def chunked_token_kl(

@@ -148,6 +148,7 @@ def run_recipe(loop_config: dict, session) -> dict:
     from .task import check
 
     # --- setup -------------------------------------------------------------------------------
+    recipe_start = time.time()
     config = ExperimentConfig.model_validate(loop_config["config"])
     plan = PreparedRun(**loop_config["plan"])
     t = config.training
@@ -222,6 +223,7 @@ def run_recipe(loop_config: dict, session) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # --- loop --------------------------------------------------------------------------------
+    setup_seconds = time.time() - recipe_start  # data, engine, resume: the per-run fixed cost
     last_eval: dict = state["evals"][-1] if state["evals"] else {}
     if state["step"] == 0 and t.eval_steps and not state["evals"]:
         last_eval = evaluate(0)
@@ -294,7 +296,8 @@ def run_recipe(loop_config: dict, session) -> dict:
             elapsed = max(window_seconds, 1e-9)
             speed = _reduce_mean({"train/tokens_per_second_per_worker": window_tokens / elapsed,
                                   "train/seconds_per_step": elapsed / max(window_steps, 1)}, world)
-            report = {**train_metrics, **speed, **last_eval, "total_steps": total_steps}
+            report = {**train_metrics, **speed, **last_eval, "total_steps": total_steps,
+                      "time/setup_seconds": setup_seconds, "time/recipe_seconds": time.time() - recipe_start}
             window_seconds, window_tokens, window_steps = 0.0, 0, 0
             if step % t.save_steps == 0 or is_last:
                 save_checkpoint(report, final=is_last)
