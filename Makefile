@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 run: setup
-	$(BIN)/alphadpo-ray reference
+	$(BIN)/alphadpo-ray sweep
 
 test: setup
 	$(BIN)/python -m pytest -q tests

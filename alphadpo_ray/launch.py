@@ -153,6 +153,7 @@ def train(config: ExperimentConfig, log=print) -> dict:
         "reference_cache": plan.reference_cache,
         "train_pairs": plan.train_pairs,
         "eval_pairs": plan.eval_pairs,
+        "evals": out.get("evals", []),
         "history": out.get("history", []),
         "wall_seconds": round(time.time() - start, 1),
     }
@@ -160,7 +161,7 @@ def train(config: ExperimentConfig, log=print) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "config.json").write_text(json.dumps(tracking.mask_secrets(config.to_dict()), indent=2))
     if run_id:
-        brief = {k: v for k, v in summary.items() if k != "history"}
+        brief = {k: v for k, v in summary.items() if k not in ("history", "evals")}
         tracking.finish_run(uri, run_id, "FINISHED" if summary["status"] == "finished" else "FAILED", brief,
                             [run_dir / "config.json"])
     if summary["status"] != "finished":

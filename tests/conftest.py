@@ -65,11 +65,15 @@ def ray_session():
 
 
 def small_config(tmp_path, **sections):
-    """A short built-in-task run writing everything (storage, MLflow store, outputs) under tmp_path."""
+    """A short built-in-task run: outputs and the MLflow store under tmp_path; Ray storage shared by
+    the whole session (so the reference cache is computed once), with a run name unique to the test."""
+    import re
+
     from alphadpo_ray.config import config_from_dict
 
+    shared_storage = tmp_path.parent.parent / "shared-ray-storage"
     base = {
-        "name": "small",
+        "name": re.sub(r"[^A-Za-z0-9_.-]", "-", tmp_path.name)[:60],
         "output_dir": str(tmp_path / "outputs"),
         "data": {"source": "builtin", "max_eval_samples": 48},
         "method": {"name": "alpha-dpo", "beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.2},
@@ -77,7 +81,7 @@ def small_config(tmp_path, **sections):
                      "max_steps": 8, "eval_steps": 100, "logging_steps": 2, "save_steps": 4,
                      "generation_eval_samples": 0, "per_device_eval_batch_size": 24},
         "deepspeed": {"zero_stage": 2},
-        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "storage")},
+        "ray": {"num_workers": 2, "storage_path": str(shared_storage)},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "tests"},
     }
     for key, value in sections.items():

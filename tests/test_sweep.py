@@ -1,0 +1,289 @@
+"""Sweeps and comparisons for real: Ray Tune + Optuna trials that are training runs, MLflow nesting
+(embedded SQLite and a real `mlflow server` on 127.0.0.1), failure isolation, resume and compare."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import small_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_config(tmp_path, sweep: dict, **sections):
+    """A short 1-worker trial on the built-in task (the direct path) with a sweep section."""
+    training = {"per_device_train_batch_size": 8, "total_batch_size": 8, "max_steps": 6, "eval_steps": 3,
+                "logging_steps": 3, "save_steps": 3, "generation_eval_samples": 0, **sections.pop("training", {})}
+    return small_config(tmp_path, name="sw", ray={"num_workers": 1, **sections.pop("ray", {})},
+                        deepspeed={"zero_stage": 0}, training=training,
+                        sweep={"max_concurrent_trials": 2, **sweep}, **sections)
+
+
+def _children(uri: str, parent_id: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _check_sweep_runs(uri: str, result, method: str, trials: int, hyperparameters: set[str]):
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(uri).get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["alphadpo.kind"] == "sweep" and parent.data.tags["method"] == method
+    children = _children(uri, result.parent_run_id)
+    assert len(children) == trials
+    by_trial = {c.data.tags["alphadpo.trial_id"]: c for c in children}
+    for row in result.rows:
+        child = by_trial[row["trial_id"]]
+        assert child.data.tags["alphadpo.sweep"] == result.name and child.data.tags["method"] == method
+        assert hyperparameters <= set(child.data.params)
+        for name in hyperparameters:
+            assert float(child.data.params[name]) == pytest.approx(float(row[name]))
+        if row["status"] == "finished":
+            assert child.info.status == "FINISHED"
+            assert child.data.metrics["eval/accuracy"] == pytest.approx(row["accuracy"])
+            assert child.data.metrics["eval/kl"] == pytest.approx(row["kl"])
+    return children
+
+
+def test_multi_objective_sweep_gives_pareto_set_and_nested_runs(ray_session, builtin_task, tmp_path):
+    from alphadpo_ray.sweep.run import run_sweep
+
+    config = sweep_config(tmp_path, {"name": "pareto4", "num_samples": 4})
+    result = run_sweep(config, log=lambda *_: None)
+
+    assert len(result.rows) == 4 and all(r["status"] == "finished" for r in result.rows)
+    front = [r for r in result.rows if r["pareto"]]
+    assert front, "a multi-objective sweep always has a non-empty Pareto set"
+    for r in front:  # nothing else dominates a Pareto trial
+        assert not any(o["accuracy"] >= r["accuracy"] and o["kl"] <= r["kl"] and
+                       (o["accuracy"] > r["accuracy"] or o["kl"] < r["kl"]) for o in result.rows)
+    # the papers' settings were evaluated first (Llama-3 and Mistral AlphaDPO points)
+    assert {(r["alpha"], r["gamma_beta_ratio"]) for r in result.rows} >= {(0.2, 0.6), (0.05, 0.15)}
+    _check_sweep_runs(config.tracking.tracking_uri, result, "alpha-dpo", 4,
+                      {"alpha", "beta", "gamma_beta_ratio", "learning_rate"})
+    for name in ("trials.csv", "trials.json", "pareto.png", "alpha_sensitivity.png", "results.json"):
+        assert (result.directory / name).exists(), name
+
+    # the report rebuilds the same table from MLflow alone
+    from alphadpo_ray.sweep.report import report
+
+    rebuilt = report("pareto4", tracking_uri=config.tracking.tracking_uri, output_dir=str(tmp_path / "report"))
+    key = lambda r: r["trial_id"]  # noqa: E731
+    for a, b in zip(sorted(result.rows, key=key), sorted(rebuilt["rows"], key=key)):
+        assert (a["trial_id"], a["status"], a["pareto"]) == (b["trial_id"], b["status"], b["pareto"])
+        assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["kl"] == pytest.approx(b["kl"])
+    assert (tmp_path / "report" / "pareto.png").exists()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (its own SQLite store and artifact root)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_concurrent_multi_worker_trials_log_to_mlflow_server(ray_session, builtin_task, tmp_path, mlflow_server):
+    """Two trials at once, each a nested 2-worker TorchTrainer; every metric lands in its own child run."""
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.sweep.run import run_sweep
+
+    config = sweep_config(
+        tmp_path, {"name": "server2", "num_samples": 2, "max_concurrent_trials": 2},
+        ray={"num_workers": 2}, training={"per_device_train_batch_size": 4},
+        tracking={"tracking_uri": mlflow_server, "experiment_name": "server-tests"},
+    )
+    result = run_sweep(config, log=lambda *_: None)
+    assert [r["status"] for r in result.rows] == ["finished", "finished"]
+    children = _check_sweep_runs(mlflow_server, result, "alpha-dpo", 2, {"alpha", "beta", "learning_rate"})
+    client = MlflowClient(mlflow_server)
+    for child in children:  # every training report of that trial, none of the other's
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert sorted(steps) == [3, 6]
+        assert child.data.tags["alphadpo.workers"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"trials.csv", "pareto.png", "search_space.json", "config.json"} <= artifacts
+    # the trials really ran as Ray Train runs of their own, resumable by a stable name
+    assert sorted(p.name for p in (Path(config.storage_path()) / "server2-trainers").iterdir()) == sorted(
+        f"server2_{r['trial_id']}" for r in result.rows)
+
+
+def test_nan_trial_fails_alone_and_optuna_is_told(ray_session, builtin_task, tmp_path):
+    from alphadpo_ray.sweep.run import run_sweep
+
+    config = sweep_config(
+        tmp_path,
+        {"name": "nan3", "num_samples": 3, "max_concurrent_trials": 1,
+         "search_space": {"learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e6}},
+         "points_to_evaluate": [{"learning_rate": 1e6}, {"learning_rate": 1e-4}]},
+    )
+    result = run_sweep(config, log=lambda *_: None)
+    failed = [r for r in result.rows if r["status"] == "failed"]
+    assert len(failed) >= 1 and any(r["learning_rate"] == 1e6 for r in failed)
+    assert all("non-finite loss" in r["error"] for r in failed)
+    assert any(r["status"] == "finished" for r in result.rows)
+    assert len(result.rows) == 3
+    child = next(c for c in _children(config.tracking.tracking_uri, result.parent_run_id)
+                 if c.data.tags["alphadpo.trial_id"] == failed[0]["trial_id"])
+    assert child.info.status == "FAILED" and "non-finite loss" in child.data.tags["alphadpo.error"]
+
+
+def test_safe_optuna_search_fails_errored_and_nan_trials():
+    """A failed trial's last (stale or NaN) metrics never reach Optuna: it is told FAIL."""
+    import optuna
+
+    from alphadpo_ray.sweep.config import SweepConfig
+    from alphadpo_ray.sweep.run import _searcher
+
+    searcher = _searcher(SweepConfig(), {"alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}, [])
+    searcher.set_search_properties(None, None, {})
+    for trial_id in ("ok", "errored", "nan"):
+        assert searcher.suggest(trial_id) is not None
+    searcher.on_trial_complete("ok", {"eval/accuracy": 0.9, "eval/kl": 0.1})
+    searcher.on_trial_complete("errored", {"eval/accuracy": 0.95, "eval/kl": 0.01}, error=True)
+    searcher.on_trial_complete("nan", {"eval/accuracy": math.nan, "eval/kl": 0.2})
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.FAIL]
+    assert searcher._ot_study.trials[0].values == [0.9, 0.1]
+
+
+def _run_cli(args, env, log):
+    return subprocess.Popen([str(Path(sys.executable).with_name("alphadpo-ray")), *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path):
+    """`kill -9` of the sweep driver mid-way, then `--resume`: finished trials are not re-run, the rest
+    finish, and MLflow holds exactly one child run per trial, all finished."""
+    config = sweep_config(tmp_path, {"name": "resume4", "num_samples": 4, "max_concurrent_trials": 1},
+                          training={"max_steps": 9})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    storage = Path(config.storage_path()) / "resume4"
+
+    with open(tmp_path / "first.log", "wb") as log:
+        # its own local Ray (started by the driver, fate-shared with it: killing the driver's process
+        # group takes that Ray down too, like a machine losing the driver)
+        first = _run_cli(["sweep", str(path), "--address", "local"], env, log)
+        deadline = time.time() + 600
+        while time.time() < deadline and first.poll() is None:
+            done = [p for p in storage.glob("*/result.json") if p.read_text().count('"done": true')]
+            if len(done) >= 2:  # two trials finished: kill the driver (and its Ray) hard
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finished_before = {p.parent.name for p in storage.glob("*/result.json") if '"done": true' in p.read_text()}
+    assert len(finished_before) >= 2
+
+    with open(tmp_path / "second.log", "wb") as log:
+        second = _run_cli(["sweep", str(path), "--resume", "--address", "local"], env, log)
+        assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+
+    import json
+
+    results = json.loads((Path(config.run_dir).parent / "resume4" / "results.json").read_text())
+    assert results["summary"]["trials"] == 4 and results["summary"]["failed"] == 0
+    for trial in finished_before:  # not re-run: exactly one final result, reported once per step
+        lines = [json.loads(x) for x in (storage / trial / "result.json").read_text().splitlines() if x.strip()]
+        steps = [x["step"] for x in lines if "step" in x]
+        assert len(steps) == len(set(steps)), f"trial {trial} was re-run"
+    children = _children(config.tracking.tracking_uri, results["mlflow_parent_run_id"])
+    assert len(children) == 4
+    assert len({c.data.tags["alphadpo.trial_id"] for c in children}) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, builtin_task, tmp_path):
+    """The single-worker direct path checkpoints and resumes like the multi-worker path: a trial whose
+    process is SIGKILLed after its first checkpoint restarts from it and ends on the same losses."""
+    import threading
+
+    from alphadpo_ray.sweep.run import run_sweep
+
+    grid = {"search": "grid", "num_samples": 1, "points_to_evaluate": False,
+            "search_space": {"alpha": {"type": "grid", "values": [0.1]}, "beta": {"type": "grid", "values": [2.5]},
+                             "gamma_beta_ratio": {"type": "grid", "values": [0.3]},
+                             "learning_rate": {"type": "grid", "values": [2e-4]}}}
+    training = {"max_steps": 24, "save_steps": 4, "eval_steps": 8, "logging_steps": 2}
+    clean = run_sweep(sweep_config(tmp_path / "a", {**grid, "name": "clean"}, training=training), log=lambda *_: None)
+
+    config = sweep_config(tmp_path / "b", {**grid, "name": "killed", "max_failures": 2}, training=training)
+    storage, killed = Path(config.storage_path()) / "killed", threading.Event()
+
+    from test_training import _kill_after_first_checkpoint
+
+    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(storage, "", "ray::run_trial", killed),
+                              daemon=True)
+    killer.start()
+    resumed = run_sweep(config, log=lambda *_: None)
+    killer.join(timeout=5)
+    assert killed.is_set(), "the trial was never killed"
+    assert resumed.rows[0]["status"] == "finished"
+    for key in ("accuracy", "kl"):
+        assert resumed.rows[0][key] == pytest.approx(clean.rows[0][key], rel=1e-4, abs=1e-6)
+
+
+def test_compare_two_methods_produces_table_and_plots(ray_session, builtin_task, tmp_path):
+    from alphadpo_ray.sweep.run import run_compare
+
+    config = sweep_config(tmp_path, {"name": "cmp", "methods": ["alpha-dpo", "simpo"], "num_samples": 2})
+    summary = run_compare(config, log=lambda *_: None)
+    directory = Path(summary["files"]["methods"]).parent
+    for name in ("methods.json", "trials.csv", "pareto.png", "alpha_sensitivity.png", "results.json"):
+        assert (directory / name).exists(), name
+    methods = {s["method"]: s for s in summary["methods"]}
+    assert set(methods) == {"alpha-dpo", "simpo"}
+    assert {s["trials"] for s in methods.values()} == {2}  # the same budget for each method
+    assert {s["steps"] for s in methods.values()} == {12}
+    assert all(s["best_accuracy_logratio"] is not None for s in methods.values())
+
+    from mlflow.tracking import MlflowClient
+
+    uri = config.tracking.tracking_uri
+    compare = MlflowClient(uri).get_run(summary["mlflow_compare_run_id"])
+    assert compare.data.tags["alphadpo.kind"] == "compare" and compare.info.status == "FINISHED"
+    method_runs = _children(uri, compare.info.run_id)
+    assert sorted(r.data.tags["method"] for r in method_runs) == ["alpha-dpo", "simpo"]
+    for run in method_runs:
+        assert len(_children(uri, run.info.run_id)) == 2
