@@ -271,8 +271,7 @@ def run_recipe(loop_config: dict, session) -> dict:
                        f"learning_rate {t.learning_rate}); training stopped instead of continuing on garbage")
             if rank == 0:
                 print(f"[error] {message}", flush=True)
-            session.report({"step": step, "status": status})
-            break
+            break  # every rank stops here together; nothing more is reported
         step += 1
         window_steps += 1
         window_seconds += time.time() - step_start

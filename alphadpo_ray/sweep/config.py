@@ -211,8 +211,10 @@ def tune_domains(space: dict[str, dict], grid_as_choice: bool):
     return out
 
 
-def starting_points(sweep: SweepConfig, method: str, space: dict[str, dict], base_learning_rate: float) -> list[dict]:
-    """Points evaluated first: the papers' settings (clipped to the space), or the user's list."""
+def starting_points(sweep: SweepConfig, method: str, space: dict[str, dict], defaults: dict[str, float]) -> list[dict]:
+    """Points evaluated first: the papers' settings, or the user's list, moved into the space (choices
+    snap to the nearest value, ranges clip). Hyperparameters a point leaves out take `defaults` (the
+    base config's method hyperparameters and learning rate)."""
     if sweep.points_to_evaluate is False:
         return []
     raw = PAPER_POINTS.get(method, []) if sweep.points_to_evaluate is True else sweep.points_to_evaluate
@@ -220,12 +222,12 @@ def starting_points(sweep: SweepConfig, method: str, space: dict[str, dict], bas
     for point in raw:
         full = {}
         for name, spec in space.items():
-            value = point.get(name, base_learning_rate if name == "learning_rate" else None)
+            value = point.get(name, defaults.get(name))
             if value is None:
                 continue
             if spec["type"] in ("choice", "grid"):
                 value = min(spec["values"], key=lambda v: abs(float(v) - float(value)))
-            elif spec["type"] != "grid":
+            else:
                 value = min(max(value, spec["low"]), spec["high"])
             full[name] = value
         if set(full) == set(space):

@@ -58,10 +58,10 @@ class TrialProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
-        from .tracking import error_reason
+        from .tracking import error_reason, trial_error_text
 
-        print(f"[trial {trial.trial_id}] FAILED ({self.done}/{self.total}): "
-              f"{error_reason(str(trial.get_error() or ''))}", flush=True)
+        print(f"[trial {trial.trial_id}] FAILED ({self.done}/{self.total}): {error_reason(trial_error_text(trial))}",
+              flush=True)
 
 
 def sweep_settings(config: ExperimentConfig) -> SweepConfig:
@@ -135,7 +135,8 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
     from .trial import run_trial
 
     space = method_space(sweep, method, config.training.learning_rate)
-    points = starting_points(sweep, method, space, config.training.learning_rate)
+    defaults = {**config.method.resolved(), "learning_rate": config.training.learning_rate}
+    points = starting_points(sweep, method, space, defaults)
     storage = config.storage_path()
     experiment_dir = f"{storage}/{name}"
     trainers_path = f"{storage}/{name}-trainers"

@@ -30,6 +30,21 @@ def error_reason(text: str) -> str:
     return (lines[-1] if lines else "trial failed")[:500]
 
 
+def trial_error_text(trial) -> str:
+    """A failed trial's error text, read from its local error file (storage gets it only later)."""
+    try:
+        path = trial.error_file
+        if path:
+            with open(path) as handle:
+                return handle.read()
+    except OSError:
+        pass
+    try:
+        return str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001
+        return ""
+
+
 class SweepMLflowCallback(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, method: str,
                  workers: int = 1):
@@ -94,7 +109,7 @@ class SweepMLflowCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        self.client.set_tag(run_id, ERROR_TAG, error_reason(str(trial.get_error() or "")))
+        self.client.set_tag(run_id, ERROR_TAG, error_reason(trial_error_text(trial)))
         self.client.set_terminated(run_id, status="FAILED")
 
     def get_state(self):
