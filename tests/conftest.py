@@ -71,7 +71,7 @@ def small_config(tmp_path, **sections):
 
     from alphadpo_ray.config import config_from_dict
 
-    shared_storage = tmp_path.parent.parent / "shared-ray-storage"
+    shared_storage = tmp_path.parent / "shared-ray-storage"  # this session's basetemp
     base = {
         "name": re.sub(r"[^A-Za-z0-9_.-]", "-", tmp_path.name)[:60],
         "output_dir": str(tmp_path / "outputs"),

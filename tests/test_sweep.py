@@ -193,28 +193,37 @@ def _run_cli(args, env, log):
 def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path):
     """`kill -9` of the sweep driver mid-way, then `--resume`: finished trials are not re-run, the rest
     finish, and MLflow holds exactly one child run per trial, all finished."""
+    # long enough (~5 s per trial) to kill the driver while the third trial runs
     config = sweep_config(tmp_path, {"name": "resume4", "num_samples": 4, "max_concurrent_trials": 1},
-                          training={"max_steps": 9})
+                          training={"max_steps": 120, "eval_steps": 40, "save_steps": 20, "logging_steps": 20})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     storage = Path(config.storage_path()) / "resume4"
+
+    from mlflow.tracking import MlflowClient
+
+    def finished_trials() -> set[str]:
+        """Trial ids whose MLflow child run the driver has closed as FINISHED."""
+        client = MlflowClient(config.tracking.tracking_uri)
+        experiment = client.get_experiment_by_name(config.tracking.experiment_name)
+        if experiment is None:
+            return set()
+        runs = client.search_runs([experiment.experiment_id], "tags.`alphadpo.kind` = 'trial'")
+        return {r.data.tags["alphadpo.trial_id"] for r in runs if r.info.status == "FINISHED"}
 
     with open(tmp_path / "first.log", "wb") as log:
         # its own local Ray (started by the driver, fate-shared with it: killing the driver's process
         # group takes that Ray down too, like a machine losing the driver)
         first = _run_cli(["sweep", str(path), "--address", "local"], env, log)
         deadline = time.time() + 600
-        while time.time() < deadline and first.poll() is None:
-            done = [p for p in storage.glob("*/result.json") if p.read_text().count('"done": true')]
-            if len(done) >= 2:  # two trials finished: kill the driver (and its Ray) hard
-                break
-            time.sleep(0.5)
+        while time.time() < deadline and first.poll() is None and len(finished_trials()) < 2:
+            time.sleep(0.2)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(first.pid, signal.SIGKILL)  # two trials done, the third running
         first.wait()
-    finished_before = {p.parent.name for p in storage.glob("*/result.json") if '"done": true' in p.read_text()}
-    assert len(finished_before) >= 2
+    finished_before = finished_trials()
+    assert 2 <= len(finished_before) < 4
 
     with open(tmp_path / "second.log", "wb") as log:
         second = _run_cli(["sweep", str(path), "--resume", "--address", "local"], env, log)
@@ -232,6 +241,10 @@ def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path):
     assert len(children) == 4
     assert len({c.data.tags["alphadpo.trial_id"] for c in children}) == 4
     assert all(c.info.status == "FINISHED" for c in children)
+    client = MlflowClient(config.tracking.tracking_uri)
+    for child in children:  # one metric point per reported step, even for the trial cut off mid-run
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(20, 121, 20)), (child.data.tags["alphadpo.trial_id"], steps)
 
 
 def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, builtin_task, tmp_path):
@@ -253,7 +266,7 @@ def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, built
 
     from test_training import _kill_after_first_checkpoint
 
-    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(storage, "", "ray::run_trial", killed),
+    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(storage, "", "ImplicitFunc", killed),
                               daemon=True)
     killer.start()
     resumed = run_sweep(config, log=lambda *_: None)

@@ -104,6 +104,10 @@ class SweepConfig(BaseModel):
     direct_single_worker: bool = Field(True, description="1-worker trials run the recipe in the Tune trial itself")
     trial_cpus: float = Field(0.01, gt=0, description="bundle of a trial that only drives a TorchTrainer")
     max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
+    experiment_checkpoint_s: float | None = Field(
+        None, ge=0, description="how often Tune saves the sweep's state (what --resume restores); "
+        "default: every controller step on local storage (a finished trial is never re-run), Tune's adaptive "
+        "period (≥ 10 s) on object stores")
 
     @field_validator("methods")
     @classmethod

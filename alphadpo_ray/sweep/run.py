@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,11 @@ class TrialProgress(Callback):
     """One console line when a trial starts, finishes or fails (Tune's own tables are switched off)."""
 
     def __init__(self, accuracy_key: str, total: int):
-        self.accuracy_key, self.total, self.done = accuracy_key, total, 0
+        self.accuracy_key, self.total = accuracy_key, total
+
+    @staticmethod
+    def _ended(trials) -> int:  # counts trials a resumed sweep had already finished, too
+        return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
     @staticmethod
     def _params(trial) -> str:
@@ -50,17 +55,15 @@ class TrialProgress(Callback):
         print(f"[trial {trial.trial_id}] started: {self._params(trial)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
         r = trial.last_result or {}
-        print(f"[trial {trial.trial_id}] done ({self.done}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
+        print(f"[trial {trial.trial_id}] done ({self._ended(trials)}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
               f"{r.get(self.accuracy_key, float('nan')):.3f}  kl {r.get('eval/kl', float('nan')):.3f}  "
               f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
         from .tracking import error_reason, trial_error_text
 
-        print(f"[trial {trial.trial_id}] FAILED ({self.done}/{self.total}): {error_reason(trial_error_text(trial))}",
+        print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials)}/{self.total}): {error_reason(trial_error_text(trial))}",
               flush=True)
 
 
@@ -170,6 +173,11 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
         resources,
     )
     use_grid = sweep.search == "grid"
+    period = sweep.experiment_checkpoint_s
+    if period is None:
+        period = 0 if "://" not in storage else None
+    if period is not None:  # read by Tune's controller when the Tuner starts
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(period)
     if resume and Tuner.can_restore(experiment_dir):
         log(f"[sweep] resuming {name} from {experiment_dir}")
         tuner = Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
