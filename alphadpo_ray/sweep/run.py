@@ -44,8 +44,10 @@ class TrialProgress(Callback):
         self.accuracy_key, self.total = accuracy_key, total
 
     @staticmethod
-    def _ended(trials) -> int:  # counts trials a resumed sweep had already finished, too
-        return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    def _ended(trials, trial) -> int:
+        """Trials ended so far, this one included (and those a resumed sweep had already finished)."""
+        ended = ("TERMINATED", "ERROR")
+        return sum(t.status in ended for t in trials) + (trial.status not in ended)
 
     @staticmethod
     def _params(trial) -> str:
@@ -56,14 +58,14 @@ class TrialProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        print(f"[trial {trial.trial_id}] done ({self._ended(trials)}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
+        print(f"[trial {trial.trial_id}] done ({self._ended(trials, trial)}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
               f"{r.get(self.accuracy_key, float('nan')):.3f}  kl {r.get('eval/kl', float('nan')):.3f}  "
               f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from .tracking import error_reason, trial_error_text
 
-        print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials)}/{self.total}): {error_reason(trial_error_text(trial))}",
+        print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
               flush=True)
 
 
