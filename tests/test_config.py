@@ -73,8 +73,12 @@ def test_every_experiment_config_validates_offline(path, no_network, monkeypatch
     assert isinstance(config, ExperimentConfig)
     assert config.gradient_accumulation_steps >= 1
     assert config.method.resolved()  # the loss builds with these hyperparameters
-    if config.sweep is not None:
-        assert isinstance(config.sweep, dict)
+    if config.sweep is not None:  # the sweep section and each method's search space validate too
+        from alphadpo_ray.sweep.config import SweepConfig, method_space
+
+        assert isinstance(config.sweep, SweepConfig)
+        for method in config.sweep.methods or [config.method.name]:
+            assert method_space(config.sweep, method, config.training.learning_rate)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
