@@ -173,8 +173,10 @@ def test_safe_optuna_search_fails_errored_and_nan_trials():
     from alphadpo_ray.sweep.config import SweepConfig
     from alphadpo_ray.sweep.run import _searcher
 
-    searcher = _searcher(SweepConfig(), {"alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}, [])
-    searcher.set_search_properties(None, None, {})
+    from alphadpo_ray.sweep.config import tune_domains
+
+    searcher = _searcher(SweepConfig(), [])
+    searcher.set_search_properties(None, None, tune_domains({"alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}, True))
     for trial_id in ("ok", "errored", "nan"):
         assert searcher.suggest(trial_id) is not None
     searcher.on_trial_complete("ok", {"eval/accuracy": 0.9, "eval/kl": 0.1})

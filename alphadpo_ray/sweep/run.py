@@ -74,7 +74,8 @@ def sweep_settings(config: ExperimentConfig) -> SweepConfig:
     return config.sweep or SweepConfig()
 
 
-def _searcher(sweep: SweepConfig, space: dict, points: list[dict]):
+def _searcher(sweep: SweepConfig, points: list[dict]):
+    """Optuna through Tune (the space comes from the Tuner's param_space)."""
     from ray.tune.search.optuna import OptunaSearch
 
     import optuna
@@ -96,8 +97,8 @@ def _searcher(sweep: SweepConfig, space: dict, points: list[dict]):
                 result, error = None, True
             super().on_trial_complete(trial_id, result=result, error=error)
 
-    return SafeOptunaSearch(space=tune_domains(space, grid_as_choice=True), metric=metric, mode=mode,
-                            points_to_evaluate=points or None, sampler=samplers[sweep.sampler]())
+    return SafeOptunaSearch(metric=metric, mode=mode, points_to_evaluate=points or None,
+                            sampler=samplers[sweep.sampler]())
 
 
 def _scheduler(sweep: SweepConfig):
@@ -188,7 +189,7 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
         if resume:
             log(f"[sweep] nothing to resume at {experiment_dir}; starting {name}")
         tune_config = TuneConfig(
-            search_alg=None if use_grid else _searcher(sweep, space, points),
+            search_alg=None if use_grid else _searcher(sweep, points),
             scheduler=_scheduler(sweep),
             num_samples=sweep.num_samples if not use_grid else 1,
             max_concurrent_trials=sweep.max_concurrent_trials,
@@ -197,7 +198,7 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
         )
         tuner = Tuner(
             trainable,
-            param_space=tune_domains(space, grid_as_choice=False) if use_grid else {},
+            param_space=tune_domains(space, grid_as_choice=not use_grid),
             tune_config=tune_config,
             run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                  failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
