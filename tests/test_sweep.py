@@ -302,3 +302,20 @@ def test_compare_two_methods_produces_table_and_plots(ray_session, builtin_task,
     assert sorted(r.data.tags["method"] for r in method_runs) == ["alpha-dpo", "simpo"]
     for run in method_runs:
         assert len(_children(uri, run.info.run_id)) == 2
+
+
+def test_asha_stops_weak_trials_early(ray_session, builtin_task, tmp_path):
+    """Early stopping acts on the periodic held-out reports: with ASHA some trials end before max_steps,
+    and every trial, stopped or not, is recorded as finished with its last evaluation."""
+    from alphadpo_ray.sweep.run import run_sweep
+
+    config = sweep_config(
+        tmp_path,
+        {"name": "asha4", "num_samples": 4, "max_concurrent_trials": 1,
+         "scheduler": {"type": "asha", "metric": "objective/score", "grace_period": 3, "reduction_factor": 2}},
+        training={"max_steps": 12, "eval_steps": 3, "logging_steps": 3, "save_steps": 3},
+    )
+    result = run_sweep(config, log=lambda *_: None)
+    steps = sorted(r["steps"] for r in result.rows)
+    assert all(r["status"] == "finished" for r in result.rows)
+    assert steps[-1] == 12 and steps[0] < 12, steps

@@ -130,16 +130,33 @@ def _kill_after_first_checkpoint(storage: Path, run_name: str, title: str, done:
         time.sleep(0.05)
 
 
-def test_worker_killed_mid_run_resumes_same_trajectory(ray_session, builtin_task, tmp_path):
+RESUME_TRAINING = {"max_steps": 24, "save_steps": 4, "eval_steps": 8}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, builtin_task, tmp_path_factory):
+    """The reference trajectory both interruption tests must reproduce."""
+    from alphadpo_ray.launch import train
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    return train(small_config(tmp, name=f"uninterrupted-{tmp.name}", training=RESUME_TRAINING), log=lambda *_: None)
+
+
+def _same_trajectory(resumed: dict, reference: dict) -> None:
+    assert len(resumed["history"]) == len(reference["history"]) == RESUME_TRAINING["max_steps"]
+    assert _losses(resumed) == pytest.approx(_losses(reference), rel=2e-4, abs=2e-5)
+    for key in ("train/loss/margin_mean", "train/loss/margin_std"):  # AlphaDPO's running statistics
+        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in reference["history"]],
+                                                                      rel=2e-4, abs=2e-5)
+
+
+def test_worker_killed_mid_run_resumes_same_trajectory(uninterrupted, tmp_path):
     """FailureConfig restarts the worker group from the latest checkpoint; the losses and AlphaDPO's
     running statistics continue exactly as in an uninterrupted run."""
     from alphadpo_ray.launch import train
 
-    training = {"max_steps": 24, "save_steps": 4, "eval_steps": 8}
-    reference = train(small_config(tmp_path, name=f"uninterrupted-{tmp_path.name[-6:]}", training=training),
-                      log=lambda *_: None)
-
-    config = small_config(tmp_path, name=f"killed-{tmp_path.name[-6:]}", training=training, ray={"max_failures": 2})
+    config = small_config(tmp_path, name=f"killed-{tmp_path.name[-6:]}", training=RESUME_TRAINING,
+                          ray={"max_failures": 2})
     killed = threading.Event()
     killer = threading.Thread(target=_kill_after_first_checkpoint,
                               args=(Path(config.storage_path()), config.run_name, "RayTrainWorker", killed), daemon=True)
@@ -147,9 +164,54 @@ def test_worker_killed_mid_run_resumes_same_trajectory(ray_session, builtin_task
     resumed = train(config, log=lambda *_: None)
     killer.join(timeout=5)
     assert killed.is_set(), "the worker was never killed; the test did not exercise a failure"
-    assert _losses(resumed) == pytest.approx(_losses(reference), rel=2e-4, abs=2e-5)
-    assert [h["train/loss/margin_mean"] for h in resumed["history"]] == pytest.approx(
-        [h["train/loss/margin_mean"] for h in reference["history"]], rel=2e-4, abs=2e-5)
+    _same_trajectory(resumed, uninterrupted)
+
+
+def test_stopped_run_resumes_when_the_same_command_is_rerun(uninterrupted, tmp_path):
+    """`kill -9` of `alphadpo-ray train` after its first checkpoint, then the same command again: Ray
+    Train resumes the run by name from its storage, and MLflow continues the same run."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    config = small_config(tmp_path, name=f"stopped-{tmp_path.name[-6:]}", training=RESUME_TRAINING,
+                          ray={"address": "local"})  # the command starts (and, killed, loses) its own Ray
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    command = [str(Path(sys.executable).with_name("alphadpo-ray")), "train", str(path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run_dir = Path(config.storage_path()) / config.run_name
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+
+        def registered() -> bool:  # on disk *and* registered by the controller (else Ray ignores it)
+            try:
+                return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+            except (OSError, ValueError, KeyError):
+                return False
+
+        while time.time() < deadline and first.poll() is None and not registered():
+            time.sleep(0.05)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (Path(config.run_dir) / "summary.json").exists()  # it really was stopped mid-run
+
+    with open(tmp_path / "second.log", "wb") as log:
+        second = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    assert second.returncode == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert "[resume] continuing from step" in (tmp_path / "second.log").read_text()
+    resumed = json.loads((Path(config.run_dir) / "summary.json").read_text())
+    _same_trajectory(resumed, uninterrupted)
+
+    client = MlflowClient(config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [resumed["mlflow_run_id"]]  # one run, continued
+    assert runs[0].info.status == "FINISHED"
 
 
 def test_reference_cache_hit_then_miss_on_new_truncation(ray_session, builtin_task, tmp_path):
