@@ -83,9 +83,14 @@ def quiet_logs() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor|.*all_gather_into_tensor")
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "ray.train.v2._internal.execution.context",
-                 "ray.train.v2._internal.execution.storage", "ray.tune"):
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # Ray Train logs every report in full at INFO, from a logger named after its file
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover - other Ray versions
+        pass
     try:
         from deepspeed.utils import logger as ds_logger
 

@@ -50,7 +50,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
 
 
 def build_trainer(config: ExperimentConfig, plan, callbacks: list | None = None, run_name: str | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .recipe import train_loop_per_worker
@@ -70,6 +70,7 @@ def build_trainer(config: ExperimentConfig, plan, callbacks: list | None = None,
             checkpoint_config=CheckpointConfig(num_to_keep=config.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
             callbacks=callbacks or [],
+            logging_config=LoggingConfig(log_level="WARNING"),  # progress lines come from ConsoleProgress
         ),
     )
 
