@@ -109,7 +109,7 @@ def get_or_create_experiment(client, name: str) -> str:
 def start_or_resume_run(uri: str, experiment: str, run_name: str, key: str, params: dict[str, str],
                         tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """(run_id, resumed): reuse the run tagged with `key` if there is one, else create it."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)

@@ -24,6 +24,19 @@ SAMPLE_TEXTS = [
 ] * 20
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One intra-op thread in the test process: the 2 cores are shared with Ray workers and other
+    processes, and multi-threaded ops on a busy core wait for their slowest thread (measured 10-40x
+    slower than one thread). Ray workers set their own count from resources_per_worker."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory holding a tiny random Llama and its byte-level BPE tokenizer (save_pretrained)."""

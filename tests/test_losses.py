@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import datetime
-import io
 import math
 import statistics
 from pathlib import Path

@@ -21,16 +21,6 @@ from alphadpo_ray.task import TaskConfig, generate
 SIZES = (3, 4, 2, 3)  # pairs per batch: uneven on purpose
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the 2 cores are shared with other test processes, and multi-threaded ops on a
-    busy core wait for their slowest thread (measured 10-40x slower than one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokens(tiny_tokenizer):
     from alphadpo_ray.data import preference_data_from_rows, tokenize_pairs

@@ -9,16 +9,6 @@ import torch
 from alphadpo_ray.models import CHAT_TEMPLATE, ROLE_TOKENS, build_tiny_llama, load_model, load_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the 2 cores are shared with other test processes, and multi-threaded ops on a
-    busy core wait for their slowest thread (measured 10-40x slower than one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ids(tiny_tokenizer):
     text = "<|user|>\nSort the letters d b a c.\n<|assistant|>\nAnswer: a b c d</s>"

@@ -23,16 +23,6 @@ METRIC_KEYS = {"accuracy", "accuracy_logratio", "kl", "kl_per_token", "pairs", "
                "generation_samples", "reward_margin", "logps_chosen", "logps_rejected", "loss"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the 2 cores are shared with other test processes, and multi-threaded ops on a
-    busy core wait for their slowest thread (measured 10-40x slower than one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
