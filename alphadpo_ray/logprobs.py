@@ -43,18 +43,22 @@ bypasses a DDP wrapper's forward, so don't rely on DDP gradient sync through thi
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
+
+from . import distributed
 
 DEFAULT_CHUNK_SIZE = 512
 
-# mode decided by the "auto" probe, per model object: "hidden" (decoder + chunked head) or "logits".
+# Mode decided by the "auto" probe, per model object: "hidden" (decoder + chunked head) or "logits".
+# Process-wide on purpose, with weak keys: an entry lives exactly as long as its model, so a reused
+# process (a Tune actor running trial after trial) neither leaks models nor reuses another's decision.
 _PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 _MODES = ("auto", "hidden", "logits")
 
@@ -144,12 +148,6 @@ def _zero3_partitioned(*heads) -> bool:
     return any(isinstance(h, torch.nn.Module) and any(hasattr(p, "ds_id") for p in h.parameters()) for h in heads)
 
 
-def _group_max(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def _gathered(*heads):
     """Full weights of ZeRO-3 partitioned heads for the duration of the block: one all-gather per
     head, the same on every rank whatever its number of tokens (calling a partitioned head once per
@@ -208,7 +206,10 @@ class _Zero3HeadLogps(torch.autograd.Function):
         h, tgt = ctx.saved_tensors
         head, c = ctx.head, ctx.chunk_size
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
-        with _gathered(head), torch.no_grad():
+        trained = ctx.needs_input_grad[1] and _zero3_partitioned(head)
+        with contextlib.nullcontext() if trained else _gathered(head), torch.no_grad():
+            if trained:
+                _gather_until_accumulated(head.weight)
             weight = head.weight
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             for s in range(0, h.shape[0], c):
@@ -227,6 +228,28 @@ class _Zero3HeadLogps(torch.autograd.Function):
                     grad_h[s : s + c] = (da.to(weight.dtype) @ weight).to(h.dtype)
                 grad_w.addmm_(da.t(), hc.float())
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+
+
+def _gather_until_accumulated(weight: torch.nn.Parameter) -> None:
+    """All-gather a ZeRO-3 partitioned head `weight` for its backward and keep it gathered until autograd
+    has accumulated the gradient returned for it: AccumulateGrad shapes a gradient after its parameter,
+    so a partitioned one fails ("size of tensor a (0) must match ..."; an untied head, which no module
+    call gathers in backward). Released right after, unless a module still holds it (a tied input
+    embedding, whose backward ran in between; DeepSpeed releases it with that module). A weight that is
+    gathered already is left to whoever gathered it. DeepSpeed's own post-accumulate hook (registered
+    at initialize, so run before this one) has taken the gradient by then."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if weight.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        return
+    weight.all_gather()  # a collective, issued alike on every rank (they run the same graph)
+
+    def release(_):
+        handle.remove()
+        if not weight.ds_active_sub_modules:
+            weight.partition()
+
+    handle = weight.register_post_accumulate_grad_hook(release)
 
 
 def chunked_token_logps(
@@ -441,10 +464,9 @@ def _head_inputs(model, input_ids, attention_mask, mode: str) -> _HeadInputs:
             reason = "no decoder module / output embeddings" if decoder is None or head is None else None
             if reason is None:
                 reason = _probe(model, decoder, head, scale, softcap, input_ids, attention_mask)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                # every rank must take the same path (ZeRO-3 forwards are collective)
-                failed = _group_max(int(reason is not None), input_ids.device)
-                reason = reason or ("another rank's check failed" if failed else None)
+            # every rank must take the same path (ZeRO-3 forwards are collective)
+            failed = distributed.any_worker(reason is not None)
+            reason = reason or ("another rank's check failed" if failed else None)
             decided = "hidden" if reason is None else "logits"
             _PROBED[model] = decided
             if reason is not None:

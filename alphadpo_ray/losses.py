@@ -14,7 +14,12 @@ Conventions (all methods):
   ``losses`` holds the per-pair losses before that mean (without the NLL term).
 * Rewards are detached, shape [B]; ``metrics`` holds extra diagnostics as Python floats.
 
-``build_loss(name, **hparams)`` validates the hyperparameters and returns a ``PreferenceLoss``.
+The registry (``register_method``, ``method_spec``, ``method_names``) holds everything about a method
+in one ``MethodSpec``: its loss function, its hyperparameters (default, valid range, starting value,
+default search space), whether it needs a reference, its implicit reward, and the papers' settings.
+Config validation, sweeps, ``compare`` and reports read methods from here only, so adding a method is
+its function + one ``register_method`` call + its tests. ``build_loss(name, **hparams)`` validates
+the hyperparameters and returns a ``PreferenceLoss``.
 Only alpha-dpo has state (running statistics of its margin), see ``alpha_dpo_loss``; training
 calls of alpha-dpo are collective over the data-parallel group (every worker must call it).
 """
@@ -28,8 +33,9 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from . import distributed
 
 
 class _Required:
@@ -153,24 +159,6 @@ def r_dpo_loss(pc, pj, rc, rj, lc, lj, *, beta, length_alpha) -> LossOutput:
     return LossOutput(losses.mean(), beta * (pc - rc).detach(), beta * (pj - rj).detach(), losses)
 
 
-def _all_gather_1d(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor over the default process group in rank order (sizes may differ)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return x
-    world = dist.get_world_size()
-    device = torch.device("cpu") if str(dist.get_backend()) == "gloo" else x.device
-    local = x.to(device)
-    size = torch.tensor([local.numel()], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(counts), dtype=local.dtype, device=device)
-    padded[: local.numel()] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(x.device)
-
-
 def _margin_z(gap: torch.Tensor, stats: MarginStats, ema_decay: float, train: bool) -> tuple[torch.Tensor, bool]:
     """Standardised gap z (float64, detached) and whether the step was degenerate; updates stats if train."""
     with torch.no_grad():
@@ -181,7 +169,7 @@ def _margin_z(gap: torch.Tensor, stats: MarginStats, ema_decay: float, train: bo
             ok = bool(torch.isfinite(z).all())
         else:
             stats.step += 1
-            everyone = _all_gather_1d(gap)
+            everyone = distributed.all_gather_1d(gap)
             ok = everyone.numel() >= 2  # std of one value is NaN in the official code
             if ok:
                 d = ema_decay
@@ -237,61 +225,215 @@ def alpha_dpo_loss(
     return LossOutput(losses.mean(), rewards_c, rewards_j, losses, metrics)
 
 
+# --------------------------------------------------------------------------------------------------
+# The registry: everything about a method in one entry
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter of a method: its default (or ``REQUIRED``), its valid range, the value a config
+    starts from when a required one is left out (``start``), and its default sweep search space (Ray Tune
+    space spec, ``{type: loguniform|uniform|quniform|choice|grid, ...}``; None: not searched by default)."""
+
+    default: object = REQUIRED
+    low: float | None = None  # valid range; None: unbounded on that side
+    high: float | None = None
+    low_open: bool = False  # True: low itself is not valid (> low rather than >= low)
+    high_open: bool = False
+    start: float | None = None
+    space: Mapping | None = None
+    doc: str = ""
+
+    @property
+    def expected(self) -> str:
+        """The valid range in words ("> 0", "in [0, 0.5]", ...); "" when any finite number will do."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return ""
+
+    def problem(self, value) -> str | None:
+        """Why `value` is not valid for this hyperparameter, or None."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        too_low = self.low is not None and (value < self.low or (self.low_open and value == self.low))
+        too_high = self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        return f"must be {self.expected}, got {value}" if too_low or too_high else None
+
+
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method: its loss function and everything the config, sweeps and reports need."""
+
+    name: str
     fn: Callable[..., LossOutput]
-    hparams: Mapping[str, object]  # name -> default or REQUIRED
-    needs_reference: bool = True
-    stateful: bool = False
+    hyperparameters: Mapping[str, Hyperparameter]
+    needs_reference: bool = True  # False: reference-free (no reference log-probs are computed for it)
+    stateful: bool = False  # True: fn takes `stats` (MarginStats) and `train`, and its state is checkpointed
+    implicit_reward: str = ""  # the reward `accuracy` ranks pairs by, as a formula (π summed, π̄ length-normalised)
+    paper_points: tuple[Mapping[str, float], ...] = ()  # published settings, evaluated first by sweeps
+    source: str = ""  # the paper
+
+    def defaults(self) -> dict[str, object]:
+        """name -> default, or ``REQUIRED`` where there is none."""
+        return {k: h.default for k, h in self.hyperparameters.items()}
+
+    def starting_hyperparameters(self) -> dict[str, float]:
+        """The values a config uses for required hyperparameters it leaves out."""
+        return {k: h.start for k, h in self.hyperparameters.items() if h.start is not None}
+
+    def default_space(self) -> dict[str, dict]:
+        return {k: dict(h.space) for k, h in self.hyperparameters.items() if h.space is not None}
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} ({'required' if h.default is REQUIRED else f'default {h.default}'})"
+                         for k, h in self.hyperparameters.items())
 
 
-def _spec(fn, needs_reference=True, stateful=False, **hparams) -> MethodSpec:
-    return MethodSpec(fn, MappingProxyType(hparams), needs_reference, stateful)
+_REGISTRY: dict[str, MethodSpec] = {}
 
 
-_R = REQUIRED
-_REGISTRY: dict[str, MethodSpec] = {
-    "alpha-dpo": _spec(alpha_dpo_loss, stateful=True, beta=_R, gamma_beta_ratio=_R, alpha=_R,
-                       label_smoothing=0.0, ema_decay=0.9),
-    "dpo": _spec(dpo_loss, beta=_R, label_smoothing=0.0),
-    "simpo": _spec(simpo_loss, needs_reference=False, beta=_R, gamma_beta_ratio=_R, label_smoothing=0.0),
-    "ipo": _spec(ipo_loss, beta=_R),
-    "cpo": _spec(cpo_loss, needs_reference=False, beta=_R, cpo_alpha=1.0),
-    "kto": _spec(kto_loss, beta=_R),
-    "orpo": _spec(orpo_loss, needs_reference=False, beta=_R),
-    "r-dpo": _spec(r_dpo_loss, beta=_R, length_alpha=_R),
-}
-METHODS: tuple[str, ...] = tuple(_REGISTRY)
+def register_method(name: str, fn: Callable[..., LossOutput], *, hyperparameters: Mapping[str, Hyperparameter],
+                    needs_reference: bool = True, stateful: bool = False, implicit_reward: str = "",
+                    paper_points: tuple = (), source: str = "") -> MethodSpec:
+    """Add a method to the registry (config validation, sweeps, `compare` and reports all read it from here).
 
-# name -> (check, expectation) for the hyperparameters that have a valid range.
-_RANGES = {
-    "beta": (lambda v: v > 0, "> 0"),
-    "alpha": (lambda v: v >= 0, ">= 0"),
-    "cpo_alpha": (lambda v: v >= 0, ">= 0"),
-    "label_smoothing": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
-    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
-}
+    `fn(pc, pj, rc, rj, lc, lj, **hyperparameters)` returns a `LossOutput` (see the module docstring).
+    Every hyperparameter with a default search space must be searchable; paper points name only
+    hyperparameters the method takes.
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"method {name!r} is already registered")
+    if not isinstance(name, str) or not name or name.strip() != name:
+        raise ValueError(f"method name must be a non-empty string without surrounding spaces, got {name!r}")
+    for point in paper_points:
+        unknown = set(point) - set(hyperparameters) - {"learning_rate"}
+        if unknown:
+            raise ValueError(f"method {name!r}: paper point {dict(point)} names {', '.join(sorted(unknown))}, "
+                             "which the method does not take")
+    spec = MethodSpec(name, fn, MappingProxyType(dict(hyperparameters)), needs_reference, stateful,
+                      implicit_reward, tuple(MappingProxyType(dict(p)) for p in paper_points), source)
+    _REGISTRY[name] = spec
+    return spec
 
 
-def _method_spec(name: str) -> MethodSpec:
+def unregister_method(name: str) -> None:
+    """Remove a method added with `register_method` (tests, plugins)."""
+    _REGISTRY.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered methods, in registration order (the eight built-ins first)."""
+    return tuple(_REGISTRY)
+
+
+def method_spec(name: str) -> MethodSpec:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown preference-loss method {name!r}; valid choices: {', '.join(METHODS)}")
+        raise ValueError(f"unknown preference-loss method {name!r}; valid choices: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
 def method_hyperparameters(name: str) -> dict[str, object]:
     """The hyperparameters ``name`` takes: name -> default, or ``REQUIRED`` where there is none."""
-    return dict(_method_spec(name).hparams)
+    return method_spec(name).defaults()
 
 
 def needs_reference(name: str) -> bool:
     """Whether method ``name`` uses reference log-probs (False for simpo, cpo, orpo)."""
-    return _method_spec(name).needs_reference
+    return method_spec(name).needs_reference
 
 
-def _describe(name: str) -> str:
-    return ", ".join(f"{k} ({'required' if v is REQUIRED else f'default {v}'})"
-                     for k, v in _REGISTRY[name].hparams.items())
+def hyperparameter_problems(name: str, hparams: Mapping) -> list[tuple[str, str]]:
+    """(hyperparameter, what is wrong) for every problem of `hparams` for method `name` (unknown,
+    missing required, non-finite, out of range); empty when they are valid."""
+    spec = method_spec(name)
+    problems = [(k, f"method {name!r} does not take this hyperparameter; it takes: {spec.describe()}")
+                for k in hparams if k not in spec.hyperparameters]
+    for k, h in spec.hyperparameters.items():
+        if k not in hparams:
+            if h.default is REQUIRED:
+                problems.append((k, f"required by method {name!r}; it takes: {spec.describe()}"))
+            continue
+        problem = h.problem(hparams[k])
+        if problem:
+            problems.append((k, f"{problem} (method {name!r})"))
+    return problems
+
+
+# Hyperparameters shared by several methods (each method's entry may give its own start and space).
+def _beta(start: float, values: list[float], doc: str = "inverse temperature β") -> Hyperparameter:
+    return Hyperparameter(low=0, low_open=True, start=start, space={"type": "choice", "values": values}, doc=doc)
+
+
+_LABEL_SMOOTHING = Hyperparameter(0.0, low=0, high=0.5, doc="conservative-DPO label smoothing")
+_GAMMA = "target reward margin γ/β"
+
+# The papers' search ranges (SimPO, arXiv 2405.14734, Table 7; AlphaDPO, arXiv 2410.10148, §5) and
+# settings; `start` values suit the built-in task (the paper setups under experiments/paper/ set the
+# official values).
+register_method(
+    "alpha-dpo", alpha_dpo_loss, stateful=True, source="arXiv 2410.10148",
+    implicit_reward="β·(π̄ − α·(π̄ − r̄))",
+    # (α first: a search space is sampled by Optuna in this order, the order sweeps have always used,
+    # so a seeded sweep proposes the same trials)
+    hyperparameters={
+        "alpha": Hyperparameter(low=0, start=0.2, space={"type": "loguniform", "low": 0.01, "high": 0.5},
+                                doc="weight α of the adaptive margin"),
+        "beta": _beta(2.5, [2.5, 10.0]),
+        "gamma_beta_ratio": Hyperparameter(start=0.3, space={"type": "uniform", "low": 0.1, "high": 0.6}, doc=_GAMMA),
+        "label_smoothing": _LABEL_SMOOTHING,
+        "ema_decay": Hyperparameter(0.9, low=0, high=1, high_open=True, doc="decay of the margin's running statistics"),
+    },
+    paper_points=({"beta": 2.5, "gamma_beta_ratio": 0.6, "alpha": 0.2},  # Llama-3-8B-Instruct
+                  {"beta": 2.5, "gamma_beta_ratio": 0.15, "alpha": 0.05}),  # Mistral-7B-Instruct
+)
+register_method(
+    "dpo", dpo_loss, source="arXiv 2305.18290", implicit_reward="β·(π − r)",
+    hyperparameters={"beta": _beta(0.1, [0.01, 0.05, 0.1]), "label_smoothing": _LABEL_SMOOTHING},
+    paper_points=({"beta": 0.1}, {"beta": 0.01}),
+)
+register_method(
+    "simpo", simpo_loss, needs_reference=False, source="arXiv 2405.14734", implicit_reward="β·π̄",
+    hyperparameters={
+        "beta": _beta(2.5, [2.0, 2.5, 10.0]),
+        "gamma_beta_ratio": Hyperparameter(start=0.3, space={"type": "uniform", "low": 0.1, "high": 0.65}, doc=_GAMMA),
+        "label_smoothing": _LABEL_SMOOTHING,
+    },
+    paper_points=({"beta": 2.5, "gamma_beta_ratio": 0.55}, {"beta": 2.5, "gamma_beta_ratio": 0.1}),
+)
+register_method(
+    "ipo", ipo_loss, source="arXiv 2310.12036", implicit_reward="β·(π̄ − r̄)",
+    hyperparameters={"beta": _beta(0.1, [0.01, 0.1, 0.5, 1.0], doc="τ (the target margin is 1/(2τ))")},
+    paper_points=({"beta": 0.5},),
+)
+register_method(
+    "cpo", cpo_loss, needs_reference=False, source="arXiv 2401.08417", implicit_reward="β·π",
+    hyperparameters={"beta": _beta(0.1, [0.01, 0.05, 0.1]),
+                     "cpo_alpha": Hyperparameter(1.0, low=0, doc="weight of the NLL term")},
+    paper_points=({"beta": 0.1},),
+)
+register_method(
+    "kto", kto_loss, source="arXiv 2402.01306", implicit_reward="β·(π − r)",
+    hyperparameters={"beta": _beta(0.1, [0.01, 0.05, 0.1])},
+    paper_points=({"beta": 0.1},),
+)
+register_method(
+    "orpo", orpo_loss, needs_reference=False, source="arXiv 2403.07691", implicit_reward="β·π̄",
+    hyperparameters={"beta": _beta(0.1, [0.1, 0.5, 1.0, 2.0], doc="λ, weight of the odds-ratio term")},
+    paper_points=({"beta": 0.1},),
+)
+register_method(
+    "r-dpo", r_dpo_loss, source="arXiv 2403.19159", implicit_reward="β·(π − r)",
+    hyperparameters={
+        "beta": _beta(0.1, [0.01, 0.05, 0.1]),
+        "length_alpha": Hyperparameter(start=0.05, space={"type": "choice", "values": [0.05, 0.1, 0.5, 1.0]},
+                                       doc="weight α of the length term"),
+    },
+    paper_points=({"beta": 0.1, "length_alpha": 0.05},),
+)
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -306,7 +448,7 @@ class PreferenceLoss:
     """A validated method + hyperparameters; call it on a batch (see the module docstring)."""
 
     def __init__(self, method: str, hparams: dict[str, float]):
-        spec = _method_spec(method)
+        spec = method_spec(method)
         self.method, self.hparams, self.needs_reference = method, dict(hparams), spec.needs_reference
         self._fn = spec.fn
         self._stats = MarginStats() if spec.stateful else None
@@ -361,22 +503,18 @@ class PreferenceLoss:
 
 def build_loss(name: str, **hparams) -> PreferenceLoss:
     """Validate ``hparams`` for method ``name`` (defaults filled in) and return its ``PreferenceLoss``."""
-    spec = _method_spec(name)
-    unknown = sorted(set(hparams) - set(spec.hparams))
+    spec = method_spec(name)
+    unknown = sorted(set(hparams) - set(spec.hyperparameters))
     if unknown:
         raise ValueError(f"method {name!r} does not take hyperparameter(s) {', '.join(unknown)}; "
-                         f"it takes: {_describe(name)}")
-    missing = [k for k, v in spec.hparams.items() if v is REQUIRED and k not in hparams]
+                         f"it takes: {spec.describe()}")
+    missing = [k for k, h in spec.hyperparameters.items() if h.default is REQUIRED and k not in hparams]
     if missing:
         raise ValueError(f"method {name!r} needs hyperparameter(s) {', '.join(missing)}; "
-                         f"it takes: {_describe(name)}")
-    resolved = {}
-    for k, default in spec.hparams.items():
-        v = hparams.get(k, default)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"method {name!r}: hyperparameter {k} must be a finite number, got {v!r}")
-        check, expected = _RANGES.get(k, (None, ""))
-        if check is not None and not check(v):
-            raise ValueError(f"method {name!r}: hyperparameter {k} must be {expected}, got {v}")
-        resolved[k] = float(v)
-    return PreferenceLoss(name, resolved)
+                         f"it takes: {spec.describe()}")
+    resolved = {k: hparams.get(k, h.default) for k, h in spec.hyperparameters.items()}
+    for k, h in spec.hyperparameters.items():
+        problem = h.problem(resolved[k])
+        if problem:
+            raise ValueError(f"method {name!r}: hyperparameter {k} {problem}")
+    return PreferenceLoss(name, {k: float(v) for k, v in resolved.items()})

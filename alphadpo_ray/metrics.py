@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
+from . import distributed
 from .logprobs import sequence_logps
 from .losses import PreferenceLoss
 
@@ -33,24 +33,13 @@ _SUMS = (
 )
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
 def _lockstep(items: list):
     """Yield (item, real) so every worker runs the same number of steps.
 
     ZeRO-3 forward passes are collective (each layer's parameters are all-gathered), so a worker whose
     shard is shorter repeats its first item as filler; fillers are computed but not counted.
     """
-    count = len(items)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        most = torch.tensor([count], dtype=torch.long)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        count = int(most.item())
+    count = distributed.max_over_workers(len(items))
     for i in range(count):
         if i < len(items):
             yield items[i], True
@@ -89,41 +78,54 @@ def evaluate_preferences(
     policy.eval()
     sums = dict.fromkeys(_SUMS, 0.0)
     for batch, real in _lockstep(list(batches)):
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
-        resp = batch["response_mask"].to(device)
-        out = sequence_logps(policy, ids, mask, resp, chunk_size=chunk_size, reference=reference)
-        n = ids.shape[0] // 2
-        pc, pj = out.logps[:n], out.logps[n:]
-        lc, lj = out.lengths[:n], out.lengths[n:]
-        if out.ref_logps is not None:
-            rc, rj = out.ref_logps[:n], out.ref_logps[n:]
-        elif "ref_chosen_logps" in batch:
-            rc, rj = batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device)
-        else:
-            rc = rj = None
-        if not real:
-            continue
-        result = loss(pc, pj, rc, rj, lc, lj, train=False)
-        sums["pairs"] += n
-        sums["loss"] += float(result.loss) * n
-        sums["acc"] += float(_wins(result.chosen_rewards, result.rejected_rewards))
-        sums["margin"] += float((result.chosen_rewards - result.rejected_rewards).sum())
-        sums["reward_chosen"] += float(result.chosen_rewards.sum())
-        sums["reward_rejected"] += float(result.rejected_rewards.sum())
-        sums["logp_chosen"] += float((pc / lc).sum())
-        sums["logp_rejected"] += float((pj / lj).sum())
-        sums["tokens_chosen"] += float(lc.sum())
-        sums["tokens_rejected"] += float(lj.sum())
-        if rc is not None:
-            sums["acc_logratio"] += float(_wins(pc - rc, pj - rj))
-            sums["ref_pairs"] += n
-        if out.kl is not None:
-            sums["kl"] += float(out.kl.sum())
-            sums["kl_tokens"] += float(out.lengths.sum())
-    totals = _all_reduce_sum(torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64))
-    s = dict(zip(_SUMS, totals.tolist()))
+        scored = _score_pairs(policy, reference, batch, device, chunk_size)  # collective: fillers too
+        if real:
+            _add_pair_sums(sums, loss, scored)
+    totals = distributed.all_reduce(torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64))
     policy.train(was_training)
+    return _metrics_from_sums(dict(zip(_SUMS, totals.tolist())))
+
+
+def _score_pairs(policy, reference, batch: dict, device, chunk_size: int) -> dict:
+    """Policy (and reference) log-probs, lengths and KL of one batch of pairs, split chosen/rejected."""
+    ids = batch["input_ids"].to(device)
+    out = sequence_logps(policy, ids, batch["attention_mask"].to(device), batch["response_mask"].to(device),
+                         chunk_size=chunk_size, reference=reference)
+    n = ids.shape[0] // 2
+    if out.ref_logps is not None:
+        rc, rj = out.ref_logps[:n], out.ref_logps[n:]
+    elif "ref_chosen_logps" in batch:
+        rc, rj = batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device)
+    else:
+        rc = rj = None
+    return {"pc": out.logps[:n], "pj": out.logps[n:], "rc": rc, "rj": rj, "lc": out.lengths[:n],
+            "lj": out.lengths[n:], "kl": out.kl, "n": n}
+
+
+def _add_pair_sums(sums: dict, loss: PreferenceLoss, b: dict) -> None:
+    """Add one scored batch to the running sums (see ``_SUMS``)."""
+    pc, pj, rc, rj, lc, lj, n = b["pc"], b["pj"], b["rc"], b["rj"], b["lc"], b["lj"], b["n"]
+    result = loss(pc, pj, rc, rj, lc, lj, train=False)
+    sums["pairs"] += n
+    sums["loss"] += float(result.loss) * n
+    sums["acc"] += float(_wins(result.chosen_rewards, result.rejected_rewards))
+    sums["margin"] += float((result.chosen_rewards - result.rejected_rewards).sum())
+    sums["reward_chosen"] += float(result.chosen_rewards.sum())
+    sums["reward_rejected"] += float(result.rejected_rewards.sum())
+    sums["logp_chosen"] += float((pc / lc).sum())
+    sums["logp_rejected"] += float((pj / lj).sum())
+    sums["tokens_chosen"] += float(lc.sum())
+    sums["tokens_rejected"] += float(lj.sum())
+    if rc is not None:
+        sums["acc_logratio"] += float(_wins(pc - rc, pj - rj))
+        sums["ref_pairs"] += n
+    if b["kl"] is not None:
+        sums["kl"] += float(b["kl"].sum())
+        sums["kl_tokens"] += float(lc.sum() + lj.sum())
+
+
+def _metrics_from_sums(s: dict) -> dict[str, float]:
+    """Means over pairs (and tokens) of the summed metrics of every worker."""
     pairs = max(s["pairs"], 1.0)
     metrics = {
         "accuracy": s["acc"] / pairs,
@@ -161,7 +163,6 @@ def generation_accuracy(
     device = _device_of(model)
     was_training = model.training
     model.eval()
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     pad_id = tokenizer.pad_token_id
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     correct = scored = 0
@@ -179,7 +180,7 @@ def generation_accuracy(
             do_sample=False,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=distributed,
+            synced_gpus=distributed.is_distributed(),
         )
         if not real:
             continue
@@ -187,6 +188,6 @@ def generation_accuracy(
         for (_, prompt), text in zip(chunk, texts):
             correct += bool(checker(prompt, text))
             scored += 1
-    totals = _all_reduce_sum(torch.tensor([correct, scored], dtype=torch.float64)).tolist()
+    totals = distributed.all_reduce(torch.tensor([correct, scored], dtype=torch.float64)).tolist()
     model.train(was_training)
     return {"generation_accuracy": totals[0] / max(totals[1], 1.0), "generation_samples": int(totals[1])}

@@ -40,13 +40,13 @@ QUICKSTART_SWEEP = {
     },
 }
 
+# Every registered method (sweep.methods unset): the eight built-ins, and any a config's plugins add.
 COMPARE_QUICKSTART = {
     "name": "compare-quickstart",
     **_TRIAL,
     "tracking": {"experiment_name": "alphadpo-ray-compare"},
     "sweep": {
         "name": "compare-quickstart",
-        "methods": ["alpha-dpo", "dpo", "simpo", "ipo", "cpo", "kto", "orpo", "r-dpo"],
         "num_samples": 4,
         "max_concurrent_trials": 2,
         "seed": 0,

@@ -4,10 +4,15 @@ Before training, the reference model's summed response log-probs (and response l
 training pair are computed — sharded over the cluster with Ray tasks, one reference copy per shard,
 on a GPU when the run uses GPUs — and written to the run storage under a key that hashes
 
-* the reference model (its config and weight files, or hub id + revision),
-* the tokenizer (its vocabulary and chat template),
+* the reference model (its config and weight files — and its code under ``trust_remote_code`` — for a
+  local directory; for a hub id, the id and the commit actually loaded, to which scoring is pinned),
+* how it is run: dtype, ``attn_implementation`` and ``trust_remote_code`` (applied when scoring, as
+  for the policy in `engine._from_pretrained`),
+* the tokenizer (its vocabulary, chat template and special tokens),
 * the tokenised dataset (a fingerprint of the token ids themselves), and
 * the truncation settings (max_length, max_prompt_length, truncation_mode).
+
+Nothing else (batch size, chunk size, shards, storage, device) is in the key.
 
 Any later run or sweep trial with the same key reuses the file without loading the reference. A
 file lock (local storage) makes concurrent callers with the same key wait for one computation
@@ -21,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,21 +60,69 @@ def _file_digest(path: Path, edge: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def model_identity(name_or_path: str) -> str:
-    """A stable identity of a model: file digests for a local directory, id + revision for the hub."""
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# Files of a model directory that do not change its log-probs (the tokenizer is keyed on its own).
+_NOT_NUMERIC = {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "chat_template.json"}
+
+
+def resolve_hub_revision(repo_id: str, revision: str = "main", cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The commit that `from_pretrained(repo_id, revision=revision)` loads, or None if unknown.
+
+    Online, the Hub's answer (downloading ``config.json`` follows ``revision`` to its current commit and
+    records it under the cache's ``refs/``); offline or when the Hub is unreachable, the commit the local
+    hub cache's ``refs/<revision>`` points at — what an offline `from_pretrained` loads.
+    """
+    if _COMMIT.fullmatch(revision):
+        return revision
+    try:
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        return None
+    candidates = []
+    if not constants.is_offline_mode():
+        candidates.append(lambda: hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir))
+    candidates.append(lambda: try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision))
+    for candidate in candidates:
+        try:
+            path = candidate()
+        except Exception:  # noqa: BLE001 - unreachable hub, unknown repo: try the next source
+            continue
+        commit = Path(path).parent.name if isinstance(path, (str, os.PathLike)) else ""
+        if _COMMIT.fullmatch(commit):  # .../snapshots/<commit>/config.json
+            return commit
+    return None
+
+
+def resolve_model(name_or_path: str, trust_remote_code: bool = False,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[str, str | None]:
+    """(identity, revision to load) of a model.
+
+    A local directory: digests of its config and weight files (and of its ``*.py`` when remote code is
+    trusted, since that code then computes the numbers); no revision. A hub id: ``id@commit`` with the
+    commit actually loaded (`resolve_hub_revision`), which the caller pins scoring to; the id alone
+    (and no pin) when no commit can be resolved.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in {".json", ".safetensors", ".bin"}))
-        return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)}" for p in files).encode()).hexdigest()
-    try:  # hub id: pin to the resolved commit when the local hub cache knows it
-        from huggingface_hub import scan_cache_dir
+        suffixes = {".json", ".safetensors", ".bin"} | ({".py"} if trust_remote_code else set())
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix in suffixes and p.name not in _NOT_NUMERIC)
+        return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)}" for p in files).encode()).hexdigest(), None
+    commit = resolve_hub_revision(name_or_path, cache_dir=cache_dir)
+    return (f"{name_or_path}@{commit}" if commit else name_or_path), commit
 
-        for repo in scan_cache_dir().repos:
-            if repo.repo_id == name_or_path:
-                return f"{name_or_path}@{sorted(r.commit_hash for r in repo.revisions)[-1]}"
-    except Exception:  # noqa: BLE001 - no cache, offline: the id alone
-        pass
-    return name_or_path
+
+def model_identity(name_or_path: str, trust_remote_code: bool = False,
+                   cache_dir: str | os.PathLike | None = None) -> str:
+    """A stable identity of a model: file digests for a local directory, id + resolved commit for the hub."""
+    return resolve_model(name_or_path, trust_remote_code, cache_dir)[0]
+
+
+def dtype_name(dtype) -> str:
+    """Canonical torch dtype name: ``torch.bfloat16``, ``"bf16"`` and ``"bfloat16"`` are one dtype."""
+    name = str(dtype).removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -91,13 +145,22 @@ def table_fingerprint(table: pa.Table, columns=("row", "prompt_ids", "chosen_ids
     return h.hexdigest()
 
 
-def cache_key(reference: str, tokenizer, table: pa.Table, truncation: dict) -> str:
+def cache_key(reference: str, tokenizer, table: pa.Table, truncation: dict, *, dtype="float32",
+              attn_implementation: str | None = None, trust_remote_code: bool = False,
+              reference_identity: str | None = None) -> str:
+    """Hash of everything that determines the cached numbers (see the module docstring).
+
+    ``reference_identity`` is `model_identity(reference, trust_remote_code)` when the caller already
+    resolved it (so the key and the scoring use the same commit)."""
     parts = {
-        "reference": model_identity(reference),
+        "reference": reference_identity or model_identity(reference, trust_remote_code),
+        "dtype": dtype_name(dtype),
+        "attn_implementation": attn_implementation,
+        "trust_remote_code": bool(trust_remote_code),
         "tokenizer": tokenizer_identity(tokenizer),
         "data": table_fingerprint(table),
         "truncation": truncation,
-        "version": 1,
+        "version": 2,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -106,16 +169,31 @@ def cache_uri(storage_path: str, key: str) -> str:
     return storage.join(storage_path, CACHE_DIR, f"{key}.parquet")
 
 
+def load_kwargs(attn_implementation: str | None = None, trust_remote_code: bool = False,
+                revision: str | None = None) -> dict:
+    """`from_pretrained` keyword arguments of the reference: those the policy is loaded with
+    (`engine._from_pretrained`), plus the pinned hub commit."""
+    kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
+
+
 def score_rows(reference_path: str, rows: dict, pad_token_id: int, batch_size: int, chunk_size: int,
-               device: str = "cpu", dtype: str = "float32") -> dict:
-    """Summed response log-probs of the reference for tokenised pairs (dict of columns)."""
+               device: str = "cpu", dtype: str = "float32", load: dict | None = None) -> dict:
+    """Summed response log-probs of the reference for tokenised pairs (dict of columns).
+
+    ``load``: extra `from_pretrained` arguments (`load_kwargs`)."""
     import torch
 
     from .data import collate_pairs
     from .logprobs import sequence_logps
     from .models import load_model
 
-    model = load_model(reference_path, dtype=getattr(torch, dtype), eval_mode=True).to(device)
+    model = load_model(reference_path, dtype=getattr(torch, dtype_name(dtype)), eval_mode=True,
+                       **(load or {})).to(device)
     n = len(rows["row"])
     out = {k: [] for k in COLUMNS}
     with torch.no_grad():
@@ -135,7 +213,7 @@ def score_rows(reference_path: str, rows: dict, pad_token_id: int, batch_size: i
 
 
 def _compute(table: pa.Table, reference: str, pad_token_id: int, num_shards: int, resources: dict,
-             use_gpu: bool, batch_size: int, chunk_size: int, dtype: str) -> pa.Table:
+             use_gpu: bool, batch_size: int, chunk_size: int, dtype: str, load: dict | None = None) -> pa.Table:
     import ray
 
     cpus = float(resources.get("CPU", 1))
@@ -147,7 +225,7 @@ def _compute(table: pa.Table, reference: str, pad_token_id: int, num_shards: int
     bounds = np.linspace(0, n, num=min(num_shards, n) + 1, dtype=int)
     refs = [
         task.remote(reference, table.slice(lo, hi - lo).select(["row", "prompt_ids", "chosen_ids", "rejected_ids"]).to_pydict(),
-                    pad_token_id, batch_size, chunk_size, "cuda" if use_gpu else "cpu", dtype)
+                    pad_token_id, batch_size, chunk_size, "cuda" if use_gpu else "cpu", dtype, load)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
     parts = ray.get(refs)
@@ -168,10 +246,17 @@ def ensure_reference_cache(
     batch_size: int = 32,
     chunk_size: int = 512,
     dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
 ) -> CacheResult:
-    """Return the cache file for these pairs, computing it (once, across processes) if missing."""
+    """Return the cache file for these pairs, computing it (once, across processes) if missing.
+
+    ``dtype``, ``attn_implementation`` and ``trust_remote_code`` are the policy's (`config.training.bf16`,
+    `config.model.*`): the reference is scored with them and they are part of the key."""
     start = time.time()
-    key = cache_key(reference, tokenizer, table, truncation)
+    identity, revision = resolve_model(reference, trust_remote_code)
+    key = cache_key(reference, tokenizer, table, truncation, dtype=dtype, attn_implementation=attn_implementation,
+                    trust_remote_code=trust_remote_code, reference_identity=identity)
     uri = cache_uri(storage_path, key)
     if storage.exists(uri):
         return CacheResult(uri, key, True, time.time() - start)
@@ -182,10 +267,13 @@ def ensure_reference_cache(
             return CacheResult(uri, key, True, time.time() - start)
         logger.info("computing reference log-probs for %d pairs (%d shards)", table.num_rows, num_shards)
         scores = _compute(table, reference, tokenizer.pad_token_id, num_shards, resources or {"CPU": 1},
-                          use_gpu, batch_size, chunk_size, dtype)
+                          use_gpu, batch_size, chunk_size, dtype_name(dtype),
+                          load_kwargs(attn_implementation, trust_remote_code, revision))
         storage.write_table(uri, scores)
         storage.write_json(uri.removesuffix(".parquet") + ".json", {
-            "key": key, "reference": reference, "pairs": table.num_rows, "truncation": truncation,
+            "key": key, "reference": reference, "reference_identity": identity, "revision": revision,
+            "dtype": dtype_name(dtype), "attn_implementation": attn_implementation,
+            "trust_remote_code": bool(trust_remote_code), "pairs": table.num_rows, "truncation": truncation,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.time() - start, 2),
         })
         return CacheResult(uri, key, False, time.time() - start)

@@ -27,29 +27,13 @@ from pathlib import Path
 import torch
 
 from . import task as task_lib
+from .task import SFTConfig
 from .data import collate_pairs, collate_sft, preference_data_from_rows, tokenize_pairs, tokenize_sft
 from .logprobs import sequence_logps
 from .losses import build_loss
 from .metrics import evaluate_preferences, generation_accuracy
 from .storage import file_lock
 from .models import build_tiny_llama, build_tokenizer, load_model, load_tokenizer
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """Size of the tiny reference and how long to train it (defaults: ~1-2 min on 2 CPU cores)."""
-
-    vocab_size: int = 512
-    hidden_size: int = 96
-    num_layers: int = 2
-    num_heads: int = 4
-    steps: int = 1500
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_ratio: float = 0.1
-    max_length: int = 128
-    max_prompt_length: int = 96
-    seed: int = 0
 
 
 @dataclass(frozen=True)

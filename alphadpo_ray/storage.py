@@ -48,12 +48,6 @@ def write_json(uri: str, payload: dict) -> None:
     _atomic_write(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
-def read_json(uri: str) -> dict:
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as src:
-        return json.loads(src.read().decode())
-
-
 def write_table(uri: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)

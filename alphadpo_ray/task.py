@@ -61,6 +61,23 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Size of the task's tiny SFT reference and how long to train it (`alphadpo_ray.sft`; ~1-2 min on 2 CPU cores)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 96
+    num_layers: int = 2
+    num_heads: int = 4
+    steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    max_prompt_length: int = 96
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Problem:
     operation: str
     items: tuple[str, ...]
@@ -174,4 +191,4 @@ def corpus(config: TaskConfig) -> list[str]:
     ]
 
 
-__all__ = ["TaskConfig", "Problem", "generate", "check", "parse_answer", "format_response", "corpus"]
+__all__ = ["TaskConfig", "SFTConfig", "Problem", "generate", "check", "parse_answer", "format_response", "corpus"]

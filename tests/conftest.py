@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny offline model directory built once per test session."""
+"""Shared fixtures: one torch thread, the tiny offline model and tokenizer, the built-in task with its SFT
+reference, one local Ray instance (all built once per test session); `small_config` for short runs."""
 
 from __future__ import annotations
 

@@ -284,4 +284,4 @@ def test_distributed_evaluation_over_uneven_shards_matches_one_process(
         assert set(metrics) == set(single)
         for key, value in single.items():
             assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
-    assert ranks[0] == ranks[1]  # one all-reduce: every worker reports the same numbers
+    assert ranks[0] == ranks[1]  # the sums are all-reduced: every worker reports the same numbers

@@ -28,16 +28,6 @@ STEPS, BATCH_PAIRS, LEARNING_RATE = 150, 16, 1e-4
 HPARAMS = dict(beta=2.5, gamma_beta_ratio=0.3, alpha=0.2)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread. The 2 cores are shared with other test processes, and with 2 threads a busy
-    core makes every op wait for its slowest thread: measured 0.4-2 s per step instead of 0.05 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def with_reference_logps(examples: list[dict], reference, pad_token_id: int, batch_pairs: int = 100) -> list[dict]:
     """Each tokenised pair plus the reference's summed response log-probs (computed once, no grad)."""
     out = []
@@ -54,7 +44,7 @@ def with_reference_logps(examples: list[dict], reference, pad_token_id: int, bat
 
 
 @pytest.mark.timeout(600)
-def test_alpha_dpo_lifts_held_out_accuracy_above_the_reference(builtin_task, one_thread):
+def test_alpha_dpo_lifts_held_out_accuracy_above_the_reference(builtin_task):
     start = time.perf_counter()
     tokenizer = load_tokenizer(builtin_task.reference_dir)
     reference = load_model(builtin_task.reference_dir, eval_mode=True)

@@ -15,12 +15,9 @@ reason and the searcher is told it failed (see `SafeOptunaSearch`).
 
 from __future__ import annotations
 
-import os
-import socket
-
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
-from ..prepare import PreparedRun
+from ..plan import PreparedRun
 
 HYPERPARAMETER_KEYS = ("learning_rate",)
 
@@ -40,24 +37,6 @@ def trial_config(base: dict, method: str, params: dict, run_name: str) -> Experi
     return config_from_dict(data, f"trial {run_name}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_single_process_group(use_gpu: bool) -> None:
-    """A world-size-1 process group for DeepSpeed in this actor, created once and never destroyed
-    (a reused actor keeps it for every later trial)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
-
-
 def run_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name: str, trainers_path: str) -> None:
     """The Tune trainable (function API)."""
     import ray.tune
@@ -71,7 +50,6 @@ def run_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name: 
         from ..recipe import TuneSession, run_recipe
 
         quiet_logs()
-        ensure_single_process_group(config.ray.use_gpu)
         out = run_recipe(loop_config, TuneSession())
     else:
         from ray.tune.integration.ray_train import TuneReportCallback

@@ -1,13 +1,16 @@
 """The ``sweep:`` section of an experiment config, the search spaces, and the objectives.
 
+A base-layer module: the experiment config validates a sweep section with it and every training
+worker computes the objectives with it; `alphadpo_ray.sweep` runs sweeps from it.
+
 Search spaces use Ray Tune's space types, written in YAML as
 ``{type: loguniform|uniform|choice|grid|quniform, ...}``. A space is conditional on the method:
 a flat ``search_space`` applies each entry to the methods that take that hyperparameter (α only
 where the method has α), and a ``search_space: {method-name: {...}}`` entry overrides per method.
-``learning_rate`` belongs to every method. Defaults per method follow the SimPO and AlphaDPO
-papers' search ranges; the learning rate is searched around the base config's value (papers'
-7B-model rates do not transfer to other model sizes). Known-good points (the papers' settings)
-are evaluated first.
+``learning_rate`` belongs to every method. Each method's default space and its known-good points
+(the papers' settings, evaluated first) come from its registry entry (`alphadpo_ray.losses`); the
+learning rate is searched around the base config's value (papers' 7B-model rates do not transfer
+to other model sizes). Every range must stay inside the hyperparameter's valid range.
 
 Objectives: by default multi-objective — maximise held-out accuracy (or ``accuracy_logratio``)
 and minimise KL — so the result is a Pareto set, not one "best". Alternatively single-objective
@@ -22,58 +25,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..losses import METHODS, method_hyperparameters
+from .losses import Hyperparameter, method_names, method_spec
 
 SPACE_TYPES = ("loguniform", "uniform", "quniform", "choice", "grid")
-
-# The papers' search ranges (SimPO, arXiv 2405.14734, Table 7; AlphaDPO, arXiv 2410.10148, §5).
-DEFAULT_SPACES: dict[str, dict[str, dict]] = {
-    "alpha-dpo": {
-        "alpha": {"type": "loguniform", "low": 0.01, "high": 0.5},
-        "beta": {"type": "choice", "values": [2.5, 10.0]},
-        "gamma_beta_ratio": {"type": "uniform", "low": 0.1, "high": 0.6},
-    },
-    "simpo": {
-        "beta": {"type": "choice", "values": [2.0, 2.5, 10.0]},
-        "gamma_beta_ratio": {"type": "uniform", "low": 0.1, "high": 0.65},
-    },
-    "dpo": {"beta": {"type": "choice", "values": [0.01, 0.05, 0.1]}},
-    "ipo": {"beta": {"type": "choice", "values": [0.01, 0.1, 0.5, 1.0]}},
-    "cpo": {"beta": {"type": "choice", "values": [0.01, 0.05, 0.1]}},
-    "kto": {"beta": {"type": "choice", "values": [0.01, 0.05, 0.1]}},
-    "orpo": {"beta": {"type": "choice", "values": [0.1, 0.5, 1.0, 2.0]}},
-    "r-dpo": {
-        "beta": {"type": "choice", "values": [0.01, 0.05, 0.1]},
-        "length_alpha": {"type": "choice", "values": [0.05, 0.1, 0.5, 1.0]},
-    },
-}
-
-# Known-good starting points: the papers' published settings (learning rate: the base config's).
-PAPER_POINTS: dict[str, list[dict[str, float]]] = {
-    "alpha-dpo": [
-        {"beta": 2.5, "gamma_beta_ratio": 0.6, "alpha": 0.2},  # Llama-3-8B-Instruct
-        {"beta": 2.5, "gamma_beta_ratio": 0.15, "alpha": 0.05},  # Mistral-7B-Instruct
-    ],
-    "simpo": [{"beta": 2.5, "gamma_beta_ratio": 0.55}, {"beta": 2.5, "gamma_beta_ratio": 0.1}],
-    "dpo": [{"beta": 0.1}, {"beta": 0.01}],
-    "ipo": [{"beta": 0.5}],
-    "cpo": [{"beta": 0.1}],
-    "kto": [{"beta": 0.1}],
-    "orpo": [{"beta": 0.1}],
-    "r-dpo": [{"beta": 0.1, "length_alpha": 0.05}],
-}
-
-
-class Objective(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    metric: str
-    mode: Literal["max", "min"]
+_LEARNING_RATE = Hyperparameter(low=0, low_open=True)  # searched for every method
 
 
 class SchedulerConfig(BaseModel):
     """Early stopping: ASHA or median stopping on a scalar metric (default accuracy − λ·KL)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["none", "asha", "median"] = "none"
     metric: str = "objective/score"
     mode: Literal["max", "min"] = "max"
@@ -82,10 +43,10 @@ class SchedulerConfig(BaseModel):
 
 
 class SweepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None = Field(None, description="sweep id; default: the experiment name + '-sweep'")
-    methods: list[str] | None = Field(None, description="compare: the methods to run (default: all eight)")
+    methods: list[str] | None = Field(None, description="compare: the methods to run (default: every registered method)")
     num_samples: int = Field(8, ge=1, description="trials per method")
     max_concurrent_trials: int = Field(1, ge=1)
     search: Literal["optuna", "grid"] = Field("optuna", description="grid: full factorial of 'grid' entries")
@@ -104,6 +65,9 @@ class SweepConfig(BaseModel):
     direct_single_worker: bool = Field(True, description="1-worker trials run the recipe in the Tune trial itself")
     trial_cpus: float = Field(0.01, gt=0, description="bundle of a trial that only drives a TorchTrainer")
     max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
+    pareto_includes_stopped: bool = Field(
+        False, description="trials a scheduler stopped early may join the Pareto set (their low KL may only "
+        "reflect less training)")
     experiment_checkpoint_s: float | None = Field(
         None, ge=0, description="how often Tune saves the sweep's state (what --resume restores); "
         "default: every controller step on local storage (a finished trial is never re-run), Tune's adaptive "
@@ -113,8 +77,8 @@ class SweepConfig(BaseModel):
     @classmethod
     def _known(cls, methods):
         for m in methods or []:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+            if m not in method_names():
+                raise ValueError(f"unknown method {m!r}; choose from {', '.join(method_names())}")
         return methods
 
     @model_validator(mode="after")
@@ -156,63 +120,55 @@ def objectives(eval_metrics: dict, sweep: dict | SweepConfig | None) -> dict[str
 # --- search spaces ---------------------------------------------------------------------------------
 
 
-def _check_entry(name: str, spec: Any) -> dict:
+def _check_entry(name: str, spec: Any, hyperparameter=None) -> dict:
+    """A valid space spec for `name`, inside `hyperparameter`'s valid range when one is given."""
     if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
         raise ValueError(f"sweep.search_space.{name}: expected {{type: {'|'.join(SPACE_TYPES)}, ...}}, got {spec!r}")
     kind = spec["type"]
     if kind in ("choice", "grid"):
         if not isinstance(spec.get("values"), list) or not spec["values"]:
             raise ValueError(f"sweep.search_space.{name}: '{kind}' needs a non-empty list 'values'")
+        values = spec["values"]
     else:
         low, high = spec.get("low"), spec.get("high")
         if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
             raise ValueError(f"sweep.search_space.{name}: '{kind}' needs numbers low < high, got {low}, {high}")
         if kind == "loguniform" and low <= 0:
             raise ValueError(f"sweep.search_space.{name}: loguniform needs low > 0, got {low}")
+        values = [low, high]
+    for value in values if hyperparameter is not None else []:
+        problem = hyperparameter.problem(value)
+        if problem:
+            raise ValueError(f"sweep.search_space.{name}: the space reaches {value!r}, outside the valid range "
+                             f"({problem.split(', got')[0]})")
     return spec
 
 
 def method_space(sweep: SweepConfig, method: str, base_learning_rate: float) -> dict[str, dict]:
-    """The validated space spec of one method: defaults, then flat entries it takes, then its own section."""
-    takes = set(method_hyperparameters(method)) | {"learning_rate"}
+    """The validated space spec of one method: its registry defaults, then flat entries it takes, then
+    its own section."""
+    spec = method_spec(method)
+    ranges = {**spec.hyperparameters, "learning_rate": _LEARNING_RATE}
+    takes = set(ranges)
     r = sweep.learning_rate_range
     space: dict[str, dict] = {
         "learning_rate": {"type": "loguniform", "low": base_learning_rate / r, "high": base_learning_rate * r}
     } if r > 1 else {}
-    space.update(DEFAULT_SPACES[method])
-    flat = {k: v for k, v in sweep.search_space.items() if k not in METHODS}
-    all_taken = set().union(*(method_hyperparameters(m) for m in METHODS)) | {"learning_rate"}
-    for name, spec in flat.items():
+    space.update(spec.default_space())
+    names = method_names()
+    flat = {k: v for k, v in sweep.search_space.items() if k not in names}
+    all_taken = set().union(*(method_spec(m).hyperparameters for m in names)) | {"learning_rate"}
+    for name, entry in flat.items():
         if name not in all_taken:
             raise ValueError(f"sweep.search_space.{name}: no method takes this hyperparameter")
         if name in takes:
-            space[name] = _check_entry(name, spec)
-    for name, spec in (sweep.search_space.get(method) or {}).items():
+            space[name] = _check_entry(name, entry, ranges[name])
+    for name, entry in (sweep.search_space.get(method) or {}).items():
         if name not in takes:
             raise ValueError(f"sweep.search_space.{method}.{name}: method {method!r} does not take it; "
                              f"it takes {', '.join(sorted(takes))}")
-        space[name] = _check_entry(f"{method}.{name}", spec)
+        space[name] = _check_entry(f"{method}.{name}", entry, ranges[name])
     return space
-
-
-def tune_domains(space: dict[str, dict], grid_as_choice: bool):
-    """Ray Tune domains for a space spec (grid → tune.grid_search, or choice under Optuna)."""
-    from ray import tune
-
-    out = {}
-    for name, spec in space.items():
-        kind = spec["type"]
-        if kind == "loguniform":
-            out[name] = tune.loguniform(spec["low"], spec["high"])
-        elif kind == "uniform":
-            out[name] = tune.uniform(spec["low"], spec["high"])
-        elif kind == "quniform":
-            out[name] = tune.quniform(spec["low"], spec["high"], spec.get("q", 1))
-        elif kind == "choice" or (kind == "grid" and grid_as_choice):
-            out[name] = tune.choice(spec["values"])
-        else:
-            out[name] = tune.grid_search(spec["values"])
-    return out
 
 
 def starting_points(sweep: SweepConfig, method: str, space: dict[str, dict], defaults: dict[str, float]) -> list[dict]:
@@ -221,7 +177,7 @@ def starting_points(sweep: SweepConfig, method: str, space: dict[str, dict], def
     base config's method hyperparameters and learning rate)."""
     if sweep.points_to_evaluate is False:
         return []
-    raw = PAPER_POINTS.get(method, []) if sweep.points_to_evaluate is True else sweep.points_to_evaluate
+    raw = method_spec(method).paper_points if sweep.points_to_evaluate is True else sweep.points_to_evaluate
     points = []
     for point in raw:
         full = {}

@@ -1,0 +1,153 @@
+"""The distributed seam: every collective on the backend's device, and no collective anywhere else."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import alphadpo_ray
+from alphadpo_ray import distributed
+
+PACKAGE = Path(alphadpo_ray.__file__).parent
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier", "gather",
+               "scatter", "all_to_all", "send", "recv", "init_process_group"}
+
+
+# ------------------------------------------------------------------------------ device choice
+
+
+@pytest.mark.parametrize("backend,expected", [
+    ("gloo", "cpu"), ("nccl", "cuda:3"), ("cpu:gloo,cuda:nccl", "cpu"), ("NCCL", "cuda:3"), (None, "cpu"),
+])
+def test_device_for_backend(monkeypatch, backend, expected):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert str(distributed.device_for_backend(backend)) == expected
+
+
+def test_collective_device_follows_the_process_groups_backend(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert distributed.collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
+
+
+class _Reached(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_nccl_group(monkeypatch):
+    """A 2-worker "NCCL" group whose collectives record where their tensors are, then stop the call.
+
+    These machines have no GPU, so the collective device is replaced by the meta device: a tensor
+    that reaches a collective on the CPU (what NCCL rejects) fails the test."""
+    seen: list[torch.device] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("meta"))
+
+    def record(*args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
+        seen.extend(t.device for t in tensors)
+        raise _Reached
+
+    for name in ("all_reduce", "all_gather", "barrier"):
+        monkeypatch.setattr(dist, name, record)
+    return seen
+
+
+@pytest.mark.parametrize("call", [
+    lambda: distributed.all_reduce(torch.ones(3)),
+    lambda: distributed.all_reduce(torch.ones(3), "max"),
+    lambda: distributed.mean_over_workers({"loss": 1.0, "acc": 0.5}),
+    lambda: distributed.any_worker(True),
+    lambda: distributed.max_over_workers(7),
+    lambda: distributed.all_gather_1d(torch.arange(4, dtype=torch.float64)),
+], ids=["all_reduce", "all_reduce_max", "mean_over_workers", "any_worker", "max_over_workers", "all_gather_1d"])
+def test_every_collective_puts_its_tensors_on_the_collective_device(fake_nccl_group, call):
+    with pytest.raises(_Reached):
+        call()
+    assert fake_nccl_group and all(d.type == "meta" for d in fake_nccl_group), fake_nccl_group
+
+
+def test_without_a_process_group_everything_is_local():
+    assert not dist.is_initialized()
+    x = torch.tensor([1.0, 2.0])
+    assert torch.equal(distributed.all_reduce(x), x) and distributed.all_reduce(x) is not x
+    assert distributed.mean_over_workers({"a": 2.0}) == {"a": 2.0}
+    assert distributed.any_worker(False) is False and distributed.max_over_workers(5) == 5
+    assert distributed.all_gather_1d(x) is x
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.backend() is None
+    distributed.barrier()
+
+
+# ------------------------------------------------------------------------------ two real gloo workers
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        out = {
+            "sum": distributed.all_reduce(torch.tensor([rank + 1.0])).item(),
+            "max": distributed.all_reduce(torch.tensor([rank * 10]), "max").item(),
+            "mean": distributed.mean_over_workers({"x": float(rank)}),
+            "any": distributed.any_worker(rank == 1),
+            "none": distributed.any_worker(False),
+            "most": distributed.max_over_workers(3 - rank),
+            "gathered": distributed.all_gather_1d(torch.arange(rank + 1, dtype=torch.float64)).tolist(),
+        }
+        distributed.barrier()
+        torch.save(out, f"{tmp}/out{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_workers(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"out{rank}.pt")
+        assert out == {"sum": 3.0, "max": 10, "mean": {"x": 0.5}, "any": True, "none": False, "most": 3,
+                       "gathered": [0.0, 0.0, 1.0]}
+
+
+# ------------------------------------------------------------------------------ one seam
+
+
+def _distributed_uses(path: Path) -> list[str]:
+    """Imports of torch.distributed and calls of collectives in one module."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.startswith("torch.distributed") for a in node.names):
+            found.append(f"line {node.lineno}: import torch.distributed")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed" for a in node.names):
+            found.append(f"line {node.lineno}: from torch import distributed")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and owner.id in ("dist", "torch_dist"):
+                found.append(f"line {node.lineno}: {owner.id}.{node.func.attr}(...)")
+    return found
+
+
+def test_no_module_but_the_seam_touches_torch_distributed():
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "distributed.py" and path.parent == PACKAGE:
+            continue
+        uses = _distributed_uses(path)
+        if uses:
+            offenders[str(path.relative_to(PACKAGE))] = uses
+    assert offenders == {}, f"collectives outside alphadpo_ray/distributed.py: {offenders}"
+    assert _distributed_uses(PACKAGE / "distributed.py")  # the check does see the seam's own calls

@@ -1,0 +1,84 @@
+"""Problems with the data's size fail before any model is loaded (and, for the built-in task, at
+validation), never inside a worker: a training set smaller than one global batch with max_steps set,
+fewer held-out pairs than workers, no usable rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alphadpo_ray.config import config_from_dict
+from alphadpo_ray.errors import ConfigError, DataError
+
+
+def _pairs(path, n, prompt="Question {i}?"):
+    rows = [{"prompt": prompt.format(i=i), "chosen": f" good answer {i}", "rejected": f" bad {i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if the reference pass runs or any model is loaded."""
+    import alphadpo_ray.models as models
+    import alphadpo_ray.reference_cache as reference_cache
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded / the reference pass ran before the data check")
+
+    monkeypatch.setattr(reference_cache, "ensure_reference_cache", forbidden)
+    monkeypatch.setattr(models, "load_model", forbidden)
+
+
+def _config(tmp_path, model_dir, **sections):
+    base = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"source": _pairs(tmp_path / "train.jsonl", 40), "eval_source": _pairs(tmp_path / "eval.jsonl", 6)},
+        "training": {"per_device_train_batch_size": 4, "total_batch_size": 8, "max_steps": 3},
+        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "ray")},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return config_from_dict(base)
+
+
+def test_training_set_smaller_than_a_global_batch_fails_with_max_steps_set(tmp_path, tiny_model_dir, no_models):
+    from alphadpo_ray.prepare import prepare_run
+
+    config = _config(tmp_path, tiny_model_dir, data={"source": _pairs(tmp_path / "small.jsonl", 5)})
+    with pytest.raises(ConfigError, match=r"training\.total_batch_size \(8\) is larger than the training set "
+                                          r"\(5 pairs\)"):
+        prepare_run(config, log=lambda *_: None)
+
+
+def test_fewer_held_out_pairs_than_workers_fails_before_any_model(tmp_path, tiny_model_dir, no_models):
+    from alphadpo_ray.prepare import prepare_run
+
+    config = _config(tmp_path, tiny_model_dir, data={"eval_source": _pairs(tmp_path / "one.jsonl", 1)})
+    with pytest.raises(DataError, match=r"1 held-out pair\(s\) for ray\.num_workers = 2: .*at least one pair per "
+                                        r"worker"):
+        prepare_run(config, log=lambda *_: None)
+
+
+def test_no_usable_rows_fails_before_the_reference_pass(tmp_path, tiny_model_dir, no_models):
+    from alphadpo_ray.prepare import prepare_run
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " same", "rejected": " same"}) + "\n"
+                           for i in range(20)))
+    config = _config(tmp_path, tiny_model_dir, data={"source": str(bad)})
+    with pytest.raises(DataError, match=r"bad\.jsonl: no usable rows out of 20 \(identical_responses: 20\)"):
+        prepare_run(config, log=lambda *_: None)
+
+
+def test_builtin_sizes_are_checked_at_validation():
+    with pytest.raises(ConfigError, match=r"training\.total_batch_size: 16 is larger than the built-in training set "
+                                          r"\(8 pairs\)"):
+        config_from_dict({"data": {"builtin": {"train_size": 8}}, "training": {"max_steps": 5}})
+    with pytest.raises(ConfigError, match=r"data\.max_eval_samples: 1 held-out pairs for ray\.num_workers = 2"):
+        config_from_dict({"data": {"max_eval_samples": 1}})
+    with pytest.raises(ConfigError, match=r"data\.builtin\.held_out_size: 2 held-out pairs for ray\.num_workers = 4"):
+        config_from_dict({"data": {"builtin": {"held_out_size": 2}},
+                          "ray": {"num_workers": 4}, "training": {"total_batch_size": 32}})
