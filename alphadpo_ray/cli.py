@@ -1,4 +1,4 @@
-"""`alphadpo-ray` command line: sweep (the main job), compare, report, train, reference, validate."""
+"""`alphadpo-ray` command line: sweep (the main job), compare, report, train, reference, validate, init-model."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ def _config(args, preset: dict | None = None):
 
 def cmd_reference(args) -> int:
     """Build (or reuse) the built-in task and its SFT reference; print the reference's held-out metrics."""
-    from .prepare import _builtin
+    from .prepare import prepare_builtin
 
     config = _config(args)
-    built = _builtin(config)
+    built = prepare_builtin(config)
     print(f"built-in task and SFT reference: {built.root}")
     print(json.dumps(built.reference_metrics, indent=2))
     return 0
@@ -31,9 +31,11 @@ def cmd_reference(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import load_config
+    from .preflight import check_deepspeed
 
     for path in args.configs:
         config = load_config(path, args.set)
+        check_deepspeed(config)
         print(f"ok  {path}  ({config.method.name}, {config.ray.num_workers} workers, ZeRO-{config.deepspeed.zero_stage})")
     return 0
 
@@ -41,7 +43,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     from .launch import train
 
-    summary = train(_config(args))
+    summary = train(_config(args), restart=args.restart)
     final = summary.get("final_eval") or {}
     print(f"\nfinished {summary['run_name']}: " + ", ".join(
         f"{k.removeprefix('eval/')} {final[k]:.4f}" for k in
@@ -50,6 +52,17 @@ def cmd_train(args) -> int:
     print(f"policy:  {summary['policy']}")
     if summary.get("mlflow_run_id"):
         print(f"mlflow:  run {summary['mlflow_run_id']} — view with `mlflow ui --backend-store-uri {summary['tracking_uri']}`")
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    from .init_model import InitModelSettings, init_model
+
+    settings = InitModelSettings(family=args.family, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                                 num_layers=args.layers, num_heads=args.heads, sft_steps=args.sft_steps,
+                                 max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                 format=args.format, chat_template=args.chat_template, seed=args.seed)
+    init_model(args.data, args.out, settings, force=args.force)
     return 0
 
 
@@ -103,12 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate experiment configs without running anything")
     p.add_argument("configs", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    with_config(sub.add_parser("train", help="one training run (Ray Train × DeepSpeed)"))
+    p = with_config(sub.add_parser("train", help="one training run (Ray Train × DeepSpeed)"))
+    p.add_argument("--restart", action="store_true",
+                   help="start over: set the run's old storage aside and start a new MLflow run (a re-run with "
+                        "changed settings refuses without it)")
     for name, text in (("sweep", "Ray Tune + Optuna sweep of one method (default: the built-in quickstart sweep)"),
                        ("compare", "the same sweep budget for several methods, side by side")):
         p = with_config(sub.add_parser(name, help=text))
         p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
         p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
+    p = sub.add_parser("init-model", help="a tokenizer and a small model for your own data, SFT on its chosen responses")
+    p.add_argument("data", help="your preference data (.jsonl/.json/.jsonl.gz/.parquet)")
+    p.add_argument("out", help="directory to write the model and tokenizer to (then model.name_or_path: OUT)")
+    p.add_argument("--family", default="llama", help="llama, mistral, llama3, gemma2 or qwen2 (architecture and chat template)")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--hidden-size", type=int, default=96)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-prompt-length", type=int, default=128)
+    p.add_argument("--format", default="auto", help="auto, strings, messages or hh (as data.format)")
+    p.add_argument("--chat-template", action="store_true", help="render string prompts with the chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p = sub.add_parser("report", help="rebuild a sweep's or compare's table and plots from MLflow alone")
     p.add_argument("target", help="sweep/compare name, MLflow run id, or experiment name")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
@@ -116,12 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"reference": cmd_reference, "validate": cmd_validate, "train": cmd_train, "sweep": cmd_sweep,
+COMMANDS = {"init-model": cmd_init_model, "reference": cmd_reference, "validate": cmd_validate, "train": cmd_train, "sweep": cmd_sweep,
             "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .console import quiet_driver
+
     args = build_parser().parse_args(argv)
+    quiet_driver()
     try:
         return COMMANDS[args.command](args)
     except AlphaDPOError as err:

@@ -27,24 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .losses import METHODS, REQUIRED, build_loss, method_hyperparameters
-from .sweep.config import SweepConfig, method_space
+from .losses import build_loss, hyperparameter_problems, method_names, method_spec
+from .plugins import load_plugins
+from .sweep_settings import SweepConfig, method_space
+from .task import SFTConfig, TaskConfig
 
 BUILTIN = "builtin"
-
-# Starting values for each method's required hyperparameters when a config leaves them out (the
-# built-in task's defaults; the paper setups under experiments/paper/ set the official values).
-DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
-    "alpha-dpo": {"beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.2},
-    "dpo": {"beta": 0.1},
-    "simpo": {"beta": 2.5, "gamma_beta_ratio": 0.3},
-    "ipo": {"beta": 0.1},
-    "cpo": {"beta": 0.1},
-    "kto": {"beta": 0.1},
-    "orpo": {"beta": 0.1},
-    "r-dpo": {"beta": 0.1, "length_alpha": 0.05},
-}
-
 
 class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-4``), which PyYAML (YAML 1.1)
@@ -60,6 +48,13 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def _keyed(key: str, message: str) -> PydanticCustomError:
     """A validation error reported under `key` (relative to the section that raises it), e.g. a
     cross-field check in ``data`` raised as ``_keyed("max_prompt_length", ...)`` shows up as
@@ -68,32 +63,32 @@ def _keyed(key: str, message: str) -> PydanticCustomError:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SFTSettings(_Section):
     """Size and training budget of the built-in task's tiny SFT reference."""
 
-    vocab_size: int = Field(512, ge=300)
-    hidden_size: int = Field(96, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(3e-3, gt=0)
-    seed: int = 0
+    vocab_size: int = Field(SFTConfig.vocab_size, ge=300)
+    hidden_size: int = Field(SFTConfig.hidden_size, ge=8)
+    num_layers: int = Field(SFTConfig.num_layers, ge=1)
+    num_heads: int = Field(SFTConfig.num_heads, ge=1)
+    steps: int = Field(SFTConfig.steps, ge=1)
+    batch_size: int = Field(SFTConfig.batch_size, ge=1)
+    learning_rate: float = Field(SFTConfig.learning_rate, gt=0)
+    seed: int = SFTConfig.seed
 
 
 class BuiltinTaskSettings(_Section):
     """The built-in verifiable task (see `alphadpo_ray.task`) and its SFT reference."""
 
-    train_size: int = Field(2000, ge=8)
-    held_out_size: int = Field(200, ge=2)
-    difficulty: Literal[1, 2, 3] = 1
-    length_bias: float = Field(0.0, ge=-1.0, le=1.0)
-    label_noise: float = Field(0.0, ge=0.0, lt=0.5)
-    operations: tuple[Literal["reverse", "sort"], ...] = ("reverse", "sort")
-    seed: int = 0
+    train_size: int = Field(TaskConfig.train_size, ge=8)
+    held_out_size: int = Field(TaskConfig.held_out_size, ge=2)
+    difficulty: Literal[1, 2, 3] = TaskConfig.difficulty
+    length_bias: float = Field(TaskConfig.length_bias, ge=-1.0, le=1.0)
+    label_noise: float = Field(TaskConfig.label_noise, ge=0.0, lt=0.5)
+    operations: tuple[Literal["reverse", "sort"], ...] = TaskConfig.operations
+    seed: int = TaskConfig.seed
     sft: SFTSettings = SFTSettings()
 
 
@@ -107,7 +102,7 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     source: str = Field(BUILTIN, description="'builtin', a local .jsonl/.json/.jsonl.gz/.parquet file, or a hub id")
-    format: Literal["auto", "strings", "messages", "hh"] = "auto"
+    format: str = Field("auto", description="auto, or one of alphadpo_ray.data.FORMATS (strings, messages, hh)")
     split: str = "train"
     eval_source: str | None = None
     eval_split: str | None = None
@@ -128,6 +123,15 @@ class DataConfig(_Section):
                                               f"got {self.max_prompt_length}")
         return self
 
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str):
+        from .data import FORMATS
+
+        if value not in FORMATS:
+            raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
+        return value
+
     @field_validator("source", "eval_source")
     @classmethod
     def _exists(cls, value: str | None):
@@ -135,12 +139,16 @@ class DataConfig(_Section):
             return value
         from .data import SUPPORTED_EXTENSIONS, is_local_source
 
-        if is_local_source(value) and not Path(value).expanduser().exists():
+        if not is_local_source(value):
+            return value
+        if not Path(value).expanduser().exists():
             raise ValueError(
                 f"data file not found: {value} (expected an existing {'/'.join(SUPPORTED_EXTENSIONS)} file, "
                 "'builtin', or a hub dataset id)"
             )
-        return value
+        # Absolute, resolved here on the driver: Ray workers run in another working directory, and the
+        # stored config they get must name the same file.
+        return str(Path(value).expanduser().resolve())
 
 
 class MethodConfig(BaseModel):
@@ -151,23 +159,10 @@ class MethodConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.name not in METHODS:
-            raise _keyed("name", f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
-        takes = method_hyperparameters(self.name)
-        described = ", ".join(f"{k} ({'required' if v is REQUIRED else f'default {v}'})" for k, v in takes.items())
-        for key in self.hyperparameters:
-            if key not in takes:
-                raise _keyed(key, f"method {self.name!r} does not take this hyperparameter; it takes: {described}")
-        for key, default in takes.items():
-            if default is REQUIRED and key not in self.hyperparameters:
-                raise _keyed(key, f"required by method {self.name!r}; it takes: {described}")
-        try:
-            build_loss(self.name, **self.hyperparameters)
-        except ValueError as err:  # range / type checks: "method 'x': hyperparameter beta must be > 0, got 0"
-            found = re.search(r"hyperparameter (\w+) (.*)", str(err))
-            if found and found.group(1) in takes:
-                raise _keyed(found.group(1), f"{found.group(2)} (method {self.name!r})") from None
-            raise
+        if self.name not in method_names():
+            raise _keyed("name", f"unknown method {self.name!r}; choose one of {', '.join(method_names())}")
+        for key, problem in hyperparameter_problems(self.name, self.hyperparameters):
+            raise _keyed(key, problem)
         return self
 
     @property
@@ -230,18 +225,41 @@ class TrackingConfig(_Section):
     run_name: str | None = None
 
 
+def _load_config_plugins(data: Any) -> None:
+    """Import the config's ``plugins`` (modules or .py files that register methods) before anything
+    names their methods; a plugin that fails to import is a config error."""
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    if not plugins:
+        return
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"plugins: expected a list of module names or .py paths, got {plugins!r}")
+    for plugin in plugins:
+        try:
+            load_plugins([plugin])
+        except Exception as err:  # noqa: BLE001 - any failure of user code is reported as the config's
+            raise ConfigError(f"plugins: could not load {plugin!r}: {type(err).__name__}: {err}") from None
+
+
 class ExperimentConfig(_Section):
+    plugins: list[str] = Field(default_factory=list, description="modules or .py files imported first "
+                               "(e.g. ones that add methods with alphadpo_ray.losses.register_method)")
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "outputs"
     cache_dir: str | None = Field(None, description="built-in task cache; default ALPHADPO_RAY_CACHE or ~/.cache/alphadpo-ray")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: MethodConfig = MethodConfig(name="alpha-dpo", **DEFAULT_HYPERPARAMETERS["alpha-dpo"])
+    method: MethodConfig = MethodConfig(name="alpha-dpo", **method_spec("alpha-dpo").starting_hyperparameters())
     training: TrainingConfig = TrainingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig | None = Field(None, description="settings of `alphadpo-ray sweep` / `compare`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins(cls, data):
+        _load_config_plugins(data)
+        return data
 
     @model_validator(mode="after")
     def _batch(self):
@@ -249,13 +267,25 @@ class ExperimentConfig(_Section):
         if problem:
             raise _keyed(*problem)
         if self.sweep is not None:  # each method's conditional search space must be valid
-            sections = [m for m in METHODS if m in self.sweep.search_space]
+            sections = [m for m in method_names() if m in self.sweep.search_space]
             for method in dict.fromkeys([self.method.name, *(self.sweep.methods or []), *sections]):
                 try:
                     method_space(self.sweep, method, self.training.learning_rate)
                 except ValueError as err:
                     key, _, message = str(err).partition(": ")
                     raise _keyed(key, message) from None
+        if self.data.source == BUILTIN:  # the built-in task's sizes are known before anything is built
+            b, d = self.data.builtin, self.data
+            held_out = min(b.held_out_size, d.max_eval_samples or b.held_out_size)
+            if held_out < self.ray.num_workers:
+                raise _keyed("data.max_eval_samples" if held_out < b.held_out_size else "data.builtin.held_out_size",
+                             f"{held_out} held-out pairs for ray.num_workers = {self.ray.num_workers}: each worker "
+                             "evaluates its own shard, so there must be at least one pair per worker")
+            train = min(b.train_size, d.max_train_samples or b.train_size)
+            if train < self.training.total_batch_size:
+                raise _keyed("training.total_batch_size",
+                             f"{self.training.total_batch_size} is larger than the built-in training set "
+                             f"({train} pairs); lower it or raise data.builtin.train_size")
         if self.model.name_or_path == BUILTIN and self.data.source != BUILTIN:
             raise _keyed("model.name_or_path",
                          "'builtin' is the built-in task's reference; it needs data.source 'builtin', "
@@ -343,7 +373,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from None
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {_yaml_problem(err)}") from None
     return parts, value
 
 
@@ -370,14 +400,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def with_method_defaults(method: dict[str, Any] | None) -> dict[str, Any]:
-    """Fill a method section's missing hyperparameters from DEFAULT_HYPERPARAMETERS for its name."""
+    """Fill a method section's missing required hyperparameters from its registry entry's starting values."""
     method = dict(method or {})
     name = method.setdefault("name", "alpha-dpo")
-    return {**DEFAULT_HYPERPARAMETERS.get(name, {}), **method} if isinstance(name, str) else method
+    if not isinstance(name, str) or name not in method_names():
+        return method  # validation names the problem
+    return {**method_spec(name).starting_hyperparameters(), **method}
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None) -> ExperimentConfig:
     data = apply_overrides(data or {}, overrides or [])
+    model = data.get("model")
+    if isinstance(model, dict):  # local model directories as absolute paths: workers run elsewhere
+        for key in ("name_or_path", "reference", "tokenizer"):
+            value = model.get(key)
+            if isinstance(value, str) and value != BUILTIN and not Path(value).is_absolute() and Path(value).exists():
+                model[key] = str(Path(value).resolve())
+    if isinstance(data.get("plugins"), list):  # .py plugins as absolute paths: workers run elsewhere
+        data["plugins"] = [str(Path(p).expanduser().resolve()) if isinstance(p, str) and p.endswith(".py") else p
+                           for p in data["plugins"]]
+    _load_config_plugins(data)  # before the method section is filled from the registry
     if data.get("method") is None or isinstance(data.get("method"), dict):
         data["method"] = with_method_defaults(data.get("method"))
     try:
@@ -389,8 +431,9 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config (None → the embedded quickstart defaults), apply `--set` overrides, validate.
 
-    Relative data paths in the file are resolved against the file's directory first, then the
-    working directory.
+    Relative data and model paths in the file are resolved against the file's directory first, then the
+    working directory (`--set` paths: the working directory); the config holds them as absolute paths
+    (`DataConfig`), so Ray workers, which run in another directory, get the same files.
     """
     if path is None:
         return config_from_dict({}, "<defaults>", overrides)
@@ -398,31 +441,41 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        data = _load_yaml(path.read_text())
+        data = _load_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if data is None:  # an empty file: the defaults
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    section = data.get("data") if isinstance(data.get("data"), dict) else {}
-    for key in ("source", "eval_source"):
-        value = section.get(key)
-        if isinstance(value, str) and value != BUILTIN and not Path(value).is_absolute():
-            beside = path.resolve().parent / value
-            if beside.exists():
-                data["data"][key] = str(beside)
+    if isinstance(data.get("plugins"), list):  # a .py plugin beside the config file
+        data["plugins"] = [str(path.resolve().parent / p) if isinstance(p, str) and p.endswith(".py")
+                           and not Path(p).is_absolute() and (path.resolve().parent / p).exists() else p
+                           for p in data["plugins"]]
+    for section_name, keys in (("data", ("source", "eval_source")), ("model", ("name_or_path", "reference", "tokenizer"))):
+        section = data.get(section_name) if isinstance(data.get(section_name), dict) else {}
+        for key in keys:
+            value = section.get(key)
+            if isinstance(value, str) and value != BUILTIN and not Path(value).is_absolute():
+                beside = path.resolve().parent / value
+                if beside.exists():
+                    section[key] = str(beside)
     return config_from_dict(data, str(path), overrides)
 
 
 def total_steps(config: ExperimentConfig, train_pairs: int) -> int:
-    """Optimizer steps of a run: max_steps, or epochs × (train_pairs // total_batch_size)."""
+    """Optimizer steps of a run: max_steps, or epochs × (train_pairs // total_batch_size). Either way the
+    training set must hold at least one global batch (the data order cycles through whole batches)."""
     t = config.training
-    if t.max_steps is not None:
-        return t.max_steps
     per_epoch = train_pairs // t.total_batch_size
     if per_epoch < 1:
         raise ConfigError(
-            f"training.total_batch_size ({t.total_batch_size}) is larger than the training set ({train_pairs} pairs)"
+            f"training.total_batch_size ({t.total_batch_size}) is larger than the training set ({train_pairs} pairs); "
+            "lower it or use more data"
         )
+    if t.max_steps is not None:
+        return t.max_steps
     return max(1, math.floor(per_epoch * t.num_train_epochs))

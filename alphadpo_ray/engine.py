@@ -34,6 +34,11 @@ def use_deepspeed_optimizer(config: ExperimentConfig) -> bool:
 
 
 def deepspeed_config(config: ExperimentConfig) -> dict:
+    """The DeepSpeed config of a run: the generated one with ``deepspeed.extra`` merged over it."""
+    return _merge(_generated_config(config), config.deepspeed.extra)
+
+
+def _generated_config(config: ExperimentConfig) -> dict:
     t, d = config.training, config.deepspeed
     zero: dict = {"stage": d.zero_stage}
     if d.zero_stage >= 2:
@@ -60,7 +65,25 @@ def deepspeed_config(config: ExperimentConfig) -> dict:
             "type": "AdamW",
             "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
         }
-    return _merge(ds, d.extra)
+    return ds
+
+
+def _mask_strings(tree):
+    if isinstance(tree, dict):
+        return {k: _mask_strings(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_mask_strings(v) for v in tree]
+    return "***" if isinstance(tree, str) else tree
+
+
+def saved_deepspeed_config(config: ExperimentConfig) -> dict:
+    """The copy of the DeepSpeed config that DeepSpeed writes into every checkpoint (``ds_config`` in
+    ``*model_states.pt`` / ``*optim_states.pt``): `deepspeed_config` with every string that came from
+    ``deepspeed.extra`` replaced by ``***``. ``extra`` is where credentials can hide (a monitor's API
+    key, a URL with a password) under any name, so none of its strings is written; the engine itself
+    runs on the full config, and the saved copy is a record only (loading a checkpoint never reads it;
+    DeepSpeed's converters read its booleans, which are kept)."""
+    return _merge(_generated_config(config), _mask_strings(config.deepspeed.extra))
 
 
 def eval_deepspeed_config(config: ExperimentConfig) -> dict:
@@ -75,6 +98,30 @@ def eval_deepspeed_config(config: ExperimentConfig) -> dict:
         "bf16": {"enabled": config.training.bf16},
         "steps_per_print": 10**9,
     }
+
+
+def _quiet_comm_op_builds() -> None:
+    """DeepSpeed `print`s "deepspeed_shm_comm_op built successfully" (and the same for its CCL op) whenever
+    its CPU communication backend is created, inside several of its entry points. Those two modules print
+    nothing else, so a module-level `print` that drops its arguments keeps the line off the console
+    (redirecting stdout does not: Ray Train's workers route `print` to the original stream)."""
+
+    def drop(*args, **kwargs) -> None:
+        return None
+
+    for name in ("deepspeed.comm.torch", "deepspeed.comm.ccl"):
+        module = _import_optional(name)
+        if module is not None:
+            module.print = drop  # a module global shadows the builtin for code in that module only
+
+
+def _import_optional(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - an optional backend that does not import here
+        return None
 
 
 def quiet_logs() -> None:
@@ -97,6 +144,7 @@ def quiet_logs() -> None:
         ds_logger.setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001
         pass
+    _quiet_comm_op_builds()
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -146,6 +194,9 @@ def build_policy_engine(config: ExperimentConfig, policy_path: str, total_steps:
         model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
         lr_scheduler=schedule, config=ds_config,
     )
+    # DeepSpeed has parsed `ds_config` into `engine._config`; `engine.config` (the raw dict) is only
+    # written into checkpoints from here on, so it becomes the copy without deepspeed.extra's strings.
+    engine.config = saved_deepspeed_config(config)
     return engine, handle
 
 
@@ -162,6 +213,14 @@ def load_reference(config: ExperimentConfig, reference_path: str, device: torch.
         return engine.module, (engine, handle)
     model, _ = _from_pretrained(reference_path, config, None)
     return model.eval().requires_grad_(False).to(device), None
+
+
+def release_reference(handle) -> None:
+    """Free an evaluation reference from `load_reference`: a ZeRO-3 engine is destroyed (its hooks and
+    partitioned parameters released); a plain module needs nothing beyond dropping the reference to it."""
+    if handle is not None:
+        engine, _hf_config = handle
+        engine.destroy()
 
 
 def consolidated_state_dict(engine, config: ExperimentConfig) -> dict | None:

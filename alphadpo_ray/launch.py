@@ -1,20 +1,30 @@
 """One training run: Ray Train's `TorchTrainer` over DeepSpeed workers running `recipe.train_loop_per_worker`.
 
 `train(config)`:
-  1. check the MLflow store (fail fast if unreachable), start or connect to Ray;
-  2. prepare data and the reference cache (`prepare.prepare_run`);
-  3. start or resume the MLflow run (keyed by storage path + run name);
-  4. `TorchTrainer.fit()` with checkpoints kept per `CheckpointConfig` and `FailureConfig(max_failures)`;
-     re-running the same command with the same storage path and run name resumes a stopped run;
-  5. export the final policy (`save_pretrained`, safetensors) and write ``summary.json``.
+  1. check the MLflow store (fail fast if unreachable; an embedded SQLite store is created under a lock);
+  2. check the run's identity (`_check_identity`): a run with checkpoints in
+     ``{storage_path}/{run_name}`` continues only if the fingerprint of its resolved settings
+     (`run_fingerprint`, stored in ``alphadpo_run.json`` beside them) is unchanged — else it refuses,
+     naming the changed keys, before Ray starts; ``restart=True`` (``--restart``) sets the old storage
+     aside and starts over; then start or connect to Ray;
+  3. prepare data and the reference cache (`prepare.prepare_run`);
+  4. start or resume the MLflow run: a run continued from a checkpoint continues its MLflow run (and
+     logs only the steps after those already there), a fresh start gets a new one;
+  5. `TorchTrainer.fit()` with checkpoints kept per `CheckpointConfig` and `FailureConfig(max_failures)`;
+     re-running the same command with the same storage path and run name resumes a stopped run; a
+     tracking outage never stops it (`tracking.PendingMetrics`);
+  6. export the final policy (`save_pretrained`, safetensors), write ``summary.json``, close the MLflow run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import ExperimentConfig
 from .errors import AlphaDPOError
@@ -27,19 +37,91 @@ class TrainingFailed(AlphaDPOError):
     """The run stopped without finishing (diverged, or workers failed beyond max_failures)."""
 
 
+class RunConfigChanged(AlphaDPOError):
+    """A re-run would continue a stored run under settings that change its result."""
+
+
+IDENTITY_FILE = "alphadpo_run.json"  # in {storage_path}/{run_name}, beside Ray Train's checkpoints
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
+PENDING_FILE = "mlflow-pending.jsonl"  # in the run's output dir: reports the tracking store has not taken yet
+# Settings that do not change what a run computes: names and places, tracking, scheduling, logging and
+# checkpoint cadence, and how the global batch is split (2 workers × b = 1 worker × 2b, see recipe.py).
+NOT_IDENTITY = ("name", "output_dir", "cache_dir", "tracking", "sweep", "ray.address", "ray.num_workers",
+                "ray.resources_per_worker", "ray.storage_path", "ray.max_failures", "ray.num_to_keep",
+                "ray.health_check_interval_s", "training.per_device_train_batch_size",
+                "training.gradient_accumulation_steps", "training.per_device_eval_batch_size",
+                "training.logging_steps", "training.save_steps", "training.logprob_chunk_size")
+
+
+@dataclass
+class RunIdentity:
+    """A run's identity in storage: where it lives, the fingerprint of this start's settings, whether
+    there is anything to continue (``fresh``: no registered checkpoint), and the stored record."""
+
+    uri: str
+    fingerprint: str
+    settings: dict[str, Any]
+    fresh: bool
+    previous: dict | None
+
+
+def run_fingerprint(config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
+    """(sha256, settings): the flattened resolved settings that change a run's result — the method with
+    every hyperparameter resolved, training, data, model, DeepSpeed, seeds, plugins — less
+    `NOT_IDENTITY`, secrets masked (so ``alphadpo_run.json`` can hold them), and their hash."""
+    from .tracking import flatten, mask_secrets
+
+    tree = config.to_dict()
+    tree["method"] = {"name": config.method.name, **config.method.resolved()}
+    settings = {k: v for k, v in flatten(mask_secrets(tree)).items()
+                if not any(k == p or k.startswith(p + ".") for p in NOT_IDENTITY)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(), settings
+
+
 def worker_env(config: ExperimentConfig) -> dict[str, str]:
     return {
         HEALTH_CHECK_ENV: str(config.ray.health_check_interval_s),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "0"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' per-file loading/saving bars in workers and tasks
+        **({} if config.ray.use_gpu else {"DS_ACCELERATOR": "cpu"}),  # no "unable to detect" warning per process
     }
 
 
+def _keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from copying credentials into every trial's `runtime_env`.
+
+    Tune puts ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SECURITY_TOKEN`` and
+    ``AWS_SESSION_TOKEN`` from the driver's environment into the runtime_env of each trial actor
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and Ray's runtime_env agent writes
+    every runtime_env it sets up into ``runtime_env_agent.log``. Those names are removed from that
+    set — process-wide on purpose: it is Ray's module-level setting, read whenever Tune registers a
+    trainable. Trials lose nothing on a Ray started from this process (its workers inherit this
+    environment); on an existing cluster the nodes' own credentials apply (instance roles, or the
+    variables set on the nodes)."""
+    from .tracking import is_secret_name
+
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # pragma: no cover - other Ray versions
+        return
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, set):
+        names.difference_update({name for name in names if is_secret_name(name)})
+
+
 def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
-    """Connect to `address` / `ray.address` / RAY_ADDRESS, or start a local Ray instance."""
+    """Connect to `address` / `ray.address` / RAY_ADDRESS, or start a local Ray instance.
+
+    The worker environment goes to Ray's workers through the job's `runtime_env`; it is also set in
+    this (driver) process where unset, on purpose and for the process's lifetime: the same library
+    switches (tokenizers' thread pool, datasets' progress bars) apply to the driver's own data
+    preparation, and Ray Train's controller reads the health-check interval from the environment of
+    the process that creates it. A user's own value always wins."""
     import ray
 
+    _keep_credentials_out_of_runtime_envs()
     env = worker_env(config)
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     if ray.is_initialized():
@@ -96,39 +178,184 @@ def export_policy(checkpoint, destination: Path) -> Path | None:
     return destination
 
 
-def train(config: ExperimentConfig, log=print) -> dict:
-    """Run (or resume) one training run; returns the summary also written to ``summary.json``."""
-    from . import tracking
+def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
+    """Run (or resume) one training run; returns the summary also written to ``summary.json``.
+    ``restart``: set the run's old storage aside and start over (a new MLflow run)."""
+    from .preflight import preflight
     from .prepare import prepare_run
 
     start = time.time()
-    uri = None
-    if config.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
-        tracking.check_tracking(uri)
+    preflight(config, log)  # paths, disk, DeepSpeed config, hub ids: before anything starts
+    uri = _check_tracking(config)
+    identity = _check_identity(config, restart, log)
     init_ray(config)
     plan = prepare_run(config, log=log)
     log(f"[run] {config.run_name}: {config.method.name} {config.method.resolved()} | {plan.train_pairs} train / "
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
         f"{config.ray.num_workers} workers, ZeRO-{config.deepspeed.zero_stage}")
-    run_id = None
-    callbacks: list = [tracking.ConsoleProgress()]
-    if uri:
-        key = tracking.run_key(config.storage_path(), config.run_name)
-        run_id, resumed = tracking.start_or_resume_run(
-            uri, config.tracking.experiment_name, config.run_name, key, tracking.config_params(config.to_dict()),
-            tags={"alphadpo.kind": "train", "method": config.method.name},
-        )
-        log(f"[mlflow] {'resumed' if resumed else 'started'} run {run_id} in {uri}")
-        callbacks.append(tracking.MLflowMetricsCallback(uri, run_id))
+    run_id, logged_through = _start_tracking(config, uri, identity, log)
+    _record_identity(config, identity, uri, run_id)
+    result = _fit(config, plan, uri, run_id, logged_through, log)
+    summary = _write_summary(config, plan, result, uri, run_id, start, log)
+    if summary["status"] != "finished":
+        raise TrainingFailed(summary["message"] or f"run ended with status {summary['status']}")
+    return summary
 
+
+def _check_tracking(config: ExperimentConfig) -> str | None:
+    """The MLflow tracking URI (checked reachable, before anything is prepared), or None when off."""
+    from . import tracking
+
+    if not config.tracking.enabled:
+        return None
+    uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+    tracking.create_sqlite_store(uri)
+    tracking.check_tracking(uri)
+    return uri
+
+
+def _read_json(uri: str) -> dict | None:
+    """A JSON file from run storage (local or object store), or None if missing or unreadable."""
+    from . import storage
+
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open_input_stream(path) as handle:
+            data = json.loads(handle.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _has_checkpoint(run_uri: str) -> bool:
+    """Whether Ray Train would resume the run: its snapshot lists a registered checkpoint."""
+    from . import storage
+
+    snapshot = _read_json(storage.join(run_uri, RAY_SNAPSHOT_FILE)) or {}
+    return bool(snapshot.get("checkpoint_results") or snapshot.get("latest_checkpoint_result"))
+
+
+def _set_aside(run_uri: str) -> str | None:
+    """Move a run's storage out of the way (``{run}.replaced-{time}`` beside it); object stores, which
+    cannot move folders, delete it. The new location, or None when deleted."""
+    from . import storage
+
+    if "://" not in run_uri:
+        destination = f"{run_uri}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        os.replace(run_uri, destination)
+        return destination
+    fs, path = storage.resolve(run_uri)
+    fs.delete_dir(path)
+    return None
+
+
+def _changed_message(config: ExperimentConfig, run_uri: str, before: dict, after: dict) -> str:
+    missing = object()
+
+    def shown(value) -> str:
+        return "(unset)" if value is missing else repr(value)
+
+    changed = [f"  {k}: {shown(before.get(k, missing))} → {shown(after.get(k, missing))}"
+               for k in sorted(set(before) | set(after)) if before.get(k, missing) != after.get(k, missing)]
+    rename = ("--set tracking.run_name=NEW" if config.tracking.run_name
+              else "--set name=NEW (or --set tracking.run_name=NEW)")
+    return "\n".join([
+        f"run {config.run_name!r} has checkpoints in {run_uri} from a different config; resuming would continue "
+        "that run under other settings:",
+        *(changed or ["  (the stored fingerprint differs)"]),
+        f"Nothing was started. Give this config a new run name ({rename}), or start over, replacing the stored "
+        "run and starting a new MLflow run: alphadpo-ray train CONFIG --restart",
+    ])
+
+
+def _check_identity(config: ExperimentConfig, restart: bool, log) -> RunIdentity:
+    """Before anything starts: a run with a registered checkpoint continues only under the same
+    fingerprint, else this refuses (`RunConfigChanged`). ``restart`` first sets the old storage aside.
+    A run stored without a fingerprint (an older version) is continued and gets one."""
+    from . import storage
+
+    run_uri = storage.join(config.storage_path(), config.run_name)
+    fingerprint, settings = run_fingerprint(config)
+    if restart and storage.exists(run_uri):
+        moved = _set_aside(run_uri)
+        where = f"moved to {moved}" if moved else "deleted"
+        log(f"[restart] {config.run_name}: old run storage {where}; starting over")
+    previous = _read_json(storage.join(run_uri, IDENTITY_FILE))
+    fresh = not _has_checkpoint(run_uri)
+    if previous and not fresh and previous.get("fingerprint") != fingerprint:
+        raise RunConfigChanged(_changed_message(config, run_uri, previous.get("settings") or {}, settings))
+    return RunIdentity(run_uri, fingerprint, settings, fresh, previous)
+
+
+def _record_identity(config: ExperimentConfig, identity: RunIdentity, uri: str | None, run_id: str | None) -> None:
+    """Write ``alphadpo_run.json`` (fingerprint, settings, MLflow run) with the run, before it trains."""
+    from . import storage, tracking
+
+    previous = {} if identity.fresh else identity.previous or {}  # a fresh start owns no earlier MLflow run
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    storage.write_json(storage.join(identity.uri, IDENTITY_FILE), {
+        "run_name": config.run_name,
+        "fingerprint": identity.fingerprint,
+        "settings": identity.settings,
+        "mlflow_run_id": run_id or previous.get("mlflow_run_id"),
+        "tracking_uri": tracking.redact(uri) if uri else previous.get("tracking_uri"),
+        "created": previous.get("created", now),
+        "updated": now,
+    })
+
+
+def _pending_path(config: ExperimentConfig) -> Path:
+    return config.run_dir / PENDING_FILE
+
+
+def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIdentity, log) -> tuple[str | None, int]:
+    """(MLflow run id or None, last step already logged to it). Reports an earlier start left
+    unsent are sent first; a run continued from a checkpoint continues its MLflow run (the one
+    recorded with its storage), a fresh start gets a new one (an old one left RUNNING is closed)."""
+    from mlflow.tracking import MlflowClient
+
+    from . import tracking
+
+    if not uri:
+        return None, -1
+    pending = tracking.PendingMetrics(uri, _pending_path(config))
+    if not pending.flush():
+        log(f"[mlflow] {len(pending.events())} earlier report(s) still wait for the tracking store "
+            f"({pending.error}); kept in {pending.path}")
+    previous = identity.previous or {}
+    recorded = previous.get("mlflow_run_id") if previous.get("tracking_uri") == tracking.redact(uri) else None
+    key = tracking.run_key(config.storage_path(), config.run_name)
+    run_id, resumed = tracking.start_or_resume_run(
+        uri, config.tracking.experiment_name, config.run_name, key, tracking.config_params(config.to_dict()),
+        tags={"alphadpo.kind": "train", "method": config.method.name}, resume=not identity.fresh, run_id=recorded,
+    )
+    logged = tracking.last_logged_step(MlflowClient(uri), run_id) if resumed else -1
+    log(f"[mlflow] {'resumed' if resumed else 'started'} run {run_id} in {tracking.redact(uri)}"
+        + (f" (steps up to {logged} already logged)" if logged >= 0 else ""))
+    return run_id, logged
+
+
+def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, logged_through: int = -1, log=print):
+    """`TorchTrainer.fit()` with console progress and (when tracking) the MLflow metrics callback."""
+    from . import tracking
+
+    callbacks: list = [tracking.ConsoleProgress()]
+    if run_id:
+        callbacks.append(tracking.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
     trainer = build_trainer(config, plan, callbacks)
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as err:
         if run_id:
-            tracking.finish_run(uri, run_id, "FAILED")
+            tracking.finish_run(uri, run_id, "FAILED", pending=tracking.PendingMetrics(uri, _pending_path(config)),
+                                log=log)
         raise TrainingFailed(f"training run {config.run_name} failed: {err}") from err
+
+
+def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,
+                   log=print) -> dict:
+    """Export the final policy, write ``summary.json`` and ``config.json``, and finish the MLflow run."""
+    from . import tracking
 
     out = result.return_value or {}
     run_dir = config.run_dir
@@ -150,7 +377,7 @@ def train(config: ExperimentConfig, log=print) -> dict:
         "policy": str(policy) if policy else None,
         "storage_path": config.storage_path(),
         "mlflow_run_id": run_id,
-        "tracking_uri": uri,
+        "tracking_uri": tracking.redact(uri) if uri else None,
         "reference_cache": plan.reference_cache,
         "train_pairs": plan.train_pairs,
         "eval_pairs": plan.eval_pairs,
@@ -164,7 +391,6 @@ def train(config: ExperimentConfig, log=print) -> dict:
     if run_id:
         brief = {k: v for k, v in summary.items() if k not in ("history", "evals")}
         tracking.finish_run(uri, run_id, "FINISHED" if summary["status"] == "finished" else "FAILED", brief,
-                            [run_dir / "config.json"])
-    if summary["status"] != "finished":
-        raise TrainingFailed(summary["message"] or f"run ended with status {summary['status']}")
+                            [run_dir / "config.json"], pending=tracking.PendingMetrics(uri, _pending_path(config)),
+                            log=log)
     return summary

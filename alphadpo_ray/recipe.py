@@ -1,14 +1,16 @@
 """The preference-optimisation recipe: what every Ray Train worker runs, top to bottom.
 
-    setup      process group (Ray Train made it), seeds, tokenizer, this worker's data
-    engine     policy under DeepSpeed (ZeRO 0-3), AdamW, warmup + decay schedule
-    resume     from `ray.train.get_checkpoint()`: engine, schedule, step, AlphaDPO statistics, RNG
-    loop       per optimizer step: the global batch of `total_batch_size` pairs is split into
-               workers × accumulation micro-batches; chunked log-probs of the policy, cached
-               reference log-probs, the method's loss, DeepSpeed backward/step
-    report     metrics reduced over all workers, `ray.train.report` every `logging_steps`
-    evaluate   every `eval_steps`: held-out metrics with the reference loaded for evaluation only
-    checkpoint every `save_steps` and at the end (the end also exports the policy)
+`run_recipe` reads as the loop below; each phase is a function of its own:
+
+    setup            process group, seeds, tokenizer, this worker's data, the policy under DeepSpeed
+                     (ZeRO 0-3, AdamW, warmup + decay schedule), the method's loss
+    resume           from the session's checkpoint: engine, schedule, step, AlphaDPO statistics, RNG
+    train_step       the global batch of `total_batch_size` pairs split into workers × accumulation
+                     micro-batches; chunked log-probs of the policy, cached reference log-probs, the
+                     method's loss, DeepSpeed backward/step; metrics averaged over all workers
+    evaluate         every `eval_steps`: held-out metrics with the reference loaded for evaluation only
+    save_checkpoint  every `save_steps` and at the end (the end also exports the policy); other
+                     `logging_steps` report metrics without a checkpoint
 
 The data order is a function of (seed, step) alone, and the loss's running statistics are
 checkpointed, so a resumed run — or one with a different number of workers and the same
@@ -17,17 +19,24 @@ checkpointed, so a resumed run — or one with a different number of workers and
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import posixpath
+import re
 import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from . import distributed
+from .errors import AlphaDPOError
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "state"
@@ -35,24 +44,6 @@ DS_TAG = "state"
 
 # ------------------------------------------------------------------------------------------------
 # Small pieces
-
-
-def _reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
-    """Mean of each value over all workers (one all-reduce)."""
-    if world == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, (t / world).tolist()))
-
-
-def _any_worker(flag: bool, world: int) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def global_batch_rows(step: int, n_rows: int, total_batch: int, seed: int) -> np.ndarray:
@@ -69,12 +60,18 @@ def micro_batches(rows: np.ndarray, rank: int, world: int, per_device: int, accu
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors, lists and numbers only, so `torch.load(..., weights_only=True)` reads them."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
@@ -131,176 +128,77 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     return run_recipe(loop_config, TrainSession())
 
 
+@dataclass
+class _Worker:
+    """What one worker's phases share: settings, its data, the engine and the loss."""
+
+    config: object  # ExperimentConfig
+    plan: object  # PreparedRun
+    session: object
+    device: torch.device
+    tokenizer: object
+    train_rows: list
+    eval_rows: list  # this worker's held-out shard
+    engine: object
+    zero3_handle: object  # transformers' HfDeepSpeedConfig under ZeRO-3: must live as long as the engine
+    loss_fn: object
+    start: float
+
+    @property
+    def rank(self) -> int:
+        return self.session.rank
+
+    @property
+    def world(self) -> int:
+        return self.session.world
+
+
 def run_recipe(loop_config: dict, session) -> dict:
-    import deepspeed
-
-    from .config import ExperimentConfig
-    from .data import collate_pairs
-    from .engine import build_policy_engine, consolidated_state_dict, load_reference, quiet_logs
-    from .logprobs import sequence_logps
-    from .losses import build_loss
-    from .metrics import evaluate_preferences, generation_accuracy
-    from .sweep.config import objectives
-    from .models import load_tokenizer
-    from .prepare import PreparedRun
-    from .storage import read_table
-    from .task import check
-
-    # --- setup -------------------------------------------------------------------------------
-    recipe_start = time.time()
-    config = ExperimentConfig.model_validate(loop_config["config"])
-    plan = PreparedRun(**loop_config["plan"])
-    t = config.training
-    quiet_logs()
-    rank, world = session.rank, session.world
-    torch.set_num_threads(max(1, int(config.ray.resources_per_worker.get("CPU", 1))))
-    if world > 1 or not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if config.ray.use_gpu else "gloo", verbose=False)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if config.ray.use_gpu else torch.device("cpu")
-    _seed_all(t.seed)
-
-    tokenizer = load_tokenizer(plan.tokenizer_path)
-    pad_id = tokenizer.pad_token_id
-    train_rows = read_table(plan.train_uri).to_pylist()
-    eval_rows = read_table(plan.eval_uri).to_pylist()[rank::world]  # this worker's held-out shard
-    accumulation = config.gradient_accumulation_steps
-    total_steps = plan.total_steps
-
-    # --- engine ------------------------------------------------------------------------------
-    engine, _zero3_handle = build_policy_engine(config, plan.policy_path, total_steps)
-    loss_fn = build_loss(config.method.name, **config.method.hyperparameters)
-
-    # --- resume ------------------------------------------------------------------------------
-    state = {"step": 0, "history": [], "evals": [], "best_eval": None, "loss_state": loss_fn.state_dict()}
-    checkpoint = session.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-            rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
-            if rng_file.exists():
-                _set_rng_state(torch.load(rng_file, weights_only=False))
-        loss_fn.load_state_dict(state["loss_state"])
-        if rank == 0:
-            print(f"[resume] continuing from step {state['step']} of {total_steps}", flush=True)
-
-    def evaluate(step: int) -> dict:
-        # The reference is loaded for evaluation only (every method needs it here: KL and the
-        # method-independent accuracy_logratio), and released again before training continues.
-        reference, handle = load_reference(config, plan.reference_path, device)
-        batches = [
-            collate_pairs(eval_rows[i : i + t.per_device_eval_batch_size], pad_id)
-            for i in range(0, len(eval_rows), t.per_device_eval_batch_size)
-        ]
-        metrics = evaluate_preferences(engine.module, loss_fn, batches, reference=reference,
-                                       chunk_size=t.logprob_chunk_size)
-        del reference, handle
-        if plan.builtin_task and t.generation_eval_samples:
-            per_worker = math.ceil(t.generation_eval_samples / world)
-            prompts = [(r["prompt_ids"], r["prompt"]) for r in eval_rows[:per_worker]]
-            metrics.update(generation_accuracy(engine.module, tokenizer, prompts, check,
-                                               max_new_tokens=t.max_new_tokens,
-                                               batch_size=t.per_device_eval_batch_size))
-        metrics = {f"eval/{k}": v for k, v in metrics.items()}
-        metrics["eval/step"] = step
-        metrics.update(objectives(metrics, config.sweep))
-        return metrics
-
-    def save_checkpoint(metrics: dict, final: bool) -> None:
-        tmp = tempfile.mkdtemp(prefix=f"alphadpo-ckpt-r{rank}-")
-        try:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
-            torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-            weights = consolidated_state_dict(engine, config) if final else None
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                if final:
-                    engine.module.save_pretrained(Path(tmp) / "policy", state_dict=weights, safe_serialization=True)
-                    tokenizer.save_pretrained(Path(tmp) / "policy")
-            session.report(metrics, checkpoint_dir=tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    # --- loop --------------------------------------------------------------------------------
-    setup_seconds = time.time() - recipe_start  # data, engine, resume: the per-run fixed cost
-    last_eval: dict = state["evals"][-1] if state["evals"] else {}
-    if state["step"] == 0 and t.eval_steps and not state["evals"]:
-        last_eval = evaluate(0)
-        state["evals"].append(last_eval)
-    window_seconds, window_tokens, window_steps = 0.0, 0, 0
+    """The whole recipe on one worker: setup, resume, then steps with evaluation, reports and checkpoints."""
+    w = setup(loop_config, session)
+    t, total_steps = w.config.training, w.plan.total_steps
+    state = resume(w)
+    setup_seconds = time.time() - w.start  # data, engine, resume: the per-run fixed cost
+    if not state["evals"]:  # step 0: the policy is the reference
+        state["evals"].append(evaluate(w, 0))
+    last_eval = state["evals"][-1]
+    window = {"seconds": 0.0, "tokens": 0, "steps": 0}
     status, message = "finished", ""
-    step = state["step"]
-    while step < total_steps:
+    while state["step"] < total_steps:
         step_start = time.time()
-        rows = global_batch_rows(step, len(train_rows), t.total_batch_size, t.seed)
-        sums: dict[str, float] = {}
-        diverged = False
-        for micro in micro_batches(rows, rank, world, t.per_device_train_batch_size, accumulation):
-            batch = collate_pairs([train_rows[i] for i in micro], pad_id)
-            ids = batch["input_ids"].to(device)
-            out = sequence_logps(engine.module, ids, batch["attention_mask"].to(device),
-                                 batch["response_mask"].to(device), chunk_size=t.logprob_chunk_size)
-            n = ids.shape[0] // 2
-            ref_c = batch.get("ref_chosen_logps")
-            ref_j = batch.get("ref_rejected_logps")
-            result = loss_fn(out.logps[:n], out.logps[n:],
-                             None if ref_c is None else ref_c.to(device), None if ref_j is None else ref_j.to(device),
-                             out.lengths[:n], out.lengths[n:])
-            if _any_worker(not bool(torch.isfinite(result.loss)), world):
-                diverged = True
-                break
-            engine.backward(result.loss)
-            engine.step()
-            window_tokens += int(batch["attention_mask"].sum())
-            part = {
-                "loss": result.loss.item(),
-                "rewards/chosen": result.chosen_rewards.mean().item(),
-                "rewards/rejected": result.rejected_rewards.mean().item(),
-                "rewards/margin": (result.chosen_rewards - result.rejected_rewards).mean().item(),
-                "rewards/accuracy": (result.chosen_rewards > result.rejected_rewards).float().mean().item(),
-                "logps/chosen": (out.logps[:n] / out.lengths[:n]).mean().item(),
-                "logps/rejected": (out.logps[n:] / out.lengths[n:]).mean().item(),
-                **{f"loss/{k}": v for k, v in result.metrics.items()},
-            }
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v / accumulation
-        if diverged:
+        train_metrics, tokens = train_step(w, state["step"])
+        if train_metrics is None:
             status = "diverged"
-            message = (f"non-finite loss at step {step + 1} (method {config.method.name}, "
+            message = (f"non-finite loss at step {state['step'] + 1} (method {w.config.method.name}, "
                        f"learning_rate {t.learning_rate}); training stopped instead of continuing on garbage")
-            if rank == 0:
+            if w.rank == 0:
                 print(f"[error] {message}", flush=True)
             break  # every rank stops here together; nothing more is reported
-        step += 1
-        window_steps += 1
-        window_seconds += time.time() - step_start
-        train_metrics = {f"train/{k}": v for k, v in _reduce_mean(sums, world).items()}
-        grad_norm = engine.get_global_grad_norm()
-        train_metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        train_metrics["train/learning_rate"] = float(engine.get_lr()[0])
-        train_metrics["step"] = step
-        train_metrics["epoch"] = step * t.total_batch_size / len(train_rows)
-        state["step"], state["loss_state"] = step, loss_fn.state_dict()
+        step = state["step"] = state["step"] + 1
+        window["seconds"] += time.time() - step_start
+        window["tokens"] += tokens
+        window["steps"] += 1
+        state["loss_state"] = w.loss_fn.state_dict()
         state["history"].append({k: v for k, v in train_metrics.items() if k.startswith("train/") or k == "step"})
 
         is_last = step == total_steps
         if step % t.eval_steps == 0 or is_last:
-            last_eval = evaluate(step)
+            last_eval = evaluate(w, step)
             state["evals"].append(last_eval)
             key = "eval/accuracy"
             if state["best_eval"] is None or last_eval.get(key, -1) > state["best_eval"].get(key, -1):
                 state["best_eval"] = last_eval
         if step % t.logging_steps == 0 or is_last or step % t.eval_steps == 0 or step % t.save_steps == 0:
-            elapsed = max(window_seconds, 1e-9)
-            speed = _reduce_mean({"train/tokens_per_second_per_worker": window_tokens / elapsed,
-                                  "train/seconds_per_step": elapsed / max(window_steps, 1)}, world)
+            elapsed = max(window["seconds"], 1e-9)
+            speed = distributed.mean_over_workers({"train/tokens_per_second_per_worker": window["tokens"] / elapsed,
+                                                   "train/seconds_per_step": elapsed / max(window["steps"], 1)})
             report = {**train_metrics, **speed, **last_eval, "total_steps": total_steps,
-                      "time/setup_seconds": setup_seconds, "time/recipe_seconds": time.time() - recipe_start}
-            window_seconds, window_tokens, window_steps = 0.0, 0, 0
+                      "time/setup_seconds": setup_seconds, "time/recipe_seconds": time.time() - w.start}
+            window = {"seconds": 0.0, "tokens": 0, "steps": 0}
             if step % t.save_steps == 0 or is_last:
-                save_checkpoint(report, final=is_last)
+                save_checkpoint(w, state, report, final=is_last)
             else:
-                session.report(report)
+                w.session.report(report)
 
     return {
         "status": status,
@@ -312,5 +210,329 @@ def run_recipe(loop_config: dict, session) -> dict:
         "final_eval": state["evals"][-1] if state["evals"] else None,
         "best_eval": state["best_eval"],
         "loss_state": state["loss_state"],
-        "world_size": world,
+        "world_size": w.world,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# The phases
+
+
+def setup(loop_config: dict, session) -> _Worker:
+    """Process group, seeds, tokenizer, this worker's data, the DeepSpeed engine and the loss."""
+    from .config import ExperimentConfig
+    from .engine import build_policy_engine, quiet_logs
+    from .losses import build_loss
+    from .models import load_tokenizer
+    from .plan import PreparedRun
+    from .storage import read_table
+
+    start = time.time()
+    config = ExperimentConfig.model_validate(loop_config["config"])
+    plan = PreparedRun(**loop_config["plan"])
+    quiet_logs()
+    torch.set_num_threads(max(1, int(config.ray.resources_per_worker.get("CPU", 1))))
+    distributed.init_process_group(config.ray.use_gpu, single_process=session.world == 1)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if config.ray.use_gpu else torch.device("cpu")
+    _seed_all(config.training.seed)
+    tokenizer = load_tokenizer(plan.tokenizer_path)
+    train_rows = read_table(plan.train_uri).to_pylist()
+    eval_rows = read_table(plan.eval_uri).to_pylist()[session.rank::session.world]
+    engine, zero3_handle = build_policy_engine(config, plan.policy_path, plan.total_steps)
+    loss_fn = build_loss(config.method.name, **config.method.hyperparameters)
+    return _Worker(config, plan, session, device, tokenizer, train_rows, eval_rows, engine, zero3_handle, loss_fn,
+                   start)
+
+
+def resume(w: _Worker) -> dict:
+    """The run's state: fresh, or restored from the newest intact checkpoint (engine, schedule, step,
+    history, the loss's running statistics, RNG).
+
+    Ray hands over the run's latest checkpoint; it is used only if its manifests verify (see
+    `verify_checkpoint`). Otherwise the run falls back to the newest intact older one among the
+    run's ``checkpoint_*`` directories (Ray keeps ``ray.num_to_keep``), with a warning naming the bad
+    one; every worker agrees on each verdict (collective), so all load the same checkpoint. With
+    none intact it fails naming each checkpoint and what is wrong with it."""
+    state = {"step": 0, "history": [], "evals": [], "best_eval": None, "loss_state": w.loss_fn.state_dict()}
+    checkpoint = w.session.get_checkpoint()
+    if checkpoint is None:
+        return state
+    fs = checkpoint.filesystem
+    candidates = checkpoint_candidates(fs, checkpoint.path)
+    bad: list[tuple[str, str]] = []
+    for i in range(distributed.max_over_workers(len(candidates))):  # the same number of rounds on every worker
+        path = candidates[i] if i < len(candidates) else None
+        with _local_view(fs, path) as (ckpt_dir, problem):
+            if problem is None:
+                problem = verify_checkpoint(ckpt_dir, w.rank, w.world)
+            flags = distributed.all_gather_1d(torch.tensor([1.0 if problem else 0.0], dtype=torch.float64))
+            failed_on = [r for r, flag in enumerate(flags.tolist()) if flag]
+            if not failed_on:
+                _load_checkpoint(w, ckpt_dir)
+                state = json.loads((ckpt_dir / STATE_FILE).read_text())
+                break
+        name = posixpath.basename(path or candidates[0])
+        if problem and w.rank != 0:  # a problem only this worker saw (a file of its share): its own line
+            print(f"[warning] worker {w.rank}: checkpoint {name}: {problem}", flush=True)
+        bad.append((name, problem or f"a file checked by worker {failed_on[0]} is corrupt"))
+        if w.rank == 0:
+            print(f"[warning] checkpoint {name} is not usable: {bad[-1][1]}; trying the next older one", flush=True)
+    else:
+        run_dir = posixpath.dirname(checkpoint.path.rstrip("/"))
+        # The list comes last: Ray shows a worker's error as its first and last 500 characters.
+        raise CheckpointUnusable(
+            f"cannot resume from {_redact(run_dir)}: no checkpoint passes its manifest check (restore the files, "
+            "or delete that directory or pick a new run name to start over) — "
+            + "; ".join(f"{name}: {why}" for name, why in bad)
+        )
+    w.loss_fn.load_state_dict(state["loss_state"])
+    if w.rank == 0:
+        origin = "" if not bad else (f" (checkpoint {posixpath.basename(candidates[len(bad)])}, "
+                                     f"skipped {', '.join(n for n, _ in bad)})")
+        print(f"[resume] continuing from step {state['step']} of {w.plan.total_steps}{origin}", flush=True)
+    return state
+
+
+def _load_checkpoint(w: _Worker, ckpt_dir: Path) -> None:
+    w.engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    rng_file = ckpt_dir / f"rng_rank{w.rank}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def train_step(w: _Worker, step: int) -> tuple[dict | None, int]:
+    """One optimizer step (`step` counts from 0): (metrics averaged over workers, tokens this worker
+    saw), or (None, tokens) when any worker's loss is not finite (every worker stops together)."""
+    from .data import collate_pairs
+    from .logprobs import sequence_logps
+
+    t, engine, device = w.config.training, w.engine, w.device
+    accumulation = w.config.gradient_accumulation_steps
+    rows = global_batch_rows(step, len(w.train_rows), t.total_batch_size, t.seed)
+    sums: dict[str, float] = {}
+    tokens = 0
+    for micro in micro_batches(rows, w.rank, w.world, t.per_device_train_batch_size, accumulation):
+        batch = collate_pairs([w.train_rows[i] for i in micro], w.tokenizer.pad_token_id)
+        ids = batch["input_ids"].to(device)
+        out = sequence_logps(engine.module, ids, batch["attention_mask"].to(device),
+                             batch["response_mask"].to(device), chunk_size=t.logprob_chunk_size)
+        n = ids.shape[0] // 2
+        ref_c, ref_j = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
+        result = w.loss_fn(out.logps[:n], out.logps[n:],
+                           None if ref_c is None else ref_c.to(device), None if ref_j is None else ref_j.to(device),
+                           out.lengths[:n], out.lengths[n:])
+        if distributed.any_worker(not bool(torch.isfinite(result.loss))):
+            return None, tokens
+        engine.backward(result.loss)
+        engine.step()
+        tokens += int(batch["attention_mask"].sum())
+        part = {
+            "loss": result.loss.item(),
+            "rewards/chosen": result.chosen_rewards.mean().item(),
+            "rewards/rejected": result.rejected_rewards.mean().item(),
+            "rewards/margin": (result.chosen_rewards - result.rejected_rewards).mean().item(),
+            "rewards/accuracy": (result.chosen_rewards > result.rejected_rewards).float().mean().item(),
+            "logps/chosen": (out.logps[:n] / out.lengths[:n]).mean().item(),
+            "logps/rejected": (out.logps[n:] / out.lengths[n:]).mean().item(),
+            **{f"loss/{k}": v for k, v in result.metrics.items()},
+        }
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v / accumulation
+    metrics = {f"train/{k}": v for k, v in distributed.mean_over_workers(sums).items()}
+    grad_norm = engine.get_global_grad_norm()
+    metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["train/learning_rate"] = float(engine.get_lr()[0])
+    metrics["step"] = step + 1
+    metrics["epoch"] = (step + 1) * t.total_batch_size / len(w.train_rows)
+    return metrics, tokens
+
+
+def evaluate(w: _Worker, step: int) -> dict:
+    """Held-out metrics at `step` (collective: every worker evaluates its shard). The reference is loaded
+    for evaluation only (every method needs it here: KL and the method-independent accuracy_logratio)
+    and released before training continues."""
+    from .data import collate_pairs
+    from .engine import load_reference, release_reference
+    from .metrics import evaluate_preferences, generation_accuracy
+    from .sweep_settings import objectives
+    from .task import check
+
+    t = w.config.training
+    reference, handle = load_reference(w.config, w.plan.reference_path, w.device)
+    batches = [collate_pairs(w.eval_rows[i : i + t.per_device_eval_batch_size], w.tokenizer.pad_token_id)
+               for i in range(0, len(w.eval_rows), t.per_device_eval_batch_size)]
+    try:
+        metrics = evaluate_preferences(w.engine.module, w.loss_fn, batches, reference=reference,
+                                       chunk_size=t.logprob_chunk_size)
+    finally:
+        del reference
+        release_reference(handle)
+    if w.plan.builtin_task and t.generation_eval_samples:
+        per_worker = math.ceil(t.generation_eval_samples / w.world)
+        prompts = [(r["prompt_ids"], r["prompt"]) for r in w.eval_rows[:per_worker]]
+        metrics.update(generation_accuracy(w.engine.module, w.tokenizer, prompts, check,
+                                           max_new_tokens=t.max_new_tokens, batch_size=t.per_device_eval_batch_size))
+    metrics = {f"eval/{k}": v for k, v in metrics.items()}
+    metrics["eval/step"] = step
+    metrics.update(objectives(metrics, w.config.sweep))
+    return metrics
+
+
+def save_checkpoint(w: _Worker, state: dict, metrics: dict, final: bool) -> None:
+    """Report `metrics` with a checkpoint (collective): engine, RNG per rank, the run state on rank 0
+    and, at the end, the exported policy (safetensors) with its tokenizer.
+
+    Every worker writes its files into a local directory and then, last, its manifest
+    (``manifest_rank{r}.json``: size and sha256 of each of its files; rank 0's also records the
+    number of workers). Ray uploads each worker's directory into the same checkpoint. A save that
+    fails before the report leaves nothing in storage; one interrupted during the upload leaves a
+    directory whose manifests do not verify, which `resume` never loads."""
+    from .engine import consolidated_state_dict
+
+    tmp = tempfile.mkdtemp(prefix=f"alphadpo-ckpt-r{w.rank}-")
+    try:
+        w.engine.save_checkpoint(tmp, tag=DS_TAG)
+        torch.save(_rng_state(), Path(tmp) / f"rng_rank{w.rank}.pt")
+        weights = consolidated_state_dict(w.engine, w.config) if final else None
+        if w.rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            if final:
+                w.engine.module.save_pretrained(Path(tmp) / "policy", state_dict=weights, safe_serialization=True)
+                w.tokenizer.save_pretrained(Path(tmp) / "policy")
+        write_manifest(tmp, w.rank, w.world, state["step"])
+        w.session.report(metrics, checkpoint_dir=tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint manifests: what `save_checkpoint` writes last and `resume` verifies
+
+
+MANIFEST = "manifest_rank{rank}.json"
+_MANIFEST_NAME = re.compile(r"manifest_rank\d+\.json")
+
+
+class CheckpointUnusable(AlphaDPOError, RuntimeError):
+    """No checkpoint of the run passes its manifest check."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path, rank: int, world: int, step: int) -> Path:
+    """Write worker `rank`'s manifest of every file in `directory` (its own checkpoint files): relative
+    path → size and sha256. Call it last; it is written to a temporary name and renamed into place."""
+    root = Path(directory)
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not _MANIFEST_NAME.fullmatch(rel):
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    target = root / MANIFEST.format(rank=rank)
+    tmp = root / f".{target.name}.tmp"
+    tmp.write_text(json.dumps({"format": 1, "rank": rank, "world_size": world, "step": step, "files": files},
+                              indent=1, sort_keys=True))
+    tmp.replace(target)
+    return target
+
+
+def _read_manifest(directory: Path, rank: int) -> tuple[dict | None, str | None]:
+    name = MANIFEST.format(rank=rank)
+    try:
+        manifest = json.loads((directory / name).read_text())
+        files = manifest["files"]
+        world = int(manifest["world_size"])
+        if not isinstance(files, dict) or world < 1 or not all(
+                isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+                for e in files.values()):
+            raise ValueError("unexpected layout")
+    except FileNotFoundError:
+        return None, f"{name} missing (save cut short)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{name} unreadable ({type(err).__name__})"
+    return manifest, None
+
+
+def verify_checkpoint(directory: str | Path, rank: int = 0, world: int = 1) -> str | None:
+    """What is wrong with a checkpoint directory, or None when it is intact.
+
+    Every worker checks that each saving worker's manifest is there and readable and that every file
+    listed exists with its recorded size (cheap: every worker reaches the same verdict and message).
+    Worker `rank` of `world` then checks the sha256 of the files of manifests rank, rank + world, …,
+    so each file is read once over all workers; `resume` combines the verdicts."""
+    directory = Path(directory)
+    head, problem = _read_manifest(directory, 0)
+    if problem:
+        return problem
+    manifests = {0: head}
+    for r in range(1, int(head["world_size"])):
+        manifests[r], problem = _read_manifest(directory, r)
+        if problem:
+            return problem
+    for manifest in manifests.values():
+        for rel, entry in manifest["files"].items():
+            path = directory / rel
+            if not path.is_file():
+                return f"{rel} missing"
+            size = path.stat().st_size
+            if size != entry["size"]:
+                return f"{rel} {'truncated' if size < entry['size'] else 'changed'}: {size} of {entry['size']} bytes"
+    for r in range(rank, len(manifests), world):
+        for rel, entry in manifests[r]["files"].items():
+            if _sha256(directory / rel) != entry["sha256"]:
+                return f"{rel} corrupt (sha256 differs from {MANIFEST.format(rank=r)})"
+    return None
+
+
+def checkpoint_candidates(fs, path: str) -> list[str]:
+    """`path` (the run's latest checkpoint, as Ray registered it) then the older ``checkpoint_*``
+    directories beside it, newest first. Ray names checkpoints so that names sort by time (Train:
+    ``checkpoint_<timestamp>``, Tune: ``checkpoint_<index>``); newer unregistered ones are ignored."""
+    import pyarrow.fs as pafs
+
+    path = path.rstrip("/")
+    parent, name = posixpath.split(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    except OSError:
+        infos = []
+    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [path] + [posixpath.join(parent, n) for n in older]
+
+
+@contextlib.contextmanager
+def _local_view(fs, path: str | None):
+    """(a local directory with the checkpoint's files, None) — the directory itself on local storage,
+    a temporary download otherwise — or (None, why it cannot be read)."""
+    import pyarrow.fs as pafs
+
+    if path is None:
+        yield None, "not listed on this worker"
+        return
+    if isinstance(fs, pafs.LocalFileSystem):
+        local = Path(path)
+        yield (local, None) if local.is_dir() else (None, "the directory is gone")
+        return
+    tmp = tempfile.mkdtemp(prefix="alphadpo-resume-")
+    try:
+        try:
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        except OSError as err:
+            yield None, f"cannot be read ({_redact(str(err))})"
+            return
+        yield Path(tmp), None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _redact(text: str) -> str:
+    from .tracking import redact
+
+    return redact(text)

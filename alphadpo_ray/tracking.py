@@ -6,10 +6,15 @@
   a clear message instead of training for hours untracked; a SQLite store is created once, by the
   driver, before any other process touches it.
 * The resolved config is logged as params with anything whose name looks like a token, key, secret
-  or password masked.
+  or password masked, and credentials inside other values masked by their shape (URL passwords,
+  known token prefixes); `redact` does the same for every message that shows a URI.
 * Per-step metrics are logged by `MLflowMetricsCallback`, a Ray Train `UserCallback`: it runs in the
   Train controller (one process) and sees every report, so several workers never write at once.
-* A run is keyed by (storage path, run name): re-running a stopped run resumes the same MLflow run.
+* A run is keyed by (storage path, run name): re-running a stopped run resumes the same MLflow run
+  and logs only the steps after those it already holds; a fresh start gets a new MLflow run.
+* A tracking outage never stops training: reports go through an on-disk `PendingMetrics` file and
+  are sent when the store answers again, at the end of the run, or at its next start.
+* An embedded SQLite store is created under a file lock (`create_sqlite_store`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import json
 import math
 import os
 import re
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +34,27 @@ from typing import Any
 
 from .errors import AlphaDPOError
 
-SECRET_PARTS = {"token", "key", "secret", "password", "passwd", "pwd", "credential", "credentials", "auth", "apikey"}
+SECRET_PARTS = {"token", "key", "secret", "password", "passwd", "pwd", "credential", "credentials", "auth", "apikey",
+                "passphrase", "authorization", "bearer", "cookie"}
+# Inside one word, without separators: `hftoken`, `mypassphrase`, `awssecretkey`, `dbpassword`, `privatekey`.
+SECRET_INFIXES = ("secret", "password", "passwd", "passphrase", "credential", "apikey", "accesskey", "privatekey")
+SECRET_SUFFIXES = ("token", "pwd", "auth")  # `hftoken`, `dbpwd`, `mlflowauth` — not `tokenizer`, `max_new_tokens`
+# Credentials by the shape of their value, whatever their key is called: known token prefixes, private keys.
+_TOKEN_SHAPES = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:"
+    r"hf_[A-Za-z0-9]{16,}"  # Hugging Face
+    r"|sk-(?:proj-|ant-)?[A-Za-z0-9_-]{16,}"  # OpenAI, Anthropic
+    r"|(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"  # GitHub
+    r"|glpat-[A-Za-z0-9_-]{16,}"  # GitLab
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|AIza[0-9A-Za-z_-]{30,}"  # Google API keys
+    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"  # JWTs
+    r")"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
+)
+# scheme://AUTHORITY: the userinfo is what comes before the authority's last '@'.
+_URL_AUTHORITY = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^\s/?#'\"<>]+)")
 MASK = "***"
 RUN_KEY_TAG = "alphadpo.run_key"
 
@@ -37,23 +64,95 @@ class TrackingUnavailable(AlphaDPOError):
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
+    """The tracking URI to use, never with credentials in it.
+
+    An http(s) URI may carry them (``https://user:password@host``, as `MlflowClient` accepts); they
+    are moved to ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` in this process's
+    environment and the URI without them is returned. Process-wide on purpose: MLflow reads these
+    variables in whichever process logs (this driver, Tune's callbacks, and the Train controller of
+    a Ray started from here, which inherits this environment), while the URI itself is printed,
+    written into summaries and pickled with callbacks into Tune's experiment state. On an existing
+    cluster, set the two variables on its nodes (they are never put into a Ray ``runtime_env``)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        address, credentials = _url_credentials(uri)
+        if credentials is not None:
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = credentials
+            return address
+    return uri
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create (and migrate) an embedded ``sqlite:///`` store under a file lock beside it.
+
+    MLflow creates a fresh store's tables with Alembic migrations; two processes doing that at once
+    on the same file leave it broken for good (``table _alembic_tmp_experiments already exists``).
+    Here the first process creates it while the others wait on ``{db}.lock``, then find it made.
+    An unwritable directory fails at once, naming the store. Other URIs are left alone."""
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    from .storage import file_lock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    try:
+        with file_lock(db.with_name(db.name + ".lock")):
+            MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates the store, once
+    except OSError as err:
+        raise TrackingUnavailable(
+            f"cannot create the MLflow store {db}: {err.strerror or err} (set tracking.tracking_uri / "
+            "MLFLOW_TRACKING_URI to a writable place, or tracking.enabled=false)") from None
+
+
+def server_reachable(uri: str, timeout: float = 2.0) -> bool:
+    """Whether an http(s) tracking server answers ``/health`` within `timeout` (other stores: True).
+
+    Probed before every send while a run trains, so an outage costs one short probe instead of the
+    MLflow client's own retries (minutes of back-off that would stall the Train controller). Any HTTP
+    answer counts: the server is there."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(_url_credentials(uri)[0].rstrip("/") + "/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def check_tracking(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast if the tracking store is unusable (server down, unwritable path)."""
+    """Fail fast if the tracking store is unusable (server down, unwritable path).
+
+    A server URI may carry credentials (``https://user:password@host``, as `MlflowClient` accepts):
+    the probe sends them as HTTP basic auth (else ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` or
+    ``MLFLOW_TRACKING_TOKEN`` from the environment), and every message shows the URI redacted."""
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
+        import base64
+
+        address, credentials = _url_credentials(uri)
+        request = urllib.request.Request(address.rstrip("/") + "/health")
+        if credentials is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            credentials = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        if credentials is not None:
+            basic = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {basic}")
+        elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 if response.status != 200:
-                    raise TrackingUnavailable(f"MLflow server at {uri} answered {response.status} on /health")
-        except (urllib.error.URLError, OSError) as err:
+                    raise TrackingUnavailable(f"MLflow server at {redact(uri)} answered {response.status} on /health")
+        except urllib.error.HTTPError as err:
+            raise TrackingUnavailable(f"MLflow server at {redact(uri)} answered {err.code} ({err.reason}) on /health; "
+                                      "check its address and credentials") from None
+        except (urllib.error.URLError, OSError, ValueError) as err:
             raise TrackingUnavailable(
-                f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}). Start it "
+                f"MLflow tracking server {redact(uri)} is unreachable "
+                f"({redact(str(getattr(err, 'reason', err)))}). Start it "
                 "(`mlflow server --host 127.0.0.1 --port 5000`), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, "
                 "or set tracking.enabled=false; nothing was trained."
             ) from None
@@ -65,12 +164,64 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates the store here, once
     except Exception as err:  # noqa: BLE001
-        raise TrackingUnavailable(f"MLflow tracking store {uri} is not usable: {err}") from None
+        raise TrackingUnavailable(f"MLflow tracking store {redact(uri)} is not usable: {redact(str(err))}") from None
 
 
-def _is_secret(name: str) -> bool:
-    parts = {p for p in re.split(r"[^a-z0-9]+|_", name.lower()) if p}
-    return bool(parts & SECRET_PARTS) or any(s in name.lower() for s in ("api_key", "apikey", "access_key"))
+def is_secret_name(name: str) -> bool:
+    """A key whose value is a credential: a secret word as a part of the name (`hf_token`, `api-key`,
+    `MLFLOW_TRACKING_PASSWORD`), inside one word (`hftoken`, `passphrase`) or ending it (`dbpwd`)."""
+    lowered = name.lower()
+    parts = {p for p in re.split(r"[^a-z0-9]+|_", lowered) if p}
+    compact = re.sub(r"[^a-z0-9]", "", lowered)
+    return (bool(parts & SECRET_PARTS) or any(s in compact for s in SECRET_INFIXES)
+            or any(p.endswith(SECRET_SUFFIXES) for p in parts))
+
+
+def _mask_userinfo(match: re.Match) -> str:
+    authority = match.group("authority")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _password = userinfo.partition(":")
+    return f"{match.group('scheme')}{user if colon else MASK}{':' + MASK if colon else ''}@{host}"
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials in it masked: the password of every URL (``https://u:pw@host`` →
+    ``https://u:***@host``; a user-only userinfo, often a token, becomes ``***@host``) and every
+    value shaped like a known token (``hf_…``, ``sk-…``, ``ghp_…``, ``AKIA…``, ``xox…-``, JWTs,
+    private-key blocks). For everything the package prints, raises or writes."""
+    if not isinstance(text, str):
+        return text
+    return _TOKEN_SHAPES.sub(MASK, _URL_AUTHORITY.sub(_mask_userinfo, text))
+
+
+def looks_secret(value: Any) -> bool:
+    """True when a string holds a credential by its shape (see `redact`)."""
+    return isinstance(value, str) and redact(value) != value
+
+
+def mask_secrets(tree: Any) -> Any:
+    """A copy of a nested config that is safe to write: values under secret-looking keys replaced by
+    '***' (see `is_secret_name`), and credentials inside other strings masked by their shape (`redact`)."""
+    if isinstance(tree, dict):
+        return {k: (MASK if is_secret_name(str(k)) and v is not None and not isinstance(v, dict) else mask_secrets(v))
+                for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [mask_secrets(v) for v in tree]
+    return redact(tree) if isinstance(tree, str) else tree
+
+
+def _url_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """(the URL without its userinfo, (user, password) or None)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -83,14 +234,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(tree) if isinstance(tree, (list, tuple)) else tree}
 
 
-def mask_secrets(tree: Any) -> Any:
-    """A copy of a nested config with the values of secret-looking keys replaced by '***'."""
-    if isinstance(tree, dict):
-        return {k: (MASK if _is_secret(str(k)) and v is not None and not isinstance(v, dict) else mask_secrets(v))
-                for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [mask_secrets(v) for v in tree]
-    return tree
 
 
 def config_params(config_dict: dict) -> dict[str, str]:
@@ -107,23 +250,44 @@ def get_or_create_experiment(client, name: str) -> str:
 
 
 def start_or_resume_run(uri: str, experiment: str, run_name: str, key: str, params: dict[str, str],
-                        tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """(run_id, resumed): reuse the run tagged with `key` if there is one, else create it."""
+                        tags: dict[str, str] | None = None, *, resume: bool = True,
+                        run_id: str | None = None) -> tuple[str, bool]:
+    """(run_id, resumed) for the run keyed by `key` (storage path + name).
+
+    ``resume``: continue `run_id` (the run recorded with the run's storage) when the store has it, or,
+    with none recorded, the newest run tagged `key`. Not ``resume`` (a fresh start: nothing in storage
+    to continue), or nothing to continue: a new run. Any other run tagged `key` still ``RUNNING`` (its
+    driver was killed) is closed as ``KILLED``; finished runs are left as they are."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id, True
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
+                               order_by=["attributes.start_time DESC"], max_results=1000)
+    chosen = None
+    if resume:
+        if run_id:
+            chosen = next((r.info.run_id for r in found if r.info.run_id == run_id), None)
+        elif found:
+            chosen = found[0].info.run_id
+    for run in found:
+        if run.info.run_id != chosen and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+    if chosen:
+        client.update_run(chosen, status="RUNNING")
+        return chosen, True
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: key, **(tags or {})})
     items = list(params.items())
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
     return run.info.run_id, False
+
+
+def last_logged_step(client, run_id: str, key: str = "train/loss") -> int:
+    """The highest step logged for metric `key` in the run (-1 if none): a resumed run logs only
+    later steps, so every step appears once in its history."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
 
 
 def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -140,16 +304,164 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None
         client.log_batch(run_id, metrics=values[i : i + 500])
 
 
-def finish_run(uri: str, run_id: str, status: str, summary: dict | None = None, artifacts: list[Path] = ()) -> None:
-    from mlflow.tracking import MlflowClient
+RETRY_S = 2.0  # how often a run's sender retries a store that did not answer
+FINISH_WAIT_S = 60.0  # how long the end of a run waits for an unreachable store before leaving the rest on disk
+_PERMANENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_STATE")  # retrying cannot help
 
-    client = MlflowClient(uri)
-    if summary is not None:
-        client.log_dict(run_id, summary, "summary.json")
-    for path in artifacts:
-        if Path(path).exists():
-            client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status=status)
+
+def default_pending_path(run_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / "alphadpo-ray-mlflow" / f"{run_id}.jsonl"
+
+
+class PendingMetrics:
+    """What a run has for the tracking store and has not sent yet, on disk: one JSON line per report
+    (``{"run_id", "step", "ts", "metrics"}``) or end of run (``{"run_id", "finish": STATUS, "summary",
+    "artifacts"}``), in order.
+
+    Every report is written here first and sent from here, so a tracking outage never stops training
+    and nothing is lost: what the store cannot take stays in the file until the store is back, the
+    end of the run, or the next start of the run — whichever process flushes first (the Train
+    controller's sender, the driver at the end, the next start). ``{path}.send-lock`` lets one sender
+    at a time send, across processes; ``{path}.lock`` is held only for reading, appending and
+    rewriting the file, never across network calls, so a report is never held up by a slow store. A
+    line is removed only once the store has it; steps the store already holds (a sender killed
+    between sending and removing) are not sent twice."""
+
+    def __init__(self, uri: str, path: str | Path):
+        self.uri, self.path = uri, Path(path)
+        self.error = ""
+        self._floors: dict[str, int] = {}
+
+    def _lock(self, suffix: str = ".lock"):
+        from .storage import file_lock
+
+        return file_lock(self.path.with_name(self.path.name + suffix))
+
+    def add(self, event: dict) -> None:
+        with self._lock(), open(self.path, "a") as handle:
+            handle.write(json.dumps(event, default=str) + "\n")
+
+    def events(self) -> list[dict]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut off by a killed writer
+                continue
+        return out
+
+    def flush(self) -> bool:
+        """Send everything pending, in order; True when nothing is left. Never raises: on a failure
+        the rest stays on disk and `error` says why."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with self._lock(".send-lock"):
+                with self._lock():
+                    events = self.events()
+                if not events:
+                    return True
+                if not server_reachable(self.uri):
+                    self.error = f"{redact(self.uri)} does not answer"
+                    return False
+                done = 0
+                try:
+                    from mlflow.tracking import MlflowClient
+
+                    client = MlflowClient(self.uri)
+                    while done < len(events):
+                        n = self._batch_len(events, done)
+                        try:
+                            self._send(client, events[done:done + n])
+                        except MlflowException as err:
+                            if err.error_code not in _PERMANENT:
+                                raise
+                            self.error = redact(f"dropped {n} event(s) the store refuses: {err}")[:500]
+                        done += n
+                except Exception as err:  # noqa: BLE001 - an outage or anything else: keep the rest, retry later
+                    self.error = redact(f"{type(err).__name__}: {err}")[:500]
+                finally:
+                    with self._lock():  # reports appended meanwhile follow the ones read above
+                        self._keep(self.events()[done:])
+                return done == len(events)
+        except OSError as err:
+            self.error = f"cannot use {self.path}: {err}"
+            return False
+
+    def _keep(self, rest: list[dict]) -> None:
+        if not rest:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in rest))
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def _batch_len(events: list[dict], start: int) -> int:
+        """Consecutive metric reports of one run, up to MLflow's 1000 metrics per batch (at least one event)."""
+        if "finish" in events[start]:
+            return 1
+        run_id, count, n = events[start]["run_id"], 0, 0
+        for event in events[start:]:
+            if "finish" in event or event["run_id"] != run_id or (n and count + len(event["metrics"]) > 1000):
+                break
+            count, n = count + len(event["metrics"]), n + 1
+        return n
+
+    def _send(self, client, batch: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        run_id = batch[0]["run_id"]
+        if "finish" in batch[0]:
+            event = batch[0]
+            if event.get("summary") is not None:
+                client.log_dict(run_id, event["summary"], "summary.json")
+            for path in event.get("artifacts") or []:
+                if Path(path).exists():
+                    client.log_artifact(run_id, str(path))
+            client.set_terminated(run_id, status=event["finish"])
+            return
+        if run_id not in self._floors:
+            self._floors[run_id] = last_logged_step(client, run_id)
+        floor = self._floors[run_id]
+        metrics = [Metric(k, float(v), int(e["ts"]), int(e["step"]))
+                   for e in batch if int(e["step"]) > floor for k, v in e["metrics"].items()]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        self._floors[run_id] = max([floor, *(int(e["step"]) for e in batch)])
+
+
+def finish_run(uri: str, run_id: str, status: str, summary: dict | None = None, artifacts: list[Path] = (), *,
+               pending: PendingMetrics | None = None, wait_s: float = FINISH_WAIT_S, log=print) -> bool:
+    """Close the run with `status` after its pending metrics, with `summary` and `artifacts`; True once
+    the store has it all. An unreachable store is waited for up to `wait_s`; then the rest stays in
+    `pending`'s file, sent at the run's next start, and the console says so. Never raises, so a
+    tracking outage at the end never turns a finished run into a traceback."""
+    pending = pending or PendingMetrics(uri, default_pending_path(run_id))
+    try:
+        pending.add({"run_id": run_id, "finish": status, "summary": summary,
+                     "artifacts": [str(p) for p in artifacts]})
+    except OSError as err:
+        log(f"[mlflow] cannot write {pending.path} ({err}); run {run_id} is not closed")
+        return False
+    deadline, waited = time.monotonic() + wait_s, False
+    while not pending.flush():
+        if time.monotonic() >= deadline:
+            log(f"[mlflow] could not close run {run_id} as {status} ({pending.error}); its remaining metrics and "
+                f"final status are kept in {pending.path} and sent at the next start of this run")
+            return False
+        if not waited:
+            log(f"[mlflow] tracking store unavailable ({pending.error}); waiting up to {wait_s:.0f} s to close "
+                f"run {run_id} as {status}")
+            waited = True
+        time.sleep(RETRY_S)
+    if waited:
+        log(f"[mlflow] tracking store is back: buffered metrics sent, run {run_id} closed as {status}")
+    return True
 
 
 try:
@@ -158,22 +470,72 @@ except ImportError:  # pragma: no cover - Ray Train V1
     _UserCallback = object
 
 
-class MLflowMetricsCallback(_UserCallback):
-    """Logs rank 0's (already all-reduced) metrics of every report to one MLflow run."""
+class _Sender:
+    """A daemon thread that flushes a `PendingMetrics` file when a report arrives, and every `RETRY_S`
+    seconds while the store does not answer; each outage is reported once on the console."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, pending: PendingMetrics):
+        self.pending, self.wake, self.down = pending, threading.Event(), False
+        threading.Thread(target=self._loop, name="alphadpo-mlflow-sender", daemon=True).start()
+
+    def add(self, event: dict) -> None:
+        self.pending.add(event)
+        self.wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait(RETRY_S)
+            self.wake.clear()
+            ok = self.pending.flush()
+            if not ok and not self.down:
+                self.down = True
+                print(f"[mlflow] tracking store unavailable ({self.pending.error}); training goes on, metrics are "
+                      f"kept in {self.pending.path} and sent when it is back", flush=True)
+            elif ok and self.down:
+                self.down = False
+                print("[mlflow] tracking store is back; buffered metrics sent", flush=True)
+
+
+class MLflowMetricsCallback(_UserCallback):
+    """Logs rank 0's (already all-reduced) metrics of every report to one MLflow run, never stopping
+    training.
+
+    It runs in the Train controller (one process, on the driver's node): each report is appended to
+    the run's `PendingMetrics` file (a local write that never waits on the network) and a background
+    `_Sender` sends it. While the store is unreachable the reports stay in the file and the outage is
+    reported once; the driver flushes what is left when the run ends (`finish_run`). Steps up to
+    `logged_through` (already in the run's history when it resumed) and steps replayed after a
+    worker-group restart are not logged again: each step appears once."""
+
+    def __init__(self, tracking_uri: str, run_id: str, pending_path: str | Path | None = None,
+                 logged_through: int = -1):
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._client = None
+        self.pending_path = str(pending_path or default_pending_path(run_id))
+        self.last_step = logged_through
+        self._sender: _Sender | None = None
+        self._failed = False
+
+    def __getstate__(self):
+        return {**self.__dict__, "_sender": None}
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
             return
-        from mlflow.tracking import MlflowClient
-
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
         m = metrics[0]
-        log_metrics(self._client, self.run_id, m, int(m.get("step", 0)))
+        step = int(m.get("step", 0))
+        if step <= self.last_step:
+            return
+        self.last_step = step
+        values = {k: v for k, v in numeric_metrics(m).items() if k not in ("step", "total_steps")}
+        try:
+            if self._sender is None:
+                self._sender = _Sender(PendingMetrics(self.tracking_uri, self.pending_path))
+            self._sender.add({"run_id": self.run_id, "step": step, "ts": int(time.time() * 1000), "metrics": values})
+        except Exception as err:  # noqa: BLE001 - e.g. a full local disk: this step is lost, training goes on
+            if not self._failed:
+                self._failed = True
+                print(f"[mlflow] cannot buffer metrics in {self.pending_path} ({err}); some steps will be missing "
+                      "from MLflow", flush=True)
 
 
 class ConsoleProgress(_UserCallback):

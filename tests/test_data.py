@@ -147,9 +147,13 @@ def test_missing_file_and_unknown_extension(tmp_path):
                                         r"\.jsonl\.gz, \.parquet"):
         load_preference_data(csv)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a"}\n{oops\n')
-    with pytest.raises(DataError, match="bad.jsonl: could not read as json"):
+    bad.write_text('{"prompt": "a"}\n{oops\n')  # no good row has chosen/rejected: a file-level error
+    with pytest.raises(DataError, match=r"bad\.jsonl: missing column\(s\) \['chosen', 'rejected'\]"):
         load_preference_data(bad)
+    bad.write_text(json.dumps(GOOD) + '\n{oops\n')  # one malformed line is one skipped row, with its line
+    ds, report = load_preference_data(bad)
+    assert (report.total, report.kept, report.skipped, report.lines) == (2, 1, {"malformed_json": 1},
+                                                                        {"malformed_json": [2]})
 
 
 # ---------------------------------------------------------------- validation
@@ -207,10 +211,10 @@ def test_messages_items_without_content_are_malformed(tiny_tokenizer):
 def test_strict_mode_names_file_row_and_reason(tmp_path):
     rows = [GOOD, GOOD, BAD_STRING_ROWS["empty_response"], BAD_STRING_ROWS["identical_responses"]]
     path = write(tmp_path / "pairs.jsonl", rows)
-    with pytest.raises(DataError, match=r"pairs\.jsonl: row 2 \(0-based\): empty_response: field 'rejected'"):
+    with pytest.raises(DataError, match=r"pairs\.jsonl: line 3 \(row 2, 0-based\): empty_response: field 'rejected'"):
         load_preference_data(path, strict=True)
     mixed = write(tmp_path / "mixed.jsonl", [GOOD, BAD_STRING_ROWS["not_a_string"]])
-    with pytest.raises(DataError, match=r"mixed\.jsonl: row 1 \(0-based\): not_a_string: field 'chosen': "
+    with pytest.raises(DataError, match=r"mixed\.jsonl: line 2 \(row 1, 0-based\): not_a_string: field 'chosen': "
                                         r"expected a string, got int"):
         load_preference_data(mixed, strict=True)
     ds, report = load_preference_data(mixed)  # the same file loads in skip mode
@@ -344,8 +348,12 @@ def test_load_with_held_out(tmp_path):
     train_path, eval_path = write(tmp_path / "train.jsonl", rows), write(tmp_path / "eval.parquet", rows[:4])
     train, held, reports = load_with_held_out(train_path, eval_source=eval_path)
     assert (len(train), len(held), reports["held_out"].source) == (20, 4, str(eval_path))
-    train, held, _ = load_with_held_out(train_path, held_out_fraction=0.25, seed=1)
+    train, held, reports = load_with_held_out(train_path, held_out_fraction=0.25, seed=1)
     assert (len(train), len(held)) == (15, 5) and not set(train["prompt"]) & set(held["prompt"])
+    # each split's report describes its own rows (the held-out one never repeats the training counts)
+    assert (reports["train"].total, reports["train"].kept, reports["held_out"].total, reports["held_out"].kept) == \
+        (15, 15, 5, 5)
+    assert "held-out split: 0.25 by prompt, seed 1" in reports["held_out"].summary()
     with pytest.raises(ConfigError, match="a local file has no splits"):
         load_with_held_out(train_path, eval_split="test")
 

@@ -170,10 +170,10 @@ def test_safe_optuna_search_fails_errored_and_nan_trials():
     """A failed trial's last (stale or NaN) metrics never reach Optuna: it is told FAIL."""
     import optuna
 
-    from alphadpo_ray.sweep.config import SweepConfig
+    from alphadpo_ray.sweep_settings import SweepConfig
     from alphadpo_ray.sweep.run import _searcher
 
-    from alphadpo_ray.sweep.config import tune_domains
+    from alphadpo_ray.sweep.run import tune_domains
 
     searcher = _searcher(SweepConfig(), [])
     searcher.set_search_properties(None, None, tune_domains({"alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}, True))
@@ -306,7 +306,11 @@ def test_compare_two_methods_produces_table_and_plots(ray_session, builtin_task,
 
 def test_asha_stops_weak_trials_early(ray_session, builtin_task, tmp_path):
     """Early stopping acts on the periodic held-out reports: with ASHA some trials end before max_steps,
-    and every trial, stopped or not, is recorded as finished with its last evaluation."""
+    recorded as "stopped early" with the step they stopped at (in the rows, in MLflow and in the report),
+    kept off the Pareto set unless `pareto_includes_stopped`, and counted in the method summary."""
+    import json
+
+    from alphadpo_ray.sweep import results as res
     from alphadpo_ray.sweep.run import run_sweep
 
     config = sweep_config(
@@ -317,5 +321,141 @@ def test_asha_stops_weak_trials_early(ray_session, builtin_task, tmp_path):
     )
     result = run_sweep(config, log=lambda *_: None)
     steps = sorted(r["steps"] for r in result.rows)
-    assert all(r["status"] == "finished" for r in result.rows)
     assert steps[-1] == 12 and steps[0] < 12, steps
+    # a trial the scheduler stopped is "stopped early" with its step, never "finished", and off the front
+    stopped = [r for r in result.rows if r["status"] == "stopped early"]
+    assert stopped and {r["status"] for r in result.rows} <= {"finished", "stopped early"}
+    for r in result.rows:
+        assert r["total_steps"] == 12 and (r["steps"] < 12) == (r["status"] == "stopped early"), r
+    assert not any(r["pareto"] for r in stopped)
+    assert all(r["status"] == "finished" for r in res.pareto_front(result.rows, "accuracy"))
+    summary = json.loads((result.directory / "results.json").read_text())
+    assert summary["summary"]["stopped"] == len(stopped) and summary["summary"]["trials"] == 4
+    assert {r["trial_id"] for r in summary["pareto"]} == {r["trial_id"] for r in result.rows if r["pareto"]}
+    # with sweep.pareto_includes_stopped the stopped trials compete (the front of both statuses)
+    both = res.mark_pareto(result.rows, "accuracy", include_stopped=True)
+    assert {r["trial_id"] for r in both if r["pareto"]} == {
+        r["trial_id"] for r in res.pareto_front(result.rows, "accuracy", include_stopped=True)}
+
+    # MLflow tags the stopped child runs, so the report rebuilds the same statuses and front from it alone
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.sweep.report import report
+
+    client = MlflowClient(config.tracking.tracking_uri)
+    for r in stopped:
+        child = _children(config.tracking.tracking_uri, result.parent_run_id)
+        tags = next(c.data.tags for c in child if c.data.tags["alphadpo.trial_id"] == r["trial_id"])
+        assert (tags["alphadpo.status"], int(tags["alphadpo.steps"])) == ("stopped early", r["steps"])
+        assert client.get_run(next(c.info.run_id for c in child
+                                   if c.data.tags["alphadpo.trial_id"] == r["trial_id"])).info.status == "FINISHED"
+    rebuilt = report("asha4", tracking_uri=config.tracking.tracking_uri, output_dir=str(tmp_path / "report"))
+    key = lambda r: r["trial_id"]  # noqa: E731
+    for a, b in zip(sorted(result.rows, key=key), sorted(rebuilt["rows"], key=key)):
+        assert (a["trial_id"], a["status"], a["steps"], a["pareto"]) == (b["trial_id"], b["status"], b["steps"], b["pareto"])
+    assert rebuilt["methods"][0]["stopped"] == len(stopped)
+
+
+def _fake_grid(trials: list[tuple]) -> list:
+    """Stand-ins for Tune `Result`s: (trial_id, step, total_steps, accuracy, kl, error)."""
+    from types import SimpleNamespace
+
+    grid = []
+    for trial_id, step, total, accuracy, kl, error in trials:
+        metrics = {"trial_id": trial_id, "step": step, "eval/accuracy": accuracy, "eval/kl": kl, "time_total_s": 1.0}
+        if total is not None:
+            metrics["total_steps"] = total
+        grid.append(SimpleNamespace(metrics=metrics, error=error, config={"alpha": 0.1}, path=f"/x/{trial_id}"))
+    return grid
+
+
+TRIALS = [  # (trial_id, step, total_steps, accuracy, kl, error)
+    ("full_a", 12, 12, 0.80, 0.50, None),
+    ("full_b", 12, 12, 0.70, 0.30, None),
+    ("stop_lowkl", 3, 12, 0.65, 0.02, None),  # would be on the front only because it trained less
+    ("stop_weak", 6, 12, 0.50, 0.60, None),
+    ("broken", 2, 12, None, None, RuntimeError("x\nnon-finite loss at step 2")),
+    ("legacy", 12, None, 0.60, 0.40, None),  # no total_steps reported: nothing says it stopped
+]
+
+
+def test_stopped_trials_rows_and_pareto_without_ray(tmp_path):
+    """Row status, Pareto membership (with and without the flag), summaries and tables on fake results."""
+    import csv
+
+    from alphadpo_ray.sweep import results as res
+
+    rows = res.rows_from_result_grid(_fake_grid(TRIALS), "alpha-dpo", workers=1)
+    by_id = {r["trial_id"]: r for r in rows}
+    assert {k: (r["status"], r["steps"]) for k, r in by_id.items()} == {
+        "full_a": ("finished", 12), "full_b": ("finished", 12), "stop_lowkl": ("stopped early", 3),
+        "stop_weak": ("stopped early", 6), "broken": ("failed", 2), "legacy": ("finished", 12)}
+    assert by_id["broken"]["error"] == "non-finite loss at step 2"
+    assert res.status_text(by_id["stop_lowkl"]) == "stopped early @ step 3/12"
+
+    ids = lambda front: [r["trial_id"] for r in front]  # noqa: E731
+    assert ids(res.pareto_front(rows, "accuracy")) == ["full_b", "full_a"]
+    assert ids(res.pareto_front(rows, "accuracy", include_stopped=True)) == ["stop_lowkl", "full_b", "full_a"]
+    marked = res.mark_pareto(rows, "accuracy")
+    assert [r["trial_id"] for r in marked if r["pareto"]] == ["full_a", "full_b"]
+    flagged = res.mark_pareto(rows, "accuracy", include_stopped=True)
+    assert ids(res.pareto_front(flagged, "accuracy")) == ["stop_lowkl", "full_b", "full_a"]  # marks are kept
+
+    summary = res.method_summary(marked, "accuracy")
+    assert (summary["trials"], summary["stopped"], summary["failed"], summary["pareto_size"]) == (6, 2, 1, 2)
+    assert summary["best_accuracy"] == 0.80 and summary["kl_at_best"] == 0.50
+    assert summary["steps"] == 12 + 12 + 3 + 6 + 2 + 12  # stopped trials' compute counts too
+    assert res.method_summary(flagged, "accuracy")["pareto_size"] == 3
+
+    files = res.write_tables(marked, tmp_path)
+    table = {r["trial_id"]: r for r in csv.DictReader(files["csv"].open())}
+    assert (table["stop_lowkl"]["status"], table["stop_lowkl"]["steps"], table["stop_lowkl"]["pareto"]) == (
+        "stopped early", "3", "False")
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    res.print_trials(marked, "accuracy", "t", console=console)
+    res.print_methods([summary], "accuracy", "m", console=console)
+    text = console.export_text()
+    assert "stopped early @ step 3/12" in text and "stopped" in text
+    assert res.plot_pareto({"alpha-dpo": marked}, "accuracy", tmp_path / "pareto.png").exists()
+
+
+def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
+    """The MLflow callback tags a trial that completed before total_steps; `report` rebuilds its status
+    and step from MLflow alone and honours the sweep's logged `pareto_includes_stopped`."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.sweep.report import report
+    from alphadpo_ray.sweep.tracking import KIND_TAG, METHOD_TAG, SWEEP_TAG, SweepMLflowCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stopped")
+    for name, include in (("sw-default", False), ("sw-flag", True)):
+        parent = client.create_run(experiment, run_name=name, tags={KIND_TAG: "sweep", SWEEP_TAG: name,
+                                                                    METHOD_TAG: "alpha-dpo"}).info.run_id
+        client.log_dict(parent, {"sweep": {"pareto_includes_stopped": include}}, "config.json")
+        callback = SweepMLflowCallback(uri, experiment, parent, name, "alpha-dpo")
+        for trial_id, step, total, accuracy, kl, error in TRIALS:
+            trial = SimpleNamespace(trial_id=trial_id, config={"alpha": 0.1}, error_file=None,
+                                    get_error=lambda error=error: error)
+            callback.on_trial_start(0, [], trial)
+            result = {"step": step, "eval/accuracy": accuracy, "eval/kl": kl, "time_total_s": 1.0,
+                      **({"total_steps": total} if total is not None else {})}
+            callback.on_trial_result(0, [], trial, result)
+            trial.last_result = result
+            (callback.on_trial_error if error else callback.on_trial_complete)(0, [], trial)
+        client.set_terminated(parent, "FINISHED")
+
+        rebuilt = report(name, tracking_uri=uri, output_dir=str(tmp_path / name))
+        by_id = {r["trial_id"]: r for r in rebuilt["rows"]}
+        assert {k: (r["status"], r["steps"]) for k, r in by_id.items()} == {
+            "full_a": ("finished", 12), "full_b": ("finished", 12), "stop_lowkl": ("stopped early", 3),
+            "stop_weak": ("stopped early", 6), "broken": ("failed", None), "legacy": ("finished", 12)}
+        assert by_id["stop_lowkl"]["total_steps"] == 12
+        assert by_id["stop_lowkl"]["pareto"] is include and by_id["full_b"]["pareto"] and by_id["full_a"]["pareto"]
+        assert rebuilt["methods"][0]["stopped"] == 2
+        assert "stopped early" in (tmp_path / name / "trials.csv").read_text()

@@ -12,12 +12,14 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError, DataError
 
-FORMATS = ("auto", "strings", "messages", "hh")
 HH_MARKER = "\n\nAssistant:"
 REASONS = (
+    "not_utf8",  # a line of a JSON-lines file that is not UTF-8 text
+    "malformed_json",  # a line of a JSON-lines file that is not one JSON object (e.g. a truncated last line)
     "missing_field",  # field absent or null
     "not_a_string",  # field present but not a string
     "malformed_messages",  # not a list, items without string role/content, template cannot render
+    "unknown_role",  # a message role outside MESSAGE_ROLES (e.g. 'bot', 'human', 'gpt')
     "no_assistant_turn",  # messages not ending in an assistant turn; HH text without "\n\nAssistant:"
     "prompt_mismatch",  # chosen and rejected do not share the prompt
     "empty_prompt",
@@ -25,14 +27,17 @@ REASONS = (
     "identical_responses",  # chosen == rejected
 )
 
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates render
 Triple = tuple[str, str, str]
 
 
 class RowProblem(Exception):
-    """Why one row is unusable: a reason from `REASONS`, the field, and what was expected."""
+    """Why one row is unusable: a reason from `REASONS`, the field (None for a line that could not be
+    read at all), and what was expected."""
 
-    def __init__(self, reason: str, field: str, expected: str):
-        super().__init__(f"{reason}: field '{field}': expected {expected}")
+    def __init__(self, reason: str, field: str | None, expected: str):
+        where = f"field '{field}': " if field else ""
+        super().__init__(f"{reason}: {where}expected {expected}")
         self.reason, self.field, self.expected = reason, field, expected
 
 
@@ -48,7 +53,7 @@ def detect_format(columns: Sequence[str], rows: Sequence[dict[str, Any]], name: 
         raise DataError(f"{name}: missing column(s) {missing}; found {list(columns)}")
     if fmt != "auto":
         return fmt
-    first = next((r["chosen"] for r in rows if r.get("chosen") is not None), None)
+    first = next((r["chosen"] for r in rows if isinstance(r, dict) and r.get("chosen") is not None), None)
     if isinstance(first, list):
         return "messages"
     return "strings" if "prompt" in columns else "hh"
@@ -123,6 +128,9 @@ def _messages(row: dict[str, Any], field: str) -> list[dict[str, str]]:
     for k, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise RowProblem("malformed_messages", field, f"message {k} to be a dict with string role and content")
+        if m["role"] not in MESSAGE_ROLES:
+            raise RowProblem("unknown_role", field, f"message {k} to have a role in {', '.join(MESSAGE_ROLES)}, "
+                                                    f"got {m['role']!r}")
     if value[-1]["role"] != "assistant":
         last = value[-1]["role"]
         raise RowProblem("no_assistant_turn", field, f"the last message to have role 'assistant', got {last!r}")
@@ -143,3 +151,4 @@ def parse_messages(row: dict[str, Any], tokenizer=None, chat_template: bool = Tr
 
 
 PARSERS = {"strings": parse_strings, "hh": parse_hh, "messages": parse_messages}
+FORMATS = ("auto", *PARSERS)  # a new format: its parser in PARSERS (and, for "auto", a rule in detect_format)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from typing import Any
@@ -57,13 +58,19 @@ def load_with_held_out(
     """Train and held-out pairs plus their reports (`{"train": ..., "held_out": ...}`).
 
     Held-out is `eval_source` (a file or hub id) and/or `eval_split` (a hub set's own test split, e.g.
-    `test_prefs`) when given; otherwise a prompt-disjoint `split_held_out` of the training data, whose
-    report is the training report (rows keep their original `row` indices).
+    `test_prefs`) when given; otherwise a prompt-disjoint `split_held_out` of the training data (rows keep
+    their original `row` indices). Each report describes its own split's rows: after a split, the
+    training report counts the rows that were not held out and every skipped row (they were read as
+    training data), the held-out report only the held-out pairs.
     """
     train, report = load_preference_data(source, split=split, **load_kwargs)
     if eval_source is None and eval_split is None:
         train, held = split_held_out(train, held_out_fraction, seed)
-        return train, held, {"train": report, "held_out": report}
+        held_report = ValidationReport(
+            source=f"{report.source} [held-out split: {held_out_fraction:g} by prompt, seed {seed}]",
+            format=report.format, total=len(held), kept=len(held))
+        train_report = dataclasses.replace(report, total=report.total - len(held), kept=len(train))
+        return train, held, {"train": train_report, "held_out": held_report}
     if eval_source is None and is_local_source(source):
         raise ConfigError(f"eval_split={eval_split!r}: a local file has no splits; give eval_source=<path> instead")
     eval_source = source if eval_source is None else eval_source

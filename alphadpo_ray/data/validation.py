@@ -13,7 +13,7 @@ import datasets
 
 from ..errors import ConfigError, DataError
 from .formats import PARSERS, RowProblem, detect_format
-from .sources import read_raw, source_name
+from .sources import RawRows, read_raw, source_name
 
 log = logging.getLogger(__name__)
 MAX_EXAMPLES = 5  # row indices remembered per skip reason
@@ -21,7 +21,9 @@ MAX_EXAMPLES = 5  # row indices remembered per skip reason
 
 @dataclass
 class ValidationReport:
-    """What validation did to one source. `examples` holds the first few 0-based row indices per reason."""
+    """What validation did to one source (or one split of it). `examples` holds the first few 0-based
+    row indices per reason and, for JSON-lines files, `lines` their 1-based line numbers. `truncation`
+    is filled by tokenisation (`tokenization.TruncationReport` as a dict)."""
 
     source: str
     format: str
@@ -29,24 +31,36 @@ class ValidationReport:
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[int]] = field(default_factory=dict)
+    lines: dict[str, list[int]] = field(default_factory=dict)
+    truncation: dict | None = None
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def add_skip(self, reason: str, row: int) -> None:
+    def add_skip(self, reason: str, row: int, line: int | None = None) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         rows = self.examples.setdefault(reason, [])
         if len(rows) < MAX_EXAMPLES:
             rows.append(row)
+            if line is not None:
+                self.lines.setdefault(reason, []).append(line)
+
+    def _where(self, reason: str) -> str:
+        rows, lines = self.examples[reason], self.lines.get(reason)
+        more = self.skipped[reason] > len(rows)
+        where = f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
+        if lines:
+            where += f" = line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}"
+        return where + (", ..." if more else "")
 
     def summary(self) -> str:
         head = f"{self.source} ({self.format}): kept {self.kept} of {self.total} rows"
         if not self.skipped:
             return head
-        parts = [f"{r} {n} (rows {', '.join(map(str, self.examples[r]))}{', ...' if n > len(self.examples[r]) else ''})"
-                 for r, n in self.skipped.items()]
-        return f"{head}; skipped {self.num_skipped}: " + "; ".join(parts) + " [row indices are 0-based]"
+        parts = [f"{r} {n} ({self._where(r)})" for r, n in self.skipped.items()]
+        note = "row indices are 0-based, line numbers 1-based" if self.lines else "row indices are 0-based"
+        return f"{head}; skipped {self.num_skipped}: " + "; ".join(parts) + f" [{note}]"
 
 
 def validate_rows(
@@ -59,26 +73,35 @@ def validate_rows(
     chat_template: bool = False,
     tokenizer=None,
     keep_columns: Sequence[str] = (),
+    lines: Sequence[int] | None = None,
 ) -> tuple[datasets.Dataset, ValidationReport]:
-    """Parse and check every row; skip bad ones (or raise on the first with `strict=True`)."""
+    """Parse and check every row; skip bad ones (or raise on the first with `strict=True`). A row may be
+    a `RowProblem` (a line the reader could not read); `lines` gives each row's line number in its file."""
     rows = rows.to_list() if isinstance(rows, datasets.Dataset) else list(rows)
-    fmt = detect_format(columns, rows, name, format)
+    if not rows:
+        raise DataError(f"{name}: no rows (the source is empty)")
+    readable = any(not isinstance(r, RowProblem) for r in rows)  # else each row's problem is reported below
+    fmt = detect_format(columns, rows, name, format) if readable else format
     if fmt == "hh" and chat_template:
         raise ConfigError(f"{name}: chat_template=True applies to the strings format, not {fmt!r}")
-    if (fmt == "messages" or chat_template) and getattr(tokenizer, "chat_template", None) is None:
+    if readable and (fmt == "messages" or chat_template) and getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(f"{name}: the {fmt} format with chat templating needs a tokenizer with a chat_template")
-    if missing := [c for c in keep_columns if c not in columns]:
+    if readable and (missing := [c for c in keep_columns if c not in columns]):
         raise DataError(f"{name}: keep_columns {missing} not in columns {list(columns)}")
-    parse = PARSERS[fmt]
+    parse = PARSERS.get(fmt)
     report = ValidationReport(source=name, format=fmt, total=len(rows))
     out: dict[str, list] = {k: [] for k in ("prompt", "chosen", "rejected", "row", *keep_columns)}
     for i, row in enumerate(rows):
         try:
+            if isinstance(row, RowProblem):
+                raise row
             triple = parse(row, tokenizer, chat_template)
         except RowProblem as p:
+            line = lines[i] if lines is not None else None
             if strict:
-                raise DataError(f"{name}: row {i} (0-based): {p}") from None
-            report.add_skip(p.reason, i)
+                where = f"line {line} (row {i}, 0-based)" if line is not None else f"row {i} (0-based)"
+                raise DataError(f"{name}: {where}: {p} (data.strict is on; turn it off to skip such rows)") from None
+            report.add_skip(p.reason, i, line)
             continue
         for k, v in zip(("prompt", "chosen", "rejected", "row"), (*triple, i)):
             out[k].append(v)
@@ -88,8 +111,7 @@ def validate_rows(
     if report.kept == 0:
         why = ", ".join(f"{r}: {n}" for r, n in report.skipped.items()) or "the source is empty"
         raise DataError(f"{name}: no usable rows out of {report.total} ({why})")
-    if report.skipped:
-        log.warning("%s", report.summary())
+    log.debug("%s", report.summary())  # the caller reports it (prepare prints each split's once)
     return datasets.Dataset.from_dict(out), report
 
 
@@ -105,9 +127,9 @@ def load_preference_data(
 ) -> tuple[datasets.Dataset, ValidationReport]:
     """Load a local file (.jsonl/.json/.jsonl.gz/.parquet) or a hub id (`split` applies to hub ids only),
     detect its shape (`format`: auto|strings|messages|hh), validate every row and return the clean pairs."""
-    raw = read_raw(source, split)
-    return validate_rows(raw, raw.column_names, source_name(source, split), format=format, strict=strict,
-                         chat_template=chat_template, tokenizer=tokenizer, keep_columns=keep_columns)
+    raw: RawRows = read_raw(source, split)
+    return validate_rows(raw.rows, raw.columns, source_name(source, split), format=format, strict=strict,
+                         chat_template=chat_template, tokenizer=tokenizer, keep_columns=keep_columns, lines=raw.lines)
 
 
 def preference_data_from_rows(

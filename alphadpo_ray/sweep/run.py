@@ -16,10 +16,13 @@ the method-independent ``accuracy_logratio`` and ``kl``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +30,25 @@ from ray.tune import Callback
 
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
-from ..losses import METHODS, needs_reference
+from ..losses import method_names, needs_reference
+from ..sweep_settings import SweepConfig, method_space, starting_points
 from . import results as res
-from .config import SweepConfig, method_space, starting_points, tune_domains
 from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, SWEEP_TAG, SweepMLflowCallback
+
+
+CHECKPOINT_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
 
 
 class SweepFailed(AlphaDPOError):
     """No trial of a sweep finished."""
+
+
+class SweepExists(AlphaDPOError):
+    """A sweep or compare of this name already exists and ``--resume`` was not given."""
+
+
+class SweepRunning(AlphaDPOError):
+    """Another process holds the sweep's name (its lock in storage)."""
 
 
 class TrialProgress(Callback):
@@ -69,6 +83,10 @@ class TrialProgress(Callback):
               flush=True)
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def sweep_settings(config: ExperimentConfig) -> SweepConfig:
     """The config's sweep section (validated with the config), or the defaults."""
     return config.sweep or SweepConfig()
@@ -101,6 +119,26 @@ def _searcher(sweep: SweepConfig, points: list[dict]):
                             sampler=samplers[sweep.sampler]())
 
 
+def tune_domains(space: dict[str, dict], grid_as_choice: bool):
+    """Ray Tune domains for a space spec (grid → tune.grid_search, or choice under Optuna)."""
+    from ray import tune
+
+    out = {}
+    for name, spec in space.items():
+        kind = spec["type"]
+        if kind == "loguniform":
+            out[name] = tune.loguniform(spec["low"], spec["high"])
+        elif kind == "uniform":
+            out[name] = tune.uniform(spec["low"], spec["high"])
+        elif kind == "quniform":
+            out[name] = tune.quniform(spec["low"], spec["high"], spec.get("q", 1))
+        elif kind == "choice" or (kind == "grid" and grid_as_choice):
+            out[name] = tune.choice(spec["values"])
+        else:
+            out[name] = tune.grid_search(spec["values"])
+    return out
+
+
 def _scheduler(sweep: SweepConfig):
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
@@ -123,90 +161,115 @@ class SweepResult:
     files: dict = field(default_factory=dict)
 
 
-def _parent_run(uri, experiment_name: str, key: str, run_name: str, kind: str, tags: dict, params: dict):
-    from .. import tracking
-
-    run_id, resumed = tracking.start_or_resume_run(uri, experiment_name, run_name, key, params,
-                                                   tags={KIND_TAG: kind, **tags})
-    return run_id, resumed
-
-
 def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, *, name: str, resume: bool,
                      uri: str | None, parent_of: str | None = None, log=print) -> SweepResult:
     """One Tuner over one method's space (the unit both `sweep` and `compare` are built from)."""
-    from ray import tune
-    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
-
-    from .. import tracking
-    from .trial import run_trial
-
     space = method_space(sweep, method, config.training.learning_rate)
     defaults = {**config.method.resolved(), "learning_rate": config.training.learning_rate}
     points = starting_points(sweep, method, space, defaults)
+    callbacks: list = [TrialProgress(sweep.accuracy_key, sweep.num_samples)]
+    parent_id = None
+    if uri:
+        parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of)
+        callbacks.append(tracker)
+    tuner = _tuner(config, sweep, method, plan, name, space, points, callbacks, resume, log)
+    with _tune_environment(sweep, config.storage_path()):
+        grid = tuner.fit()
+    rows = res.mark_pareto(res.rows_from_result_grid(grid, method, config.ray.num_workers), sweep.accuracy_metric,
+                           include_stopped=sweep.pareto_includes_stopped)
+    return SweepResult(name=name, method=method, rows=rows, directory=config.run_dir.parent / name,
+                       parent_run_id=parent_id)
+
+
+def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name: str, uri: str, space: dict,
+                points: list, parent_of: str | None):
+    """The sweep's MLflow parent run (started or resumed) and the callback that writes its child runs."""
+    from mlflow.tracking import MlflowClient
+
+    from .. import tracking
+
+    storage = config.storage_path()
+    parent_id, _ = tracking.start_or_resume_run(
+        uri, config.tracking.experiment_name, name, tracking.run_key(storage, name),
+        tags={KIND_TAG: "sweep", SWEEP_TAG: name, METHOD_TAG: method, **({PARENT_TAG: parent_of} if parent_of else {})},
+        params={"method": method, "num_samples": str(sweep.num_samples), "objective": sweep.objective,
+                "sampler": sweep.sampler, "seed": str(sweep.seed)},
+    )
+    client = MlflowClient(uri)
+    client.log_dict(parent_id, {"search_space": space, "points_to_evaluate": points}, "search_space.json")
+    client.log_dict(parent_id, tracking.mask_secrets(config.to_dict()), "config.json")
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers)
+
+
+def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name: str, space: dict, points: list,
+           callbacks: list, resume: bool, log):
+    """A new `Tuner` over the method's space, or (``--resume``) the one restored from storage."""
+    from ray import tune
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+
+    from .trial import run_trial
+
     storage = config.storage_path()
     experiment_dir = f"{storage}/{name}"
-    trainers_path = f"{storage}/{name}-trainers"
-
-    parent_id, callbacks = None, [TrialProgress(sweep.accuracy_key, sweep.num_samples)]
-    if uri:
-        from mlflow.tracking import MlflowClient
-
-        parent_id, _ = _parent_run(
-            uri, config.tracking.experiment_name, tracking.run_key(storage, name), name, "sweep",
-            {SWEEP_TAG: name, METHOD_TAG: method, **({PARENT_TAG: parent_of} if parent_of else {})},
-            {"method": method, "num_samples": str(sweep.num_samples), "objective": sweep.objective,
-             "sampler": sweep.sampler, "seed": str(sweep.seed)},
-        )
-        client = MlflowClient(uri)
-        client.log_dict(parent_id, {"search_space": space, "points_to_evaluate": points}, "search_space.json")
-        client.log_dict(parent_id, tracking.mask_secrets(config.to_dict()), "config.json")
-        experiment_id = client.get_run(parent_id).info.experiment_id
-        callbacks.append(SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers))
-
     direct = config.ray.num_workers == 1 and sweep.direct_single_worker
     per_worker = dict(config.ray.resources_per_worker)
     if direct:
         resources = {"CPU": per_worker.get("CPU", 1), **({"GPU": per_worker.get("GPU", 1)} if config.ray.use_gpu else {})}
     else:
         resources = {"CPU": sweep.trial_cpus}
-    base = config.to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, method=method, plan=plan.to_dict(), sweep_name=name,
-                             trainers_path=trainers_path),
+        tune.with_parameters(run_trial, base=config.to_dict(), method=method, plan=plan.to_dict(), sweep_name=name,
+                             trainers_path=f"{storage}/{name}-trainers"),
         resources,
     )
+    if resume and Tuner.can_restore(experiment_dir):
+        log(f"[sweep] resuming {name} from {experiment_dir}")
+        return Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
+                             restart_errored=False)
+    if resume:
+        log(f"[sweep] nothing to resume at {experiment_dir}; starting {name}")
     use_grid = sweep.search == "grid"
+    tune_config = TuneConfig(
+        search_alg=None if use_grid else _searcher(sweep, points),
+        scheduler=_scheduler(sweep),
+        num_samples=sweep.num_samples if not use_grid else 1,
+        max_concurrent_trials=sweep.max_concurrent_trials,
+        reuse_actors=direct,
+        trial_dirname_creator=lambda trial: trial.trial_id,
+    )
+    return Tuner(
+        trainable,
+        param_space=tune_domains(space, grid_as_choice=not use_grid),
+        tune_config=tune_config,
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
+    )
+
+
+@contextlib.contextmanager
+def _tune_environment(sweep: SweepConfig, storage: str):
+    """Tune's process-wide switches for this sweep's `fit` only (its controller reads them when `fit`
+    starts; previous values are restored after):
+
+    * `TUNE_GLOBAL_CHECKPOINT_S`, the experiment-state save period: every controller step on local
+      storage, so a killed driver never re-runs a finished trial; Tune's adaptive period on object stores;
+    * `RAY_AIR_NEW_OUTPUT=0`: Tune's legacy reporter, which honours ``verbose=0`` (the new one prints its
+      configuration box and a TensorBoard hint regardless); `TrialProgress` prints the trial lines."""
     period = sweep.experiment_checkpoint_s
     if period is None:
         period = 0 if "://" not in storage else None
-    if period is not None:  # read by Tune's controller when the Tuner starts
-        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(period)
-    if resume and Tuner.can_restore(experiment_dir):
-        log(f"[sweep] resuming {name} from {experiment_dir}")
-        tuner = Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
-                              restart_errored=False)
-    else:
-        if resume:
-            log(f"[sweep] nothing to resume at {experiment_dir}; starting {name}")
-        tune_config = TuneConfig(
-            search_alg=None if use_grid else _searcher(sweep, points),
-            scheduler=_scheduler(sweep),
-            num_samples=sweep.num_samples if not use_grid else 1,
-            max_concurrent_trials=sweep.max_concurrent_trials,
-            reuse_actors=direct,
-            trial_dirname_creator=lambda trial: trial.trial_id,
-        )
-        tuner = Tuner(
-            trainable,
-            param_space=tune_domains(space, grid_as_choice=not use_grid),
-            tune_config=tune_config,
-            run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
-                                 failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
-        )
-    grid = tuner.fit()
-    rows = res.mark_pareto(res.rows_from_result_grid(grid, method, config.ray.num_workers), sweep.accuracy_metric)
-    return SweepResult(name=name, method=method, rows=rows, directory=config.run_dir.parent / name,
-                       parent_run_id=parent_id)
+    values = {CHECKPOINT_PERIOD_ENV: None if period is None else str(period), "RAY_AIR_NEW_OUTPUT": "0"}
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_accuracy, title: str) -> None:
@@ -245,28 +308,155 @@ def with_method(config: ExperimentConfig, method: str) -> ExperimentConfig:
     return config_from_dict({**config.to_dict(), "method": {"name": method}}, f"{config.name} [{method}]")
 
 
-def _start(config: ExperimentConfig, address: str | None):
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock(lock_uri: str) -> dict | None:
+    from .. import storage
+
+    fs, path = storage.resolve(lock_uri)
+    try:
+        with fs.open_input_stream(path) as handle:
+            data = json.loads(handle.read() or b"null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _create_lock(lock_uri: str, holder: dict) -> bool:
+    """Create the lock file if there is none (atomically on local and NFS paths); True if created."""
+    from .. import storage
+
+    if "://" in lock_uri:  # object stores have no exclusive create: check, then write
+        if storage.exists(lock_uri):
+            return False
+        storage.write_json(lock_uri, holder)
+        return True
+    Path(lock_uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock_uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        json.dump(holder, handle)
+    return True
+
+
+def _remove_lock(lock_uri: str) -> None:
+    from .. import storage
+
+    fs, path = storage.resolve(lock_uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+@contextlib.contextmanager
+def sweep_lock(storage_path: str, name: str):
+    """Hold the sweep or compare `name` while it runs: ``{storage_path}/{name}.lock`` names the holder
+    (pid, host, start). Another sweep of the same name refuses (`SweepRunning`) while the holder
+    lives; a lock left by a dead process on this host is taken over; the holder removes it at the end."""
+    from .. import storage
+
+    lock_uri = storage.join(storage_path, f"{name}.lock")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "token": uuid.uuid4().hex}
+    try:
+        for _ in range(3):
+            if _create_lock(lock_uri, holder):
+                break
+            current = _read_lock(lock_uri)
+            if current and current.get("host") == holder["host"] and isinstance(current.get("pid"), int) \
+                    and not _pid_alive(current["pid"]):
+                _remove_lock(lock_uri)  # its holder died without releasing it (killed)
+                continue
+            who = (f"pid {current.get('pid')} on {current.get('host')} since {current.get('since')}" if current
+                   else "a process that is starting")
+            raise SweepRunning(
+                f"sweep {name!r} is already running: {lock_uri} is held by {who}. Wait for it to end or use another "
+                f"name (--set sweep.name=NEW); if that process is gone, remove {lock_uri}.")
+        else:
+            raise SweepRunning(f"sweep {name!r}: could not take the lock {lock_uri}; remove it if no sweep is running")
+    except OSError as err:
+        raise AlphaDPOError(f"cannot create the sweep lock {lock_uri}: {err}") from None
+    try:
+        yield lock_uri
+    finally:
+        if (_read_lock(lock_uri) or {}).get("token") == holder["token"]:
+            _remove_lock(lock_uri)
+
+
+def _refuse_existing(config: ExperimentConfig, uri: str | None, names: list[str], kind: str) -> None:
+    """Without ``--resume`` a sweep or compare never adds to one of the same name: its Tune experiment
+    in storage or its MLflow runs (parent, or a compare's per-method sweeps) mean `SweepExists`."""
+    from .. import storage
+
+    experiments = [storage.join(config.storage_path(), n) for n in names]
+    experiments = [e for e in experiments if storage.exists(e)]
+    runs = []
+    if uri:
+        from mlflow.tracking import MlflowClient
+
+        from ..tracking import redact
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(config.tracking.experiment_name)
+        for n in names if experiment else []:
+            found = client.search_runs([experiment.experiment_id], f"tags.`{SWEEP_TAG}` = '{n}'", max_results=50)
+            runs += [f"{r.info.run_id} ({n})" for r in found if r.data.tags.get(KIND_TAG) != "trial"]
+    if not experiments and not runs:
+        return
+    where = "; ".join([*(f"Tune experiment {e}" for e in experiments),
+                       *([f"MLflow run(s) {', '.join(runs)} in {redact(uri)}"] if runs else [])])
+    way = (f"continue it with `alphadpo-ray {kind} CONFIG --resume`, or start a separate one with "
+           "--set sweep.name=NEW" if experiments else
+           "its storage is gone, so it cannot be resumed: start a separate one with --set sweep.name=NEW")
+    raise SweepExists(f"{kind} {names[0]!r} already exists ({where}). Nothing was started; {way}.")
+
+
+def _start(config: ExperimentConfig, address: str | None, names: list[str] | None = None, resume: bool = True,
+           kind: str = "sweep"):
+    """Preflight, the tracking store (created under its lock), the name check (without ``--resume``),
+    then Ray."""
     from .. import tracking
     from ..launch import init_ray
+    from ..preflight import preflight
 
+    preflight(config)  # paths, disk, DeepSpeed config, hub ids: before Ray starts
     uri = None
     if config.tracking.enabled:
         uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+        tracking.create_sqlite_store(uri)
         tracking.check_tracking(uri)
+    if not resume and names:
+        _refuse_existing(config, uri, names, kind)
     init_ray(config, address)
     return uri
 
 
 def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | None = None, log=print) -> SweepResult:
-    """`alphadpo-ray sweep`: one method (the config's) searched with Tune + Optuna."""
+    """`alphadpo-ray sweep`: one method (the config's) searched with Tune + Optuna. The sweep's name is
+    held (`sweep_lock`) while it runs; without `resume` an existing sweep of that name is refused."""
+    name = sweep_settings(config).name or f"{config.name}-sweep"
+    with sweep_lock(config.storage_path(), name):
+        return _run_sweep(config, resume=resume, address=address, log=log)
+
+
+def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> SweepResult:
     sweep = sweep_settings(config)
     method = config.method.name
     name = sweep.name or f"{config.name}-sweep"
     start = time.time()
-    uri = _start(config, address)
+    uri = _start(config, address, [name], resume, "sweep")
     plan = _prepare(config, [method], log)
     log(f"[sweep] {name}: {method}, {sweep.num_samples} trials, objective {sweep.objective} "
-        f"({', '.join(map(str, sweep.metrics_and_modes()[0] if isinstance(sweep.metrics_and_modes()[0], list) else [sweep.metrics_and_modes()[0]]))}), "
+        f"({', '.join(_as_list(sweep.metrics_and_modes()[0]))}), "
         f"{plan.total_steps} steps per trial, up to {sweep.max_concurrent_trials} at once")
     result = run_method_sweep(config, sweep, method, plan, name=name, resume=resume, uri=uri, log=log)
     reference_accuracy = (plan.reference_metrics or {}).get(sweep.accuracy_metric)
@@ -284,25 +474,34 @@ def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | 
 
 
 def run_compare(config: ExperimentConfig, *, resume: bool = False, address: str | None = None, log=print) -> dict:
-    """`alphadpo-ray compare`: the same sweep budget for each method, side by side."""
+    """`alphadpo-ray compare`: the same sweep budget for each method, side by side. Its name is held
+    (`sweep_lock`) while it runs; without `resume` an existing compare of that name is refused."""
+    name = sweep_settings(config).name or f"{config.name}-compare"
+    with sweep_lock(config.storage_path(), name):
+        return _run_compare(config, resume=resume, address=address, log=log)
+
+
+def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> dict:
     from .. import tracking
 
     sweep = sweep_settings(config)
     # Methods are ranked on the method-independent reward: their own implicit-reward accuracies differ in scale.
     sweep = sweep.model_copy(update={"accuracy_metric": "accuracy_logratio"})
-    methods = sweep.methods or list(METHODS)
+    methods = sweep.methods or list(method_names())
     name = sweep.name or f"{config.name}-compare"
     start = time.time()
-    uri = _start(config, address)
+    uri = _start(config, address, [name, *(f"{name}-{m}" for m in methods)], resume, "compare")
     plan = _prepare(config, methods, log)
     log(f"[compare] {name}: {', '.join(methods)} — each {sweep.num_samples} trials × {plan.total_steps} steps "
         f"× {config.training.total_batch_size} pairs, same data, model and seeds")
     compare_id = None
     if uri:
-        compare_id, _ = _parent_run(uri, config.tracking.experiment_name, tracking.run_key(config.storage_path(), name),
-                                    name, "compare", {SWEEP_TAG: name},
-                                    {"methods": ",".join(methods), "num_samples": str(sweep.num_samples),
-                                     "total_steps": str(plan.total_steps)})
+        compare_id, _ = tracking.start_or_resume_run(
+            uri, config.tracking.experiment_name, name, tracking.run_key(config.storage_path(), name),
+            tags={KIND_TAG: "compare", SWEEP_TAG: name},
+            params={"methods": ",".join(methods), "num_samples": str(sweep.num_samples),
+                    "total_steps": str(plan.total_steps)},
+        )
     compare_config = config.model_copy(update={"sweep": sweep})
     by_method: dict[str, list[dict]] = {}
     for method in methods:

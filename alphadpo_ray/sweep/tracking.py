@@ -4,7 +4,13 @@
 results, so concurrent trials never write to the store themselves (SQLite would lock). Trial →
 MLflow run ids are kept in the callback's saved state *and* recoverable from MLflow itself (child
 runs are tagged with sweep id and trial id), so a resumed sweep continues the same child runs
-instead of creating duplicates.
+instead of creating duplicates. A trial resumed from a checkpoint (a restored sweep, a restarted
+trial) reports its replayed steps again; each child run logs every step once (steps at or below
+the highest one already in its history are skipped).
+
+A trial that ended without error before its ``total_steps`` (an ASHA/median scheduler stopped it) is
+an MLflow ``FINISHED`` run tagged ``alphadpo.status = stopped early`` with the step it stopped at
+(``alphadpo.steps``), so `report` can tell it from a trial that trained to the end.
 """
 
 from __future__ import annotations
@@ -13,11 +19,25 @@ import re
 
 from ray.tune import Callback
 
-from ..tracking import log_metrics, numeric_metrics
+from ..tracking import last_logged_step, log_metrics, numeric_metrics
 
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
 ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"
+STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG = "alphadpo.status", "alphadpo.steps", "alphadpo.total_steps"
 PARENT_TAG = "mlflow.parentRunId"
+FINISHED, STOPPED, FAILED = "finished", "stopped early", "failed"
+
+
+def trial_status(result: dict | None, error=None) -> str:
+    """``failed`` if the trial raised; ``stopped early`` if it ended without error before its
+    ``total_steps`` (every recipe report carries ``step`` and ``total_steps``; only a scheduler stops a
+    trial that way); else ``finished``."""
+    if error:
+        return FAILED
+    step, total = (result or {}).get("step"), (result or {}).get("total_steps")
+    if isinstance(step, (int, float)) and isinstance(total, (int, float)) and step < total:
+        return STOPPED
+    return FINISHED
 
 
 def error_reason(text: str) -> str:
@@ -52,6 +72,7 @@ class SweepMLflowCallback(Callback):
         self.parent_run_id, self.sweep_id, self.method = parent_run_id, sweep_id, method
         self.runs: dict[str, str] = {}
         self._client = None
+        self._logged: dict[str, int] = {}  # trial id → highest step in its run's history (read from MLflow first)
 
     @property
     def client(self):
@@ -64,6 +85,7 @@ class SweepMLflowCallback(Callback):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_client"] = None
+        state["_logged"] = {}
         return state
 
     def _find_existing(self, trial_id: str) -> str | None:
@@ -100,16 +122,34 @@ class SweepMLflowCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("step", result.get("training_iteration", 0)))
+        run_id = self.run_id(trial)
+        logged = self.__dict__.setdefault("_logged", {})  # absent in a callback pickled by an older version
+        if trial.trial_id not in logged:
+            logged[trial.trial_id] = last_logged_step(self.client, run_id)
+        if step <= logged[trial.trial_id]:
+            return  # replayed after a resume: already in the run's history
         metrics = {k: v for k, v in numeric_metrics(result).items()
                    if "/" in k or k in ("time_total_s", "epoch")}
-        log_metrics(self.client, self.run_id(trial), metrics, step)
+        log_metrics(self.client, run_id, metrics, step)
+        logged[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+        """Finished or stopped early by the scheduler (Tune completes both): the status tag says which."""
+        run_id = self.run_id(trial)
+        result = trial.last_result or {}
+        tags = {STATUS_TAG: trial_status(result)}
+        for tag, key in ((STEPS_TAG, "step"), (TOTAL_STEPS_TAG, "total_steps")):
+            if isinstance(result.get(key), (int, float)):
+                tags[tag] = str(int(result[key]))
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, ERROR_TAG, error_reason(trial_error_text(trial)))
+        self.client.set_tag(run_id, STATUS_TAG, FAILED)
         self.client.set_terminated(run_id, status="FAILED")
 
     def get_state(self):
