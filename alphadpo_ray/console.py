@@ -10,6 +10,7 @@ environment (`launch.worker_env`) and `engine.quiet_logs`; Tune's own output by 
 from __future__ import annotations
 
 import logging
+import re
 
 QUIET = {
     "mlflow": logging.WARNING,  # "Creating initial MLflow database tables..."
@@ -45,3 +46,33 @@ def quiet_driver() -> None:
         transformers.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
+
+
+# Worker lines Ray forwards to the driver that are known to be benign, printed on every run.
+KNOWN_BENIGN_WORKER_LINES = (
+    # Ray Train's own PreemptionWatcher actor, at error level (ray-project/ray#53727): not a problem of the run
+    re.compile(r"core_worker\.cc.*Actor with class name: 'PreemptionWatcher'.*max_restarts > 0"),
+)
+
+
+def drop_benign_worker_lines() -> None:
+    """Ray forwards every worker's output to the driver's console; drop the lines known to be benign
+    (`KNOWN_BENIGN_WORKER_LINES`). Uses Ray's stdstream dispatcher (a private API): if it is not
+    there, nothing is filtered. Idempotent; call after `ray.init`."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover - another Ray version
+        return
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name != "ray_print_logs" or getattr(handler, "_alphadpo_filtered", False):
+                continue
+
+            def filtered(data, _handler=handler):
+                lines = [line for line in data.get("lines", [])
+                         if not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES)]
+                if lines:
+                    _handler({**data, "lines": lines})
+
+            filtered._alphadpo_filtered = True
+            dispatcher.handlers[i] = (name, filtered)

@@ -121,14 +121,16 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     the process that creates it. A user's own value always wins."""
     import ray
 
+    from .console import drop_benign_worker_lines
+
     _keep_credentials_out_of_runtime_envs()
     env = worker_env(config)
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
-    if ray.is_initialized():
-        return
-    address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="warning")
+    if not ray.is_initialized():
+        address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="warning")
+    drop_benign_worker_lines()
 
 
 def build_trainer(config: ExperimentConfig, plan, callbacks: list | None = None, run_name: str | None = None):
