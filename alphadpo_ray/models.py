@@ -198,20 +198,6 @@ def build_tiny_model(
     return model
 
 
-def build_tiny_llama(
-    tokenizer,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 192,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
-):
-    """A randomly initialised Llama-architecture causal LM sized for CPU tests (`build_tiny_model("llama", ...)`)."""
-    return build_tiny_model("llama", tokenizer, hidden_size, num_layers, num_heads, intermediate_size,
-                            max_position_embeddings, seed)
-
-
 def build_tiny_model_dir(
     path: str | os.PathLike, texts: Iterable[str], vocab_size: int = 512, family: str = "llama", **model_kwargs
 ) -> Path:

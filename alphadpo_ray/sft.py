@@ -33,7 +33,7 @@ from .logprobs import sequence_logps
 from .losses import build_loss
 from .metrics import evaluate_preferences, generation_accuracy
 from .storage import file_lock
-from .models import build_tiny_llama, build_tokenizer, load_model, load_tokenizer
+from .models import build_tiny_model, build_tokenizer, load_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ def _build(task: task_lib.TaskConfig, sft: SFTConfig, out: Path, progress: bool)
     _write_jsonl(out / "train.jsonl", train_rows)
     _write_jsonl(out / "held_out.jsonl", held_rows)
     tokenizer = build_tokenizer(task_lib.corpus(task), vocab_size=sft.vocab_size)
-    model = build_tiny_llama(
+    model = build_tiny_model(
+        "llama",
         tokenizer,
         hidden_size=sft.hidden_size,
         num_layers=sft.num_layers,

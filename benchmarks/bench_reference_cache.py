@@ -88,10 +88,10 @@ def _synthetic_texts(n: int, seed: int) -> list[str]:
 
 
 def _build_model_dir(path: Path, args) -> None:
-    from alphadpo_ray.models import build_tiny_llama, build_tokenizer
+    from alphadpo_ray.models import build_tiny_model, build_tokenizer
 
     tokenizer = build_tokenizer(_synthetic_texts(2000, args.seed), vocab_size=args.vocab)
-    model = build_tiny_llama(tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+    model = build_tiny_model("llama", tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                              intermediate_size=3 * args.hidden, max_position_embeddings=max(512, args.seq_len),
                              seed=args.seed)
     model.save_pretrained(path, safe_serialization=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphadpo_ray.models import CHAT_TEMPLATE, ROLE_TOKENS, build_tiny_llama, load_model, load_tokenizer
+from alphadpo_ray.models import CHAT_TEMPLATE, ROLE_TOKENS, build_tiny_model, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,9 @@ def test_model_vocabulary_matches_the_tokenizer(tiny_model_dir, tiny_tokenizer):
 
 
 def test_build_tiny_llama_is_deterministic_for_a_seed(tiny_tokenizer):
-    a, b = build_tiny_llama(tiny_tokenizer, hidden_size=16, num_heads=2, intermediate_size=32, seed=3), \
-        build_tiny_llama(tiny_tokenizer, hidden_size=16, num_heads=2, intermediate_size=32, seed=3)
-    c = build_tiny_llama(tiny_tokenizer, hidden_size=16, num_heads=2, intermediate_size=32, seed=4)
+    a, b = build_tiny_model("llama", tiny_tokenizer, hidden_size=16, num_heads=2, intermediate_size=32, seed=3), \
+        build_tiny_model("llama", tiny_tokenizer, hidden_size=16, num_heads=2, intermediate_size=32, seed=3)
+    c = build_tiny_model("llama", tiny_tokenizer, hidden_size=16, num_heads=2, intermediate_size=32, seed=4)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)

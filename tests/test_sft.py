@@ -69,14 +69,14 @@ def test_reference_loads_and_has_the_requested_size(tiny_cache):
 def test_train_sft_lowers_the_loss(tiny_cache):
     """30 steps on the tiny task already bring the token NLL well below its start (a working SFT loop)."""
     from alphadpo_ray.data import preference_data_from_rows, tokenize_sft
-    from alphadpo_ray.models import build_tiny_llama, load_tokenizer
+    from alphadpo_ray.models import build_tiny_model, load_tokenizer
 
     _, built = tiny_cache
     tokenizer = load_tokenizer(built.reference_dir)
     dataset, _ = preference_data_from_rows(read_jsonl(built.train_file), chat_template=True, tokenizer=tokenizer)
     examples = list(tokenize_sft(dataset, tokenizer, max_length=64, max_prompt_length=32))
     torch.manual_seed(0)
-    model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=96)
+    model = build_tiny_model("llama", tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=96)
     losses = sft_mod.train_sft(model, examples, tokenizer.pad_token_id, TINY_SFT, progress=False)
     assert len(losses) == TINY_SFT.steps
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
