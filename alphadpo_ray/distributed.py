@@ -77,7 +77,23 @@ def init_process_group(use_gpu: bool, *, single_process: bool = False) -> None:
         dist.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
     import deepspeed
 
+    if not use_gpu:
+        skip_cpu_comm_ops()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+
+
+def skip_cpu_comm_ops() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU communication ops (``deepspeed_shm_comm``,
+    ``deepspeed_ccl_comm``) when it creates its communication layer. It builds them with ninja into the
+    torch-extensions cache that every environment on the machine shares: 30-50 s per build, rebuilt
+    whenever another environment built it last, and a process killed mid-build leaves a lock file on
+    which every later worker on the machine waits forever. Marked incompatible, DeepSpeed's collectives
+    go through torch.distributed (gloo), like this module's own; GPU accelerators never use these ops."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible.update({"deepspeed_shm_comm": False, "deepspeed_ccl_comm": False})
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

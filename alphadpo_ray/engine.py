@@ -100,30 +100,6 @@ def eval_deepspeed_config(config: ExperimentConfig) -> dict:
     }
 
 
-def _quiet_comm_op_builds() -> None:
-    """DeepSpeed `print`s "deepspeed_shm_comm_op built successfully" (and the same for its CCL op) whenever
-    its CPU communication backend is created, inside several of its entry points. Those two modules print
-    nothing else, so a module-level `print` that drops its arguments keeps the line off the console
-    (redirecting stdout does not: Ray Train's workers route `print` to the original stream)."""
-
-    def drop(*args, **kwargs) -> None:
-        return None
-
-    for name in ("deepspeed.comm.torch", "deepspeed.comm.ccl"):
-        module = _import_optional(name)
-        if module is not None:
-            module.print = drop  # a module global shadows the builtin for code in that module only
-
-
-def _import_optional(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - an optional backend that does not import here
-        return None
-
-
 def quiet_logs() -> None:
     """DeepSpeed, Ray Train and transformers are chatty at INFO; keep the console to our progress lines."""
     import warnings
@@ -144,7 +120,6 @@ def quiet_logs() -> None:
         ds_logger.setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001
         pass
-    _quiet_comm_op_builds()
     import transformers
 
     transformers.logging.set_verbosity_error()

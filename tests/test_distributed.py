@@ -120,6 +120,31 @@ def test_two_gloo_workers(tmp_path):
                        "gathered": [0.0, 0.0, 1.0]}
 
 
+def _deepspeed_worker(rank: int, world: int, tmp: str) -> None:
+    import os
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = f"{tmp}/torch-extensions"  # where a JIT build would land
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        distributed.init_process_group(use_gpu=False)
+        from deepspeed.comm import comm  # its module global `cdb` is the backend init created
+
+        summed = torch.tensor([rank + 1.0])
+        comm.all_reduce(summed)
+        torch.save({"shm_op": comm.cdb.shm_comm_op, "sum": summed.item()}, f"{tmp}/ds{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepspeed_comm_builds_no_cpu_op(tmp_path):
+    """DeepSpeed's communication layer on CPU goes through gloo: its shared-memory op is never
+    JIT-compiled (no build in the extensions directory, no op), and its all-reduce still works."""
+    mp.spawn(_deepspeed_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"ds{rank}.pt", weights_only=False) == {"shm_op": None, "sum": 3.0}
+    assert not (tmp_path / "torch-extensions").exists()
+
+
 # ------------------------------------------------------------------------------ one seam
 
 
