@@ -414,10 +414,13 @@ def test_stopped_trials_rows_and_pareto_without_ray(tmp_path):
     from rich.console import Console
 
     console = Console(record=True, width=200)
+    marked = [{**r, "error": "RuntimeError: [/__w/pytorch/aten/src] bad [/x]"} if r["trial_id"] == "broken" else r
+              for r in marked]  # an error text that rich would read as (invalid) markup
     res.print_trials(marked, "accuracy", "t", console=console)
     res.print_methods([summary], "accuracy", "m", console=console)
     text = console.export_text()
     assert "stopped early @ step 3/12" in text and "stopped" in text
+    assert "trial broken failed: RuntimeError: [/__w/pytorch/aten/src] bad [/x]" in text
     assert res.plot_pareto({"alpha-dpo": marked}, "accuracy", tmp_path / "pareto.png").exists()
 
 

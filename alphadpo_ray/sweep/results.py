@@ -136,6 +136,7 @@ def _console():
 
 
 def print_trials(rows: list[dict], accuracy: str, title: str, console=None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or _console()
@@ -151,7 +152,7 @@ def print_trials(rows: list[dict], accuracy: str, title: str, console=None) -> N
     console.print(table)
     for r in ordered:
         if r.get("error"):
-            console.print(f"  trial {r['trial_id']} failed: {r['error']}")
+            console.print(f"  trial {r['trial_id']} failed: {escape(str(r['error']))}")  # paths like [/__w/…] are not markup
 
 
 def print_methods(summaries: list[dict], accuracy: str, title: str, console=None) -> None:
