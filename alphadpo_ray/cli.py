@@ -10,12 +10,18 @@ from .errors import AlphaDPOError
 
 
 def _config(args, preset: dict | None = None):
-    """The CONFIG file, or the embedded preset when none is given; --set overrides apply to both."""
+    """The CONFIG file, or the embedded preset when none is given; --set overrides apply to both. In a
+    Ray job's working-dir copy, places that would be lost with it are refused before anything is written
+    (a sweep takes its lock in storage before its preflight)."""
     from .config import config_from_dict, load_config
+    from .preflight import check_job_outputs
 
     if args.config is None and preset is not None:
-        return config_from_dict(preset, "<embedded defaults>", args.set)
-    return load_config(args.config, args.set)
+        config = config_from_dict(preset, "<embedded defaults>", args.set)
+    else:
+        config = load_config(args.config, args.set)
+    check_job_outputs(config)
+    return config
 
 
 def cmd_reference(args) -> int:

@@ -9,10 +9,17 @@
 * `check_hub` — a model or dataset named by hub id can be had: offline (``HF_HUB_OFFLINE=1``) it must be
   in the local cache; online the hub must answer within a few seconds. Otherwise the message says what
   to do (a local directory, or ``HF_HUB_OFFLINE=1`` with a filled cache).
+* `check_job_outputs` — a Ray job started with ``--working-dir`` runs in a temporary copy of that
+  directory, which Ray deletes: nothing the run keeps (outputs, checkpoints, cache, MLflow store) may
+  resolve inside it.
+* `check_cluster_access` — called by `launch.init_ray` before connecting to an existing cluster: the
+  cluster answers and accepts this process's auth token, else one message naming the fix (instead of
+  half a minute of Ray's retries and a traceback).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from .config import BUILTIN, ExperimentConfig
-from .errors import ConfigError
+from .errors import AlphaDPOError, ConfigError
 
 # DeepSpeed's pydantic config classes → the config section they parse.
 _DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
@@ -28,10 +35,17 @@ _DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config
                 "DeepSpeedCommsConfig": "comms_logger", "DeepSpeedMonitorConfig": "monitor",
                 "DeepSpeedFlopsProfilerConfig": "flops_profiler"}
 _HUB_TIMEOUT_S = 3.0
+_CLUSTER_TIMEOUT_S = 10.0
+
+
+class ClusterAccessError(AlphaDPOError):
+    """The Ray cluster named by --address / ray.address / RAY_ADDRESS does not answer or refuses this
+    process's authentication."""
 
 
 def preflight(config: ExperimentConfig, log=print) -> None:
-    """Every check of this module, in order of cost."""
+    """Every check of this module that needs no cluster, in order of cost."""
+    check_job_outputs(config)
     check_deepspeed(config)
     check_paths(config, log)
     check_hub(config)
@@ -112,12 +126,26 @@ def _estimated_checkpoint_bytes(config: ExperimentConfig) -> int | None:
     return params * per_param * kept
 
 
+def check_storage_uri(storage: str) -> None:
+    """No credentials in ``ray.storage_path`` (``s3://bucket/x?secret_key=…``, ``user:password@``): it is
+    printed, logged and stored with every run and trial, and handed to every worker."""
+    from .tracking import redact
+
+    if redact(storage) != storage:
+        raise ConfigError(
+            f"ray.storage_path {redact(storage)} holds credentials; give them to the object store's client instead: "
+            "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or the "
+            "nodes' instance role. The endpoint may stay in the path (?endpoint_override=HOST:PORT&scheme=http) "
+            "or come from AWS_ENDPOINT_URL.")
+
+
 def check_paths(config: ExperimentConfig, log=print) -> None:
     """Writable output dir, local storage and SQLite store; warn when checkpoints may not fit the disk."""
     from .tracking import resolve_tracking_uri
 
     _probe_dir("output_dir", Path(config.output_dir).expanduser().resolve())
     storage = config.storage_path()
+    check_storage_uri(storage)
     if "://" not in storage:
         _probe_dir("ray.storage_path", Path(storage))
         need = _estimated_checkpoint_bytes(config)
@@ -196,3 +224,143 @@ def check_hub(config: ExperimentConfig) -> None:
             f"{key}: {repo_id!r} is not a local path, and the Hugging Face Hub "
             f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) did not answer within {_HUB_TIMEOUT_S:g} s; "
             f"give a local directory/file, or set HF_HUB_OFFLINE=1 to use the {repo_type} from the local cache")
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray jobs and clusters
+
+
+def job_working_dir() -> Path | None:
+    """The working-dir copy this process runs in when it is the driver of a Ray job submitted with
+    ``--working-dir``, else None. Ray gives a job's driver its job config (runtime_env included) in
+    ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and starts it in the unpacked copy,
+    ``<session>/runtime_resources/working_dir_files/<package>``, which it deletes when no job uses it."""
+    try:
+        runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    if not runtime_env.get("working_dir"):
+        return None
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    if "working_dir_files" not in parts[:-1]:
+        return None  # the entrypoint changed directory first: relative paths are the user's choice
+    return Path(*parts[: parts.index("working_dir_files") + 2])
+
+
+def _tracking_path(uri: str) -> Path | None:
+    """The local file or directory an MLflow tracking URI writes to (None for a server)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file:").removeprefix("//")).expanduser().resolve()
+    return None if "://" in uri else Path(uri).expanduser().resolve()
+
+
+def _local_artifact_root(uri: str, store: Path, experiment: str) -> Path:
+    """Where a local MLflow store keeps `experiment`'s artifacts: the location recorded when the
+    experiment was created, or — for one not created yet — MLflow's default, ``./mlruns`` of the
+    current directory."""
+    if store.exists():
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+        if found is not None:
+            return _tracking_path(found.artifact_location) or Path("/")  # a remote location: not inside
+    return Path.cwd().resolve() / "mlruns"
+
+
+def check_job_outputs(config: ExperimentConfig) -> None:
+    """In a Ray job's working-dir copy, refuse (before anything is written) an output_dir, local
+    ray.storage_path, cache_dir, local MLflow store or its artifact folder that resolves inside the
+    copy: Ray deletes it, so the results would be lost (or the run fails mid-way when it goes)."""
+    copy = job_working_dir()
+    if copy is None:
+        return
+    from .tracking import resolve_tracking_uri
+
+    places = [("output_dir", Path(config.output_dir).expanduser().resolve())]
+    if "://" not in config.ray.storage_path:
+        places.append(("ray.storage_path", Path(config.storage_path())))
+    cache = config.cache_dir or os.environ.get("ALPHADPO_RAY_CACHE")
+    if cache:
+        places.append(("cache_dir", Path(cache).expanduser().resolve()))
+    if config.tracking.enabled:
+        key = "tracking.tracking_uri" if config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") \
+            else "tracking.tracking_uri (default ./mlflow.db)"
+        uri = resolve_tracking_uri(config.tracking.tracking_uri)
+        path = _tracking_path(uri)
+        if path is not None:
+            places.append((key, path))
+            places.append(("MLflow artifacts of experiment " + repr(config.tracking.experiment_name),
+                           _local_artifact_root(uri, path, config.tracking.experiment_name)))
+    inside = [f"{key} -> ./{path.relative_to(copy)}" for key, path in places if path == copy or copy in path.parents]
+    if inside:
+        raise ConfigError(
+            f"This run is a Ray job running in its temporary copy of --working-dir ({copy}), which Ray deletes when "
+            f"the job ends, and these would be written inside that copy: {'; '.join(inside)}. Nothing was started. Give "
+            "absolute paths outside the working dir that the cluster's nodes share (or s3:// / gs:// for "
+            "ray.storage_path) and an MLflow tracking server, e.g. --set output_dir=/shared/outputs "
+            "--set ray.storage_path=s3://bucket/ray --set tracking.tracking_uri=http://mlflow-host:5000 "
+            "(or MLFLOW_TRACKING_URI in the job's env).")
+
+
+def gcs_address(address: str | None) -> str | None:
+    """``host:port`` of an explicit cluster address; None when Ray finds or starts the cluster itself
+    (None, ``auto``, ``local``) or the address is a ``ray://`` client URL."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return None
+    return address
+
+
+def _token_source() -> str:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    return "~/.ray/auth_token (the default)"
+
+
+def check_cluster_access(address: str) -> None:
+    """Ask the GCS at `address` for its cluster id with the authentication `ray.init` would use, and
+    raise one `ClusterAccessError` naming the fix when it refuses (no token: RAY_AUTH_MODE is not
+    ``token``, or a wrong one) or does not answer — instead of Ray's half a minute of retries, each
+    logging an ``Unauthenticated`` line, and a ConnectionError traceback. Other answers are left to
+    `ray.init`."""
+    import grpc
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    from ray.exceptions import AuthenticationError
+
+    how = ("Set `export RAY_AUTH_MODE=token` and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
+           "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (the default; `ray get-auth-token` on the head node "
+           "prints it). Nodes joining the cluster need the same two settings.")
+    token_mode = get_authentication_mode() == AuthenticationMode.TOKEN
+    loader = AuthenticationTokenLoader.instance()
+    try:
+        if token_mode and not loader.has_token():
+            raise ClusterAccessError(f"RAY_AUTH_MODE=token, but no Ray auth token was found ({_token_source()}). {how}")
+        metadata = tuple(loader.get_token_for_http_header().items()) if token_mode else ()
+    except AuthenticationError:  # e.g. RAY_AUTH_TOKEN_PATH names a missing or empty file
+        raise ClusterAccessError(f"RAY_AUTH_MODE=token, but the Ray auth token cannot be read from "
+                                 f"{_token_source()}. {how}") from None
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=_CLUSTER_TIMEOUT_S,
+                wait_for_ready=True)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED and not token_mode:
+                raise ClusterAccessError(
+                    f"The Ray cluster at {address} requires token authentication, and this process sends no token "
+                    f"(RAY_AUTH_MODE is not 'token'). {how}") from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise ClusterAccessError(
+                    f"The Ray cluster at {address} rejected this process's auth token (from {_token_source()}): it "
+                    f"is not the cluster's. {how}") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ClusterAccessError(
+                    f"No Ray cluster answered at {address} within {_CLUSTER_TIMEOUT_S:g} s. Check the address (the "
+                    "head's GCS address, `ray start --head --port`, default port 6379) and that the head node is "
+                    "running and reachable from here.") from None

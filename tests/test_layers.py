@@ -22,6 +22,7 @@ LAYERS = [
     {"launch"},  # one training run
     {"sweep"},  # sweeps and comparisons
     {"cli"},  # the command line
+    {"__main__"},  # python -m alphadpo_ray
 ]
 LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
