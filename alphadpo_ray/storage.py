@@ -27,7 +27,9 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    return posixpath.join(base, *parts)
+    """`base`/`parts`; a URI's query (pyarrow's options, ``s3://bucket/x?endpoint_override=…``) stays last."""
+    path, question, query = base.partition("?") if "://" in base else (base, "", "")
+    return posixpath.join(path, *parts) + question + query
 
 
 def exists(uri: str) -> bool:
@@ -59,10 +61,24 @@ def read_table(uri: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs)
 
 
-def copy_dir(src_uri: str, dst_local: str) -> None:
-    """Copy a folder from storage to a local directory."""
-    fs, path = resolve(src_uri)
+def copy_dir(src_uri: str, dst_local: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Copy a folder from storage to a local directory; `src_uri` is a path on `filesystem` when given."""
+    fs, path = (filesystem, src_uri) if filesystem is not None else resolve(src_uri)
+    Path(dst_local).mkdir(parents=True, exist_ok=True)  # pyarrow creates the subfolders, not this one
     pafs.copy_files(path, dst_local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def is_dir(path: str, filesystem: pafs.FileSystem) -> bool:
+    return filesystem.get_file_info(path).type == pafs.FileType.Directory
+
+
+def uri_of(path: str, filesystem: pafs.FileSystem) -> str:
+    """The URI of `path` on `filesystem` — Ray gives a checkpoint as (filesystem, path), the path of an
+    object store without its scheme (``bucket/run/checkpoint_…``), which names nothing on its own."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return path
+    scheme = {"gcs": "gs"}.get(filesystem.type_name, filesystem.type_name)
+    return f"{scheme}://{path}"
 
 
 @contextlib.contextmanager

@@ -55,6 +55,9 @@ _TOKEN_SHAPES = re.compile(
 )
 # scheme://AUTHORITY: the userinfo is what comes before the authority's last '@'.
 _URL_AUTHORITY = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^\s/?#'\"<>]+)")
+# A URL's query parameter whose name is a credential's (``s3://bucket/x?access_key=…&secret_key=…``, as
+# pyarrow and Ray accept for object stores): masked when its name is secret (`is_secret_name`).
+_URL_QUERY = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"<>]*\?)(?P<query>[^\s#'\"<>]+)")
 MASK = "***"
 RUN_KEY_TAG = "alphadpo.run_key"
 
@@ -156,6 +159,7 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
                 "(`mlflow server --host 127.0.0.1 --port 5000`), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, "
                 "or set tracking.enabled=false; nothing was trained."
             ) from None
+        _check_server_credentials(uri, request, timeout)
         return
     from mlflow.tracking import MlflowClient
 
@@ -165,6 +169,27 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
         MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates the store here, once
     except Exception as err:  # noqa: BLE001
         raise TrackingUnavailable(f"MLflow tracking store {redact(uri)} is not usable: {redact(str(err))}") from None
+
+
+def _check_server_credentials(uri: str, health: urllib.request.Request, timeout: float) -> None:
+    """An authenticating server (MLflow's basic-auth app, or a proxy) leaves ``/health`` open: one
+    search with `health`'s credentials tells whether it accepts them, before anything starts."""
+    address = health.full_url.removesuffix("/health")
+    request = urllib.request.Request(f"{address}/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers=dict(health.header_items()))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code not in (401, 403):
+            return  # not a question of credentials: the run's own calls will say what it is
+        given = "the credentials given were refused" if request.has_header("Authorization") else "it needs credentials"
+        raise TrackingUnavailable(
+            f"MLflow server at {redact(uri)} answered {err.code} ({err.reason}): {given}. Set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account "
+            "the server accepts; nothing was started.") from None
+    except (urllib.error.URLError, OSError, ValueError):
+        return  # it answered /health a moment ago; a passing failure is the outage handling's to ride out
 
 
 def is_secret_name(name: str) -> bool:
@@ -186,14 +211,23 @@ def _mask_userinfo(match: re.Match) -> str:
     return f"{match.group('scheme')}{user if colon else MASK}{':' + MASK if colon else ''}@{host}"
 
 
+def _mask_query(match: re.Match) -> str:
+    def masked(param: str) -> str:
+        name, sep, value = param.partition("=")
+        return f"{name}={MASK}" if sep and value and is_secret_name(name) else param
+
+    return match.group("head") + "&".join(masked(p) for p in match.group("query").split("&"))
+
+
 def redact(text: str) -> str:
     """`text` with the credentials in it masked: the password of every URL (``https://u:pw@host`` →
-    ``https://u:***@host``; a user-only userinfo, often a token, becomes ``***@host``) and every
-    value shaped like a known token (``hf_…``, ``sk-…``, ``ghp_…``, ``AKIA…``, ``xox…-``, JWTs,
-    private-key blocks). For everything the package prints, raises or writes."""
+    ``https://u:***@host``; a user-only userinfo, often a token, becomes ``***@host``), a URL's query
+    parameters named like credentials (``?secret_key=…`` → ``?secret_key=***``) and every value shaped
+    like a known token (``hf_…``, ``sk-…``, ``ghp_…``, ``AKIA…``, ``xox…-``, JWTs, private-key blocks).
+    For everything the package prints, raises or writes."""
     if not isinstance(text, str):
         return text
-    return _TOKEN_SHAPES.sub(MASK, _URL_AUTHORITY.sub(_mask_userinfo, text))
+    return _TOKEN_SHAPES.sub(MASK, _URL_QUERY.sub(_mask_query, _URL_AUTHORITY.sub(_mask_userinfo, text)))
 
 
 def looks_secret(value: Any) -> bool:

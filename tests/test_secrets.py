@@ -123,6 +123,9 @@ class _Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
+CREDENTIALS_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # /health is open on authenticating servers
+
+
 def test_tracking_uri_with_credentials_is_accepted_and_kept_out_of_the_uri(monkeypatch):
     """The server is up: the probe authenticates with the URI's credentials; the URI used from then on
     (printed, summarised, pickled with callbacks) has none, MLflow reads them from the environment."""
@@ -135,7 +138,7 @@ def test_tracking_uri_with_credentials_is_accepted_and_kept_out_of_the_uri(monke
         uri = f"http://alice:{CONFIG_SECRETS['tracking_password']}@127.0.0.1:{port}"
         check_tracking(uri, timeout=5)
         expected = "Basic " + base64.b64encode(f"alice:{CONFIG_SECRETS['tracking_password']}".encode()).decode()
-        assert _Health.seen[-1] == ("/health", expected)
+        assert _Health.seen[-2:] == [("/health", expected), (CREDENTIALS_PROBE, expected)]
 
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # restored after the test
             monkeypatch.setenv(name, "")
@@ -145,7 +148,7 @@ def test_tracking_uri_with_credentials_is_accepted_and_kept_out_of_the_uri(monke
         assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
         assert os.environ["MLFLOW_TRACKING_PASSWORD"] == CONFIG_SECRETS["tracking_password"]
         check_tracking(resolved, timeout=5)  # credentials now from the environment
-        assert _Health.seen[-1] == ("/health", expected)
+        assert _Health.seen[-2:] == [("/health", expected), (CREDENTIALS_PROBE, expected)]
     finally:
         server.shutdown()
         server.server_close()
