@@ -212,8 +212,13 @@ class RayConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how a run's workers are placed on nodes (Ray placement group strategy): PACK fills "
+        "a node first (fast intra-node collectives), SPREAD puts them on different nodes where possible")
     storage_path: str = Field("outputs/ray", description="local path, NFS, or s3://, gs:// URI")
     max_failures: int = Field(0, ge=-1)
+    max_preemption_failures: int = Field(-1, ge=-1, description="node preemptions to resume from, counted apart "
+                                         "from max_failures (-1: any number, 0: none)")
     num_to_keep: int | None = Field(2, ge=1)
     health_check_interval_s: float = Field(0.1, gt=0, description="Ray Train controller poll interval")
 

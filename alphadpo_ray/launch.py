@@ -47,7 +47,8 @@ PENDING_FILE = "mlflow-pending.jsonl"  # in the run's output dir: reports the tr
 # Settings that do not change what a run computes: names and places, tracking, scheduling, logging and
 # checkpoint cadence, and how the global batch is split (2 workers × b = 1 worker × 2b, see recipe.py).
 NOT_IDENTITY = ("name", "output_dir", "cache_dir", "tracking", "sweep", "ray.address", "ray.num_workers",
-                "ray.resources_per_worker", "ray.storage_path", "ray.max_failures", "ray.num_to_keep",
+                "ray.resources_per_worker", "ray.storage_path", "ray.max_failures", "ray.max_preemption_failures",
+                "ray.placement_strategy", "ray.num_to_keep",
                 "ray.health_check_interval_s", "training.per_device_train_batch_size",
                 "training.gradient_accumulation_steps", "training.per_device_eval_batch_size",
                 "training.logging_steps", "training.save_steps", "training.logprob_chunk_size")
@@ -78,8 +79,19 @@ def run_fingerprint(config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(), settings
 
 
+# Where an S3-compatible object store is (not who may use it): read by pyarrow (Ray's storage, this
+# package's), boto3 and MLflow. Passed on to every worker so the nodes of an existing cluster reach the
+# store the driver reaches; credentials never are (see `_keep_credentials_out_of_runtime_envs`).
+OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
 def worker_env(config: ExperimentConfig) -> dict[str, str]:
+    """The environment of Ray's workers (the job's `runtime_env`): library switches and the object
+    store's endpoint and region from this environment (`OBJECT_STORE_ENV`), never a credential."""
+    from .tracking import looks_secret
+
     return {
+        **{k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k) and not looks_secret(os.environ[k])},
         HEALTH_CHECK_ENV: str(config.ray.health_check_interval_s),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -118,16 +130,21 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     this (driver) process where unset, on purpose and for the process's lifetime: the same library
     switches (tokenizers' thread pool, datasets' progress bars) apply to the driver's own data
     preparation, and Ray Train's controller reads the health-check interval from the environment of
-    the process that creates it. A user's own value always wins."""
+    the process that creates it. A user's own value always wins. An explicit cluster address is
+    probed first (`preflight.check_cluster_access`): a cluster that refuses this process's auth token
+    or does not answer is one clear error, not Ray's retries and traceback."""
     import ray
 
     from .console import drop_benign_worker_lines
+    from .preflight import check_cluster_access, gcs_address
 
     _keep_credentials_out_of_runtime_envs()
     env = worker_env(config)
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     if not ray.is_initialized():
         address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
+        if gcs_address(address):
+            check_cluster_access(gcs_address(address))
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="warning")
     drop_benign_worker_lines()
@@ -147,12 +164,14 @@ def build_trainer(config: ExperimentConfig, plan, callbacks: list | None = None,
         train_loop_config={"config": config.to_dict(), "plan": plan.to_dict()},
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=config.ray.placement_strategy),
         run_config=RunConfig(
             name=run_name or config.run_name,
             storage_path=config.storage_path(),
             checkpoint_config=CheckpointConfig(num_to_keep=config.ray.num_to_keep),
-            failure_config=FailureConfig(max_failures=config.ray.max_failures),
+            failure_config=FailureConfig(max_failures=config.ray.max_failures,
+                                         max_preemption_failures=config.ray.max_preemption_failures),
             callbacks=callbacks or [],
             logging_config=LoggingConfig(log_level="WARNING"),  # progress lines come from ConsoleProgress
         ),
@@ -167,16 +186,13 @@ def export_policy(checkpoint, destination: Path) -> Path | None:
 
     if checkpoint is None:
         return None
-    source = storage.join(checkpoint.path, "policy")
-    if "://" not in source and not Path(source).exists():
+    source = storage.join(checkpoint.path, "policy")  # a path on checkpoint.filesystem (local or object store)
+    if not storage.is_dir(source, checkpoint.filesystem):
         return None
     if destination.exists():
         shutil.rmtree(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in source:
-        storage.copy_dir(source, str(destination))
-    else:
-        shutil.copytree(source, destination)
+    storage.copy_dir(source, str(destination), checkpoint.filesystem)
     return destination
 
 
@@ -357,7 +373,7 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
 def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,
                    log=print) -> dict:
     """Export the final policy, write ``summary.json`` and ``config.json``, and finish the MLflow run."""
-    from . import tracking
+    from . import storage, tracking
 
     out = result.return_value or {}
     run_dir = config.run_dir
@@ -375,7 +391,8 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
         "final_eval": out.get("final_eval"),
         "best_eval": out.get("best_eval"),
         "reference_metrics": plan.reference_metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": (storage.uri_of(result.checkpoint.path, result.checkpoint.filesystem)
+                       if result.checkpoint else None),
         "policy": str(policy) if policy else None,
         "storage_path": config.storage_path(),
         "mlflow_run_id": run_id,
@@ -383,6 +400,7 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
         "reference_cache": plan.reference_cache,
         "train_pairs": plan.train_pairs,
         "eval_pairs": plan.eval_pairs,
+        "preemptions": out.get("preemptions", 0),  # resumes after a preemption notice (recipe.resume)
         "evals": out.get("evals", []),
         "history": out.get("history", []),
         "wall_seconds": round(time.time() - start, 1),

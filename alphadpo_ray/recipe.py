@@ -8,8 +8,11 @@
     train_step       the global batch of `total_batch_size` pairs split into workers × accumulation
                      micro-batches; chunked log-probs of the policy, cached reference log-probs, the
                      method's loss, DeepSpeed backward/step; metrics averaged over all workers
+    preemption_notice  every step: has Ray announced that a node under this run is being reclaimed?
     evaluate         every `eval_steps`: held-out metrics with the reference loaded for evaluation only
-    save_checkpoint  every `save_steps` and at the end (the end also exports the policy); other
+    save_checkpoint  every `save_steps`, at the end (the end also exports the policy) and at once on a
+                     preemption notice (the just-in-time checkpoint: the restart Ray Train makes at the
+                     reclaim deadline loses only the steps trained since the notice); other
                      `logging_steps` report metrics without a checkpoint
 
 The data order is a function of (seed, step) alone, and the loss's running statistics are
@@ -105,6 +108,14 @@ class TrainSession:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    def preemption_notice(self):
+        """Ray Train's `PreemptionInfo` (nodes being reclaimed, their ranks, the deadline) once a node
+        hosting one of this run's workers is being drained for preemption, else None. A barrier:
+        every worker calls it once per step, so all see rank 0's answer."""
+        import ray.train
+
+        return ray.train.get_preemption_info()
+
 
 class TuneSession:
     """The same interface inside a Ray Tune trial (`ray.tune.*`): the single-worker direct path."""
@@ -121,6 +132,13 @@ class TuneSession:
 
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)
+
+    def preemption_notice(self):
+        """Always None: Ray's notice comes through Ray Train's worker group, which a Tune trial
+        running the recipe itself does not have (`ray.train.get_preemption_info` refuses to run in a
+        Tune session). A node lost under such a trial fails the trial, and Tune restarts it (up to
+        ``sweep.max_failures``) from its latest checkpoint, as the same trial."""
+        return None
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -180,6 +198,7 @@ def run_recipe(loop_config: dict, session) -> dict:
         window["steps"] += 1
         state["loss_state"] = w.loss_fn.state_dict()
         state["history"].append({k: v for k, v in train_metrics.items() if k.startswith("train/") or k == "step"})
+        preempted = preemption_notice(w, state, step)  # every step, on every worker: a barrier
 
         is_last = step == total_steps
         if step % t.eval_steps == 0 or is_last:
@@ -188,14 +207,16 @@ def run_recipe(loop_config: dict, session) -> dict:
             key = "eval/accuracy"
             if state["best_eval"] is None or last_eval.get(key, -1) > state["best_eval"].get(key, -1):
                 state["best_eval"] = last_eval
-        if step % t.logging_steps == 0 or is_last or step % t.eval_steps == 0 or step % t.save_steps == 0:
+        if (preempted or step % t.logging_steps == 0 or is_last or step % t.eval_steps == 0
+                or step % t.save_steps == 0):
             elapsed = max(window["seconds"], 1e-9)
             speed = distributed.mean_over_workers({"train/tokens_per_second_per_worker": window["tokens"] / elapsed,
                                                    "train/seconds_per_step": elapsed / max(window["steps"], 1)})
             report = {**train_metrics, **speed, **last_eval, "total_steps": total_steps,
+                      "run/preemptions": state["preemptions"]["recovered"],
                       "time/setup_seconds": setup_seconds, "time/recipe_seconds": time.time() - w.start}
             window = {"seconds": 0.0, "tokens": 0, "steps": 0}
-            if step % t.save_steps == 0 or is_last:
+            if preempted or step % t.save_steps == 0 or is_last:  # a notice: the just-in-time checkpoint
                 save_checkpoint(w, state, report, final=is_last)
             else:
                 w.session.report(report)
@@ -211,6 +232,7 @@ def run_recipe(loop_config: dict, session) -> dict:
         "best_eval": state["best_eval"],
         "loss_state": state["loss_state"],
         "world_size": w.world,
+        "preemptions": state["preemptions"]["recovered"],
     }
 
 
@@ -253,7 +275,8 @@ def resume(w: _Worker) -> dict:
     run's ``checkpoint_*`` directories (Ray keeps ``ray.num_to_keep``), with a warning naming the bad
     one; every worker agrees on each verdict (collective), so all load the same checkpoint. With
     none intact it fails naming each checkpoint and what is wrong with it."""
-    state = {"step": 0, "history": [], "evals": [], "best_eval": None, "loss_state": w.loss_fn.state_dict()}
+    state = {"step": 0, "history": [], "evals": [], "best_eval": None, "loss_state": w.loss_fn.state_dict(),
+             "preemptions": {"recovered": 0, "pending": None}}
     checkpoint = w.session.get_checkpoint()
     if checkpoint is None:
         return state
@@ -286,11 +309,25 @@ def resume(w: _Worker) -> dict:
             + "; ".join(f"{name}: {why}" for name, why in bad)
         )
     w.loss_fn.load_state_dict(state["loss_state"])
+    notice = _recovered_preemption(state)
     if w.rank == 0:
         origin = "" if not bad else (f" (checkpoint {posixpath.basename(candidates[len(bad)])}, "
                                      f"skipped {', '.join(n for n, _ in bad)})")
-        print(f"[resume] continuing from step {state['step']} of {w.plan.total_steps}{origin}", flush=True)
+        after = "" if notice is None else f", after the preemption noticed at step {notice['step']}"
+        print(f"[resume] continuing from step {state['step']} of {w.plan.total_steps}{origin}{after}", flush=True)
     return state
+
+
+def _recovered_preemption(state: dict) -> dict | None:
+    """Count a recovered preemption: a resume from a checkpoint written after a preemption notice
+    (the just-in-time one, or a later one before the node went). Returns that notice, else None.
+    Ray Train does not hand a run its restart history, so the count lives in the run state;
+    checkpoints from before this count existed start it at 0."""
+    preemptions = state.setdefault("preemptions", {"recovered": 0, "pending": None})
+    notice, preemptions["pending"] = preemptions["pending"], None
+    if notice is not None:
+        preemptions["recovered"] += 1
+    return notice
 
 
 def _load_checkpoint(w: _Worker, ckpt_dir: Path) -> None:
@@ -345,6 +382,29 @@ def train_step(w: _Worker, step: int) -> tuple[dict | None, int]:
     metrics["step"] = step + 1
     metrics["epoch"] = (step + 1) * t.total_batch_size / len(w.train_rows)
     return metrics, tokens
+
+
+def preemption_notice(w: _Worker, state: dict, step: int) -> bool:
+    """Whether a new preemption notice arrived before `step` is reported (collective: every worker
+    asks Ray once per step). A new notice is kept in the run state as pending, so the just-in-time
+    checkpoint the caller writes now carries it and a resume from it counts a recovered preemption;
+    a notice already seen is not new, so each notice gets one checkpoint. Rank 0 prints one line."""
+    info = w.session.preemption_notice()
+    if info is None:
+        return False
+    notice = {"deadline_ms": info.deadline_ms, "nodes": info.preempted_node_ids}
+    pending = state["preemptions"]["pending"]
+    if pending is not None and all(pending.get(k) == v for k, v in notice.items()):
+        return False
+    state["preemptions"]["pending"] = {"step": step, **notice}
+    if w.rank == 0:
+        deadline = "no deadline given" if info.deadline_ms is None else (
+            f"reclaimed at {time.strftime('%H:%M:%S', time.localtime(info.deadline_ms / 1000))} "
+            f"(in {info.deadline_ms / 1000 - time.time():.0f} s)")
+        print(f"[preemption] notice at step {step}: worker(s) {info.preempted_ranks} on node(s) "
+              f"{', '.join(n[:12] for n in info.preempted_node_ids)} {deadline}; writing a just-in-time "
+              f"checkpoint of step {step}", flush=True)
+    return True
 
 
 def evaluate(w: _Worker, step: int) -> dict:

@@ -9,6 +9,14 @@ Two paths, same recipe, same checkpoints, same metrics:
   reporting and checkpointing through `ray.tune`: no controller, no worker actor, and with
   ``reuse_actors`` the imports and the (single-process) gloo group are paid once per actor.
 
+A node lost under a trial never makes a new trial. Multi-worker trials get Ray's preemption notice: the
+recipe writes a just-in-time checkpoint and the nested `TorchTrainer` restarts its workers on other
+nodes inside the same Tune trial — at the reclaim deadline, counted against
+``ray.max_preemption_failures``; a node that dies before its deadline or without notice counts against
+``ray.max_failures``. A direct single-worker trial has no worker group to be notified through: its node's loss
+fails the trial and Tune restarts it (``sweep.max_failures``) from its latest checkpoint, with the
+same trial id — so the same Optuna trial and MLflow child run, which logs each step once.
+
 A diverged trial (non-finite loss) raises `TrialDiverged`, so Tune records it as failed with its
 reason and the searcher is told it failed (see `SafeOptunaSearch`).
 """
