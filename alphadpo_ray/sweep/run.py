@@ -202,6 +202,21 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers)
 
 
+def trial_resources(config: ExperimentConfig, sweep: SweepConfig) -> dict[str, float]:
+    """What Tune reserves for one trial, and so what an autoscaler adds nodes for.
+
+    A direct single-worker trial is the training worker: all of ``ray.resources_per_worker``, custom
+    resources included (CPU 1 and, with ``use_gpu``, GPU 1 unless given), exactly as a Ray Train worker
+    would ask. A multi-worker trial only drives a nested `TorchTrainer`: ``sweep.trial_cpus`` CPU
+    anywhere (on a head with no CPUs, a sliver of a worker node); its workers ask for their own."""
+    if config.ray.num_workers == 1 and sweep.direct_single_worker:
+        resources = {"CPU": 1, **config.ray.resources_per_worker}
+        if config.ray.use_gpu:
+            resources.setdefault("GPU", 1)
+        return resources
+    return {"CPU": sweep.trial_cpus}
+
+
 def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name: str, space: dict, points: list,
            callbacks: list, resume: bool, log):
     """A new `Tuner` over the method's space, or (``--resume``) the one restored from storage."""
@@ -210,17 +225,15 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
 
     from .trial import run_trial
 
+    from .. import storage as run_storage
+
     storage = config.storage_path()
-    experiment_dir = f"{storage}/{name}"
+    experiment_dir = run_storage.join(storage, name)
     direct = config.ray.num_workers == 1 and sweep.direct_single_worker
-    per_worker = dict(config.ray.resources_per_worker)
-    if direct:
-        resources = {"CPU": per_worker.get("CPU", 1), **({"GPU": per_worker.get("GPU", 1)} if config.ray.use_gpu else {})}
-    else:
-        resources = {"CPU": sweep.trial_cpus}
+    resources = trial_resources(config, sweep)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), method=method, plan=plan.to_dict(), sweep_name=name,
-                             trainers_path=f"{storage}/{name}-trainers"),
+                             trainers_path=run_storage.join(storage, f"{name}-trainers")),
         resources,
     )
     if resume and Tuner.can_restore(experiment_dir):
@@ -289,10 +302,14 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
         client = MlflowClient(uri)
         for path in files.values():
             client.log_artifact(result.parent_run_id, str(path))
-        summary = res.method_summary(result.rows, accuracy)
         from ..tracking import log_metrics
 
-        log_metrics(client, result.parent_run_id, {k: v for k, v in summary.items() if k != "method"}, 0)
+        # Step = trials in the table: a resumed sweep that ran more trials adds a point, and one that
+        # finds nothing new (a second --resume) logs nothing again — each (key, step) once.
+        step = len(result.rows)
+        summary = {k: v for k, v in res.method_summary(result.rows, accuracy).items() if k != "method"
+                   and not any(m.step == step for m in client.get_metric_history(result.parent_run_id, k))}
+        log_metrics(client, result.parent_run_id, summary, step)
         client.set_terminated(result.parent_run_id, "FINISHED")
 
 
@@ -449,6 +466,8 @@ def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | 
 
 
 def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> SweepResult:
+    from ..tracking import redact
+
     sweep = sweep_settings(config)
     method = config.method.name
     name = sweep.name or f"{config.name}-sweep"
@@ -465,7 +484,7 @@ def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, l
         "name": name, "method": method, "reference_metrics": plan.reference_metrics,
         "pareto": res.pareto_front(result.rows, sweep.accuracy_metric),
         "summary": res.method_summary(result.rows, sweep.accuracy_metric),
-        "mlflow_parent_run_id": result.parent_run_id, "tracking_uri": uri,
+        "mlflow_parent_run_id": result.parent_run_id, "tracking_uri": redact(uri),
         "files": {k: str(v) for k, v in result.files.items()}, "wall_seconds": round(time.time() - start, 1),
     }, indent=2, default=str))
     if not any(r["status"] == "finished" for r in result.rows):
@@ -533,6 +552,7 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
             client.log_artifact(compare_id, str(path))
         client.set_terminated(compare_id, "FINISHED")
     summary = {"name": name, "methods": summaries, "files": {k: str(v) for k, v in files.items()},
-               "mlflow_compare_run_id": compare_id, "tracking_uri": uri, "wall_seconds": round(time.time() - start, 1)}
+               "mlflow_compare_run_id": compare_id, "tracking_uri": tracking.redact(uri),
+               "wall_seconds": round(time.time() - start, 1)}
     (directory / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
