@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
+from services import free_port
 
 VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests: the project's venv
 START_TIMEOUT_S = 180.0
@@ -38,13 +38,6 @@ OBJECT_STORE_BYTES = 150 * 1024 * 1024  # per node: enough for the tests, gentle
 # The longest socket Ray creates is <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store.N
 SOCKET_SUFFIX_LEN = len("/n99/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store.99")
 SOCKET_PATH_MAX = 107
-
-
-def free_port(ip: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `ip` now (bound to 0 and released)."""
-    with socket.socket() as sock:
-        sock.bind((ip, 0))
-        return sock.getsockname()[1]
 
 
 _LIST_NODES = """

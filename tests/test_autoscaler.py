@@ -36,6 +36,7 @@ import pytest
 import yaml
 from conftest import small_config
 from ray_cluster import LocalCluster
+from services import stop_tree
 
 
 ACCEL = "accel"  # the GPU stand-in
@@ -109,28 +110,6 @@ with open(out_path, "a") as out:
     actors = [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"]} for a in state.actors().values()]
     out.write(json.dumps({"t": time.time(), "actors": actors}) + "\\n")
 """
-
-
-def _stop_tree(process: subprocess.Popen | None) -> None:
-    """Terminate a process we started and its descendants (kill after 15 s)."""
-    if process is None:
-        return
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for proc in tree:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    process.wait(timeout=15)
 
 
 def _processes_using(path: str) -> list[psutil.Process]:
@@ -270,7 +249,8 @@ def test_autoscaler_follows_the_sweep(builtin_task, tmp_path):
         if sweep is not None and sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)  # the driver and what it started (its own session)
         for process in (sweep, watcher):
-            _stop_tree(process)
+            if process is not None:
+                stop_tree(process, timeout=15)
         if cluster is not None:
             cluster.stop()  # the head's process tree: GCS, autoscaler, and the fake nodes it started
             leftovers = _processes_using(str(cluster.temp_dir))
