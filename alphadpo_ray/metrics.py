@@ -8,10 +8,17 @@ For a policy πθ and its reference πref on held-out preference pairs:
 * ``accuracy_logratio``: the same with the method-independent reward log πθ(y|x)/πref(y|x) of the
   summed log-probs, so methods compare on one scale. Ties count ½ in both, so the reference itself
   scores exactly 0.5;
-* ``kl``: exact KL(πθ‖πref) over the vocabulary, summed over response tokens and averaged over the
-  held-out chosen and rejected responses; ``kl_per_token`` divides by their token count;
+* ``kl`` — the *exact teacher-forced KL on held-out responses*: KL(πθ‖πref) over the whole
+  vocabulary at each position of the held-out chosen and rejected responses (which come from the
+  data, not from πθ), summed over response tokens and averaged over responses; ``kl_per_token``
+  divides by their token count. Cheap and exact, but on the data's responses, not the policy's own;
+* ``kl_sampled`` — the *sampled KL*: the mean over responses y ~ πθ(·|x), sampled by the policy itself
+  for held-out prompts x, of Σ_t log πθ(y_t|x,y<t) − log πref(y_t|x,y<t) (EOS included), an unbiased
+  Monte-Carlo estimate of the sequence-level KL(πθ‖πref) as TDPO's and AlphaDPO's authors measure it;
+  ``kl_sampled_se`` is its standard error (sample std / √n over all workers' samples);
 * reward margins and means, mean per-token log-probs of chosen/rejected responses, and the eval loss;
-* ``generation_accuracy`` (built-in task only): greedy decoding scored by the task's checker.
+* ``generation_accuracy`` (built-in task only): greedy decoding scored by the task's checker, with
+  ``generated_length``, the mean tokens per greedy response (EOS included), so learned verbosity shows.
 
 Every function here accumulates *sums* and reduces them across data-parallel workers with one
 all-reduce when a process group exists, so each worker can evaluate its own shard.
@@ -19,6 +26,7 @@ all-reduce when a process group exists, so each worker can evaluate its own shar
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -154,7 +162,8 @@ def generation_accuracy(
     max_new_tokens: int = 48,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """Greedy-decode each (prompt_ids, prompt_text) and score the text with `checker(prompt, response)`.
+    """Greedy-decode each (prompt_ids, prompt_text) and score the text with `checker(prompt, response)`;
+    also the mean number of generated tokens per response (up to and including EOS, no padding).
 
     In a data-parallel group every worker passes its own shard; shards are padded to the same number
     of batches (fillers are decoded but not scored) because ZeRO-3 generation is collective
@@ -165,14 +174,9 @@ def generation_accuracy(
     model.eval()
     pad_id = tokenizer.pad_token_id
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    correct = scored = 0
+    correct = scored = tokens = 0
     for chunk, real in _lockstep(chunks):
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(chunk):  # left padding for decoder-only generation
-            input_ids[i, width - len(ids):] = torch.as_tensor(ids)
-            attention[i, width - len(ids):] = 1
+        input_ids, attention = _left_padded([ids for ids, _ in chunk], pad_id)
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
@@ -184,10 +188,106 @@ def generation_accuracy(
         )
         if not real:
             continue
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        generated = out[:, input_ids.shape[1]:].cpu()
+        tokens += int(_response_lengths(generated, tokenizer.eos_token_id).sum())
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         for (_, prompt), text in zip(chunk, texts):
             correct += bool(checker(prompt, text))
             scored += 1
-    totals = distributed.all_reduce(torch.tensor([correct, scored], dtype=torch.float64)).tolist()
+    totals = distributed.all_reduce(torch.tensor([correct, scored, tokens], dtype=torch.float64)).tolist()
     model.train(was_training)
-    return {"generation_accuracy": totals[0] / max(totals[1], 1.0), "generation_samples": int(totals[1])}
+    samples = max(totals[1], 1.0)
+    return {"generation_accuracy": totals[0] / samples, "generated_length": totals[2] / samples,
+            "generation_samples": int(totals[1])}
+
+
+# Sampling from the policy's own distribution: explicit values override both HF's global defaults
+# (top_k=50) and whatever a checkpoint's generation_config sets (temperature, top_p, min_p, ...).
+_POLICY_SAMPLING = dict(do_sample=True, num_beams=1, temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0,
+                        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0)
+
+
+@torch.no_grad()
+def sampled_kl(
+    policy,
+    reference,
+    prompts: list[list[int]],
+    *,
+    samples_per_prompt: int = 1,
+    max_new_tokens: int,
+    batch_size: int,
+    pad_token_id: int,
+    eos_token_id: int | list[int],
+    chunk_size: int = 512,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Sampled KL(πθ‖πref): sample responses to `prompts` (token ids) from `policy` itself (temperature
+    1, no top-k/top-p truncation, at most `max_new_tokens`, stopping at EOS) and average
+    Σ_t log πθ − log πref over their tokens (EOS included, padding after it not).
+
+    Returns ``kl_sampled``, its Monte-Carlo standard error ``kl_sampled_se`` (sample std / √n) and
+    ``kl_sampled_samples`` (n, over all workers). Sampling is seeded from (`seed`, worker rank) inside
+    a fork of the RNG state, so the numbers are reproducible and the caller's RNG (training's
+    dropout and data order) is left exactly as it was. Data-parallel and ZeRO-3 as
+    `generation_accuracy`: each worker samples its own shard in lockstep; sums are all-reduced once.
+    """
+    device = _device_of(policy)
+    was_training = policy.training
+    policy.eval()
+    items = [list(ids) for ids in prompts for _ in range(samples_per_prompt)]
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    sums = torch.zeros(3, dtype=torch.float64)  # n, Σx, Σx²
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed((seed * 1_000_003 + distributed.rank()) % 2**63)
+        for chunk, real in _lockstep(chunks):
+            input_ids, attention = _left_padded(chunk, pad_token_id)
+            out = policy.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                                  synced_gpus=distributed.is_distributed(), **_POLICY_SAMPLING)
+            generated = out[:, input_ids.shape[1]:].cpu()
+            batch = _prompt_response_batch(chunk, generated, _response_lengths(generated, eos_token_id), pad_token_id)
+            scored = sequence_logps(policy, *(batch[k].to(device) for k in ("input_ids", "attention_mask",
+                                    "response_mask")), chunk_size=chunk_size, reference=reference)  # collective
+            if real:
+                x = (scored.logps.double() - scored.ref_logps.double().to(scored.logps.device)).cpu()
+                sums += torch.stack([torch.tensor(float(len(x)), dtype=torch.float64), x.sum(), (x * x).sum()])
+    n, total, squares = distributed.all_reduce(sums).tolist()
+    policy.train(was_training)
+    mean = total / max(n, 1.0)
+    variance = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return {"kl_sampled": mean, "kl_sampled_se": math.sqrt(variance / max(n, 1.0)), "kl_sampled_samples": int(n)}
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids and attention mask, left-padded as decoder-only generation needs."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
+        attention[i, width - len(ids):] = 1
+    return input_ids, attention
+
+
+def _response_lengths(generated: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """Tokens of each generated row up to and including its first EOS (the whole row without one).
+    Found from EOS, not from padding: the pad token is often the EOS token itself."""
+    is_eos = torch.isin(generated, torch.as_tensor(eos_token_id, dtype=generated.dtype).flatten())
+    first = is_eos.int().argmax(-1) + 1
+    return torch.where(is_eos.any(-1), first, torch.full_like(first, generated.shape[1]))
+
+
+def _prompt_response_batch(prompts: list[list[int]], generated: torch.Tensor, lengths: torch.Tensor,
+                           pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + response rows, as `sequence_logps` scores them (response_mask on the response)."""
+    rows = [list(p) + generated[i, : int(lengths[i])].tolist() for i, p in enumerate(prompts)]
+    width = max(len(r) for r in rows)
+    batch = {k: torch.zeros((len(rows), width), dtype=torch.long) for k in ("input_ids", "attention_mask",
+                                                                             "response_mask")}
+    batch["input_ids"].fill_(pad_id)
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        batch["input_ids"][i, : len(row)] = torch.as_tensor(row)
+        batch["attention_mask"][i, : len(row)] = 1
+        batch["response_mask"][i, len(prompt) : len(row)] = 1
+    return batch

@@ -409,11 +409,13 @@ def preemption_notice(w: _Worker, state: dict, step: int) -> bool:
 
 def evaluate(w: _Worker, step: int) -> dict:
     """Held-out metrics at `step` (collective: every worker evaluates its shard). The reference is loaded
-    for evaluation only (every method needs it here: KL and the method-independent accuracy_logratio)
-    and released before training continues."""
+    for evaluation only (every method needs it here: both KLs and the method-independent
+    accuracy_logratio) and released before training continues. The sampled KL draws the same seeded
+    random numbers at every evaluation (common random numbers: its curve moves with the policy, not
+    with fresh sampling noise) and leaves training's RNG untouched."""
     from .data import collate_pairs
     from .engine import load_reference, release_reference
-    from .metrics import evaluate_preferences, generation_accuracy
+    from .metrics import evaluate_preferences, generation_accuracy, sampled_kl
     from .sweep_settings import objectives
     from .task import check
 
@@ -424,6 +426,12 @@ def evaluate(w: _Worker, step: int) -> dict:
     try:
         metrics = evaluate_preferences(w.engine.module, w.loss_fn, batches, reference=reference,
                                        chunk_size=t.logprob_chunk_size)
+        if t.sampled_kl_samples:
+            prompts = [r["prompt_ids"] for r in w.eval_rows[: math.ceil(t.sampled_kl_samples / w.world)]]
+            metrics.update(sampled_kl(w.engine.module, reference, prompts, max_new_tokens=t.max_new_tokens,
+                                      batch_size=t.per_device_eval_batch_size, pad_token_id=w.tokenizer.pad_token_id,
+                                      eos_token_id=w.tokenizer.eos_token_id, chunk_size=t.logprob_chunk_size,
+                                      seed=t.seed))
     finally:
         del reference
         release_reference(handle)

@@ -1,5 +1,6 @@
 """Held-out metrics: ties, method-specific accuracy, exact KL, read-only evaluation of alpha-dpo,
-generation accuracy, and the data-parallel reduction over uneven shards (2 gloo processes)."""
+generation accuracy and length, sampled KL, and the data-parallel reduction over uneven shards
+(2 gloo processes)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from alphadpo_ray.logprobs import sequence_logps
 from alphadpo_ray.losses import build_loss
-from alphadpo_ray.metrics import evaluate_preferences, generation_accuracy
+from alphadpo_ray.metrics import evaluate_preferences, generation_accuracy, sampled_kl
 from alphadpo_ray.models import load_model, load_tokenizer
 from alphadpo_ray.task import TaskConfig, generate
 
@@ -203,15 +204,16 @@ def test_generation_accuracy_counts_and_scores(reference, tokens, tiny_tokenizer
     examples, texts = tokens
     prompts = [(examples[i]["prompt_ids"], texts[i]) for i in range(5)]
     kwargs = dict(max_new_tokens=4, batch_size=2)  # 3 batches, the last one partial
-    assert generation_accuracy(reference, tiny_tokenizer, prompts, lambda p, r: True, **kwargs) == {
-        "generation_accuracy": 1.0, "generation_samples": 5}
-    assert generation_accuracy(reference, tiny_tokenizer, prompts, lambda p, r: False, **kwargs) == {
-        "generation_accuracy": 0.0, "generation_samples": 5}
+    always = generation_accuracy(reference, tiny_tokenizer, prompts, lambda p, r: True, **kwargs)
+    assert always["generation_accuracy"] == 1.0 and always["generation_samples"] == 5
+    never = generation_accuracy(reference, tiny_tokenizer, prompts, lambda p, r: False, **kwargs)
+    assert never["generation_accuracy"] == 0.0 and never["generation_samples"] == 5
 
     seen = []
     result = generation_accuracy(reference, tiny_tokenizer, prompts,
                                  lambda p, r: seen.append((p, r)) or p == texts[1], **kwargs)
-    assert result == {"generation_accuracy": 0.2, "generation_samples": 5}
+    assert result["generation_accuracy"] == 0.2 and result["generation_samples"] == 5
+    assert 1 <= result["generated_length"] <= 4
     assert [p for p, _ in seen] == texts[:5]
     # the scored text is only the continuation (greedy, at most 4 tokens), never the prompt
     longest = max(range(5), key=lambda i: len(prompts[i][0]))
@@ -220,6 +222,126 @@ def test_generation_accuracy_counts_and_scores(reference, tokens, tiny_tokenizer
                                pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
     assert seen[longest][1] == tiny_tokenizer.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)
     assert "<|user|>" not in seen[longest][1] and texts[longest] not in seen[longest][1]
+
+
+class ScriptedGenerator(torch.nn.Module):
+    """A stand-in model whose `generate` appends the next rows of `script` to the prompts it is given."""
+
+    def __init__(self, script: torch.Tensor):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the metrics a device
+        self.script, self.used = script, 0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = self.script[self.used : self.used + len(input_ids), :max_new_tokens]
+        self.used += len(input_ids)
+        return torch.cat([input_ids, rows], dim=1)
+
+
+def test_generated_length_counts_tokens_up_to_and_including_eos(tokens, tiny_tokenizer):
+    """The tiny tokenizer pads with <pad> (0) and ends with </s> (2); a model whose pad token is its EOS
+    pads with more EOS. Length stops at the first EOS whichever way the row is padded."""
+    examples, texts = tokens
+    prompts = [(examples[i]["prompt_ids"], texts[i]) for i in range(4)]
+    pad, eos, a, b = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id, 40, 41
+    script = torch.tensor([[a, b, eos, pad, pad, pad],   # 3: EOS counts, padding does not
+                           [a, eos, eos, eos, eos, eos],  # 2: padded with EOS (pad token = EOS models)
+                           [a, b, a, b, a, b],            # 6: no EOS within max_new_tokens
+                           [eos, pad, pad, pad, pad, pad]])  # 1: EOS at once
+    result = generation_accuracy(ScriptedGenerator(script), tiny_tokenizer, prompts, lambda p, r: True,
+                                 max_new_tokens=6, batch_size=3)  # two batches: 3 + 1
+    assert result["generated_length"] == (3 + 2 + 6 + 1) / 4
+    assert result["generation_samples"] == 4
+
+
+# ---------------------------------------------------------------- sampled KL
+
+
+@pytest.fixture(scope="module")
+def sft_prompts(builtin_task):
+    """Held-out prompts of the built-in task and its SFT reference's tokenizer (responses end in EOS)."""
+    import json
+
+    from alphadpo_ray.data import preference_data_from_rows, tokenize_pairs
+
+    tokenizer = load_tokenizer(builtin_task.reference_dir)
+    rows = [json.loads(line) for line in builtin_task.held_out_file.read_text().splitlines()[:8]]
+    dataset, _ = preference_data_from_rows(rows, chat_template=True, tokenizer=tokenizer)
+    tokenized = tokenize_pairs(dataset, tokenizer, max_length=256, max_prompt_length=128)
+    return [tokenized[i]["prompt_ids"] for i in range(len(tokenized))], tokenizer
+
+
+def sampling_kwargs(tokenizer, max_new_tokens=24):
+    return dict(max_new_tokens=max_new_tokens, batch_size=64, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+
+
+def test_sampled_kl_of_the_reference_against_itself_is_exactly_zero(builtin_task, sft_prompts):
+    prompts, tokenizer = sft_prompts
+    policy, reference = (load_model(builtin_task.reference_dir, eval_mode=True) for _ in range(2))
+    result = sampled_kl(policy, reference, prompts, samples_per_prompt=3, **sampling_kwargs(tokenizer))
+    assert result == {"kl_sampled": 0.0, "kl_sampled_se": 0.0, "kl_sampled_samples": 24}
+
+
+def rao_blackwellised_kl(policy, reference, prompts, tokenizer, samples_per_prompt, seed):
+    """Exact sequence-level KL(πθ‖πref), estimated with low variance from independent policy samples.
+
+    KL(πθ‖πref) over whole responses (stopped at EOS or max_new_tokens) is E_y~πθ Σ_t log πθ(y_t|y<t) −
+    log πref(y_t|y<t). Taking the expectation of each term over y_t given y<t (whether step t happens
+    is decided by y<t) turns it into E_y~πθ Σ_t KL(πθ(·|y<t) ‖ πref(·|y<t)): the same quantity, with
+    the token sampling noise integrated out exactly over the vocabulary. `sequence_logps(...).kl` is
+    that per-position exact KL summed over the response tokens (EOS included)."""
+    from alphadpo_ray.metrics import _left_padded, _prompt_response_batch, _response_lengths
+
+    items = [p for p in prompts for _ in range(samples_per_prompt)]
+    kls = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for i in range(0, len(items), 64):
+            chunk = items[i : i + 64]
+            ids, attention = _left_padded(chunk, tokenizer.pad_token_id)
+            out = policy.generate(input_ids=ids, attention_mask=attention, max_new_tokens=24, do_sample=True,
+                                  temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+            generated = out[:, ids.shape[1]:]
+            batch = _prompt_response_batch(chunk, generated, _response_lengths(generated, tokenizer.eos_token_id),
+                                           tokenizer.pad_token_id)
+            kls.append(sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                      reference=reference).kl.double())
+    kls = torch.cat(kls)
+    return float(kls.mean()), float(kls.std() / len(kls) ** 0.5)
+
+
+@pytest.mark.timeout(300)
+def test_sampled_kl_matches_the_exact_kl_of_a_perturbed_policy_within_its_standard_error(builtin_task, sft_prompts):
+    """Policy = the SFT reference + N(0, 0.02²) on every weight (seed 0). The sampled KL (400 responses)
+    agrees with the exact KL (Rao-Blackwellised, 400 other responses) within 3 combined standard
+    errors, which are small against the KL itself; the estimator with samples from the reference instead
+    (E_y~πref log πθ/πref = −KL(πref‖πθ) < 0) is far outside them."""
+    prompts, tokenizer = sft_prompts
+    reference = load_model(builtin_task.reference_dir, eval_mode=True)
+    policy = perturbed(builtin_task.reference_dir, scale=0.02, seed=0)
+    kwargs = sampling_kwargs(tokenizer)
+    policy.train()  # evaluation switches dropout off and restores the mode afterwards
+    state = torch.get_rng_state()
+    sampled = sampled_kl(policy, reference, prompts, samples_per_prompt=50, seed=1, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)  # training's RNG is left as it was
+    assert policy.training
+    exact, exact_se = rao_blackwellised_kl(policy.eval(), reference, prompts, tokenizer, 50, seed=2)
+
+    assert sampled["kl_sampled_samples"] == 400
+    assert exact > 0.5  # a clearly non-zero KL...
+    tolerance = 3 * (sampled["kl_sampled_se"] ** 2 + exact_se**2) ** 0.5
+    assert tolerance < exact / 2  # ...resolved well enough that a wrong estimator cannot hide in the noise
+    assert abs(sampled["kl_sampled"] - exact) <= tolerance, (sampled, exact, exact_se)
+
+    wrong = -sampled_kl(reference, policy, prompts, samples_per_prompt=50, seed=1, **kwargs)["kl_sampled"]
+    assert abs(wrong - exact) > 3 * tolerance  # sampling from the reference measures something else
+
+    again = sampled_kl(policy, reference, prompts, samples_per_prompt=50, seed=1, **kwargs)
+    assert again == sampled  # seeded: the same numbers every time
+    other = sampled_kl(policy, reference, prompts[:2], samples_per_prompt=5, seed=3, **kwargs)
+    assert other["kl_sampled"] != sampled["kl_sampled"] and other["kl_sampled_samples"] == 10
 
 
 # ---------------------------------------------------------------- data-parallel reduction (2 gloo processes)
@@ -249,6 +371,9 @@ def _dist_worker(rank: int, world: int, tmp: str) -> None:
         prompts = data["prompts"][:5] if rank == 0 else data["prompts"][5:]  # 3 chunks of 2 vs 1
         metrics.update(generation_accuracy(policy, tokenizer, prompts, odd_prompt_checker, max_new_tokens=3,
                                            batch_size=2))
+        metrics["sampled"] = sampled_kl(policy, reference, [ids for ids, _ in prompts], max_new_tokens=3,
+                                        batch_size=2, pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=tokenizer.eos_token_id)
         metrics["state_after"] = loss.state_dict()
         torch.save(metrics, tmp / f"rank{rank}.pt")
     finally:
@@ -279,6 +404,8 @@ def test_distributed_evaluation_over_uneven_shards_matches_one_process(
     assert single["generation_accuracy"] == expected_generation and single["generation_samples"] == 7
     for metrics in ranks:
         assert metrics.pop("state_after") == loss.state_dict()  # evaluation stays read-only on every worker
+        sampled = metrics.pop("sampled")  # each worker samples with its own seed: not one process's numbers
+        assert sampled["kl_sampled_samples"] == 7 and sampled["kl_sampled"] != 0 and sampled["kl_sampled_se"] > 0
         assert metrics["pairs"] == single["pairs"] == sum(SIZES)  # fillers are not counted
         assert metrics["generation_samples"] == 7
         assert set(metrics) == set(single)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 import shlex
@@ -71,6 +72,7 @@ def test_readme_own_data_commands_run_as_written(tmp_path, builtin_task):
     assert summary["status"] == "finished" and summary["steps"] == 20
     final = summary["final_eval"]
     assert 0.0 <= final["eval/accuracy"] <= 1.0 and final["eval/kl"] > 0
+    assert math.isfinite(final["eval/kl_sampled"]) and final["eval/kl_sampled_samples"] > 0  # any data
     assert (tmp_path / "outputs" / "own-data" / "policy" / "model.safetensors").exists()
     assert (tmp_path / "mlflow.db").exists()
     if shape == "hh":  # real data: the skip report names its reasons (HH has prompt mismatches)

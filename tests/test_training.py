@@ -50,6 +50,12 @@ def test_quickstart_shaped_run_learns_and_is_tracked(ray_session, builtin_task, 
     assert final["eval/accuracy"] >= reference_accuracy + 0.2
     assert final["eval/accuracy_logratio"] > 0.7
     assert final["eval/kl"] > 0.01
+    # sampled KL over the policy's own responses (ZeRO-3: sampling and scoring are collective), 32
+    # prompts split over 2 workers; exactly 0 at step 0, where the policy is the reference
+    assert summary["evals"][0]["eval/kl_sampled"] == 0.0 == summary["evals"][0]["eval/kl_sampled_se"]
+    assert final["eval/kl_sampled"] > 0 and final["eval/kl_sampled_se"] > 0
+    assert final["eval/kl_sampled_samples"] == 32
+    assert 1 <= final["eval/generated_length"] <= 32  # greedy, at most max_new_tokens
     assert summary["status"] == "finished" and summary["steps"] == 30
     assert summary["reference_cache"] is not None
 
