@@ -7,7 +7,8 @@ Search spaces use Ray Tune's space types, written in YAML as
 ``{type: loguniform|uniform|choice|grid|quniform, ...}``. A space is conditional on the method:
 a flat ``search_space`` applies each entry to the methods that take that hyperparameter (α only
 where the method has α), and a ``search_space: {method-name: {...}}`` entry overrides per method.
-``learning_rate`` belongs to every method. Each method's default space and its known-good points
+``learning_rate`` and ``seed`` (``training.seed``: a grid or choice of integers) belong to every method.
+Each method's default space and its known-good points
 (the papers' settings, evaluated first) come from its registry entry (`alphadpo_ray.losses`); the
 learning rate is searched around the base config's value (papers' 7B-model rates do not transfer
 to other model sizes). Every range must stay inside the hyperparameter's valid range.
@@ -29,6 +30,7 @@ from .losses import Hyperparameter, method_names, method_spec
 
 SPACE_TYPES = ("loguniform", "uniform", "quniform", "choice", "grid")
 _LEARNING_RATE = Hyperparameter(low=0, low_open=True)  # searched for every method
+_SEED = Hyperparameter(low=0)  # training.seed: every method takes it (grid/choice of integers)
 
 
 class SchedulerConfig(BaseModel):
@@ -65,6 +67,8 @@ class SweepConfig(BaseModel):
     direct_single_worker: bool = Field(True, description="1-worker trials run the recipe in the Tune trial itself")
     trial_cpus: float = Field(0.01, gt=0, description="bundle of a trial that only drives a TorchTrainer")
     max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
+    seeds: int = Field(3, ge=0, description="compare: after the search, re-run each method's best configuration "
+                       "with this many new training seeds (≥ 2 for a confidence interval); 0 = off")
     pareto_includes_stopped: bool = Field(
         False, description="trials a scheduler stopped early may join the Pareto set (their low KL may only "
         "reflect less training)")
@@ -148,7 +152,7 @@ def method_space(sweep: SweepConfig, method: str, base_learning_rate: float) -> 
     """The validated space spec of one method: its registry defaults, then flat entries it takes, then
     its own section."""
     spec = method_spec(method)
-    ranges = {**spec.hyperparameters, "learning_rate": _LEARNING_RATE}
+    ranges = {**spec.hyperparameters, "learning_rate": _LEARNING_RATE, "seed": _SEED}
     takes = set(ranges)
     r = sweep.learning_rate_range
     space: dict[str, dict] = {
@@ -157,7 +161,7 @@ def method_space(sweep: SweepConfig, method: str, base_learning_rate: float) -> 
     space.update(spec.default_space())
     names = method_names()
     flat = {k: v for k, v in sweep.search_space.items() if k not in names}
-    all_taken = set().union(*(method_spec(m).hyperparameters for m in names)) | {"learning_rate"}
+    all_taken = set().union(*(method_spec(m).hyperparameters for m in names)) | {"learning_rate", "seed"}
     for name, entry in flat.items():
         if name not in all_taken:
             raise ValueError(f"sweep.search_space.{name}: no method takes this hyperparameter")
@@ -168,7 +172,16 @@ def method_space(sweep: SweepConfig, method: str, base_learning_rate: float) -> 
             raise ValueError(f"sweep.search_space.{method}.{name}: method {method!r} does not take it; "
                              f"it takes {', '.join(sorted(takes))}")
         space[name] = _check_entry(f"{method}.{name}", entry, ranges[name])
+    if "seed" in space:
+        _check_seed(space["seed"])
     return space
+
+
+def _check_seed(spec: dict) -> None:
+    """A seed space lists integer training seeds (a seed is no continuous hyperparameter)."""
+    values = spec.get("values") if spec["type"] in ("grid", "choice") else None
+    if values is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"sweep.search_space.seed: expected {{type: grid|choice, values: [integers]}}, got {spec!r}")
 
 
 def starting_points(sweep: SweepConfig, method: str, space: dict[str, dict], defaults: dict[str, float]) -> list[dict]:

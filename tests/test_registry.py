@@ -102,7 +102,7 @@ def test_a_plugin_method_runs_through_compare(ray_session, builtin_task, toy_plu
     config = small_config(tmp_path, name="toy", plugins=[toy_plugin], ray={"num_workers": 1},
                           deepspeed={"zero_stage": 0}, training=training,
                           sweep={"name": "toy-compare", "methods": [TOY, "simpo"], "num_samples": 1,
-                                 "max_concurrent_trials": 1})
+                                 "seeds": 0, "max_concurrent_trials": 1})
     summary = run_compare(config, log=lambda *_: None)
     methods = {s["method"]: s for s in summary["methods"]}
     assert set(methods) == {TOY, "simpo"}

@@ -258,7 +258,7 @@ def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, built
 def test_compare_two_methods_produces_table_and_plots(ray_session, builtin_task, tmp_path):
     from alphadpo_ray.sweep.run import run_compare
 
-    config = sweep_config(tmp_path, {"name": "cmp", "methods": ["alpha-dpo", "simpo"], "num_samples": 2})
+    config = sweep_config(tmp_path, {"name": "cmp", "methods": ["alpha-dpo", "simpo"], "num_samples": 2, "seeds": 0})
     summary = run_compare(config, log=lambda *_: None)
     directory = Path(summary["files"]["methods"]).parent
     for name in ("methods.json", "trials.csv", "pareto.png", "alpha_sensitivity.png", "results.json"):
@@ -397,7 +397,9 @@ def test_stopped_trials_rows_and_pareto_without_ray(tmp_path):
     text = console.export_text()
     assert "stopped early @ step 3/12" in text and "stopped" in text
     assert "trial broken failed: RuntimeError: [/__w/pytorch/aten/src] bad [/x]" in text
-    assert res.plot_pareto({"alpha-dpo": marked}, "accuracy", tmp_path / "pareto.png").exists()
+    from alphadpo_ray.sweep import plots
+
+    assert plots.plot_pareto({"alpha-dpo": marked}, "accuracy", tmp_path / "pareto.png").exists()
 
 
 def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):

@@ -2,21 +2,25 @@
 
 TARGET is a sweep or compare name (the parent run's name), an MLflow run id, or an experiment name
 (every top-level sweep/compare in it). Nothing but the tracking store is read: the rows come from
-the child runs' params, latest metrics, status and error tags. A trial a scheduler stopped early is
+the child runs' params, latest metrics, metric histories (the curves), status, error, phase and seed
+tags. A compare's methods are summarised and ranked by the same `results.rank_methods` as `compare`
+(intervals over its seeds phase), and the same tables and plots are written. A trial a scheduler stopped early is
 read from its ``alphadpo.status`` tag (with the step it stopped at) and kept off the Pareto set unless
-the sweep's logged config (its ``config.json`` artifact) set ``sweep.pareto_includes_stopped``.
+the sweep's logged config (its ``config.json`` artifact) set ``sweep.pareto_includes_stopped``. When that
+config has a ``study`` section, the study's tables and verdict (``study.md``) are rebuilt too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
 from ..errors import AlphaDPOError
 from . import results as res
-from .tracking import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, STATUS_TAG, STEPS_TAG,
-                       TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
+from .tracking import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEED_TAG, SEEDS,
+                       STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
 
 STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed", "RUNNING": "running", "SCHEDULED": "running"}
 
@@ -37,6 +41,15 @@ def _children(client, experiment_ids: list[str], parent_id: str):
     return client.search_runs(experiment_ids, filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10_000)
 
 
+def _curve(client, run_id: str) -> dict:
+    """A trial's held-out evaluations in step order from its MLflow metric histories."""
+    histories = {m: {h.step: h.value for h in client.get_metric_history(run_id, f"eval/{m}")}
+                 for m in res.CURVE_METRICS}
+    histories = {m: h for m, h in histories.items() if h}
+    steps = sorted(set().union(*histories.values())) if histories else []
+    return {"step": steps, **{m: [h.get(s) for s in steps] for m, h in histories.items()}} if steps else {}
+
+
 def _trial_rows(client, experiment_ids: list[str], sweep_run) -> list[dict]:
     rows = []
     for run in _children(client, experiment_ids, sweep_run.info.run_id):
@@ -45,14 +58,16 @@ def _trial_rows(client, experiment_ids: list[str], sweep_run) -> list[dict]:
         metrics = run.data.metrics
         params = {k: _number(v) for k, v in run.data.params.items() if k != "method"}
         tags = run.data.tags
-        history = client.get_metric_history(run.info.run_id, "eval/accuracy")
+        curve = _curve(client, run.info.run_id)
         status = STATUS.get(run.info.status, run.info.status.lower())
         if status == FINISHED:  # finished or stopped early (the tag of the trial's completion says which)
             status = tags.get(STATUS_TAG, FINISHED)
-        steps = max((m.step for m in history), default=None)
+        steps = max(curve.get("step", []), default=None)
         row = {
             "trial_id": tags.get(TRIAL_TAG, run.info.run_id),
             "method": tags.get(METHOD_TAG, run.data.params.get("method", "")),
+            "phase": tags.get(PHASE_TAG, sweep_run.data.tags.get(PHASE_TAG, SEARCH)),
+            "seed": int(tags[SEED_TAG]) if SEED_TAG in tags else None,
             "status": status,
             "error": tags.get(ERROR_TAG, ""),
             **params,
@@ -61,20 +76,20 @@ def _trial_rows(client, experiment_ids: list[str], sweep_run) -> list[dict]:
             "total_steps": int(tags[TOTAL_STEPS_TAG]) if TOTAL_STEPS_TAG in tags else None,
             "seconds": metrics.get("time_total_s"),
             "workers": int(run.data.tags.get(WORKERS_TAG, 1)),
+            "curve": curve,
         }
         rows.append(row)
     return rows
 
 
-def _includes_stopped(client, sweep_run) -> bool:
-    """The sweep's `pareto_includes_stopped`, from the config it logged (default False)."""
+def _logged_config(client, sweep_run) -> dict:
+    """The config a sweep logged (its ``config.json`` artifact), or {} when it logged none."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(sweep_run.info.run_id, "config.json", tmp)
-            config = json.loads(Path(path).read_text())
-        return bool((config.get("sweep") or {}).get("pareto_includes_stopped", False))
-    except Exception:  # noqa: BLE001 - no config logged: the default
-        return False
+            return json.loads(Path(path).read_text())
+    except Exception:  # noqa: BLE001 - no config logged
+        return {}
 
 
 def _find_parents(client, target: str, store: str):
@@ -104,6 +119,7 @@ def report(target: str, tracking_uri: str | None = None, output_dir: str | None 
 
     from ..tracking import redact, resolve_tracking_uri
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading config.json: no bars
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         # reading never creates a store: MLflow would make an empty one here and find nothing in it
@@ -113,10 +129,11 @@ def report(target: str, tracking_uri: str | None = None, output_dir: str | None 
     parents, experiment_ids = _find_parents(client, target, redact(uri))
     by_method: dict[str, list[dict]] = {}
     include_stopped: dict[str, bool] = {}
-    accuracy = "accuracy"
+    study = None
+    accuracy, compare = "accuracy", False
     for parent in parents:
         if parent.data.tags.get(KIND_TAG) == "compare":
-            accuracy = "accuracy_logratio"
+            accuracy, compare = "accuracy_logratio", True
             sweeps = [r for r in _children(client, experiment_ids, parent.info.run_id)
                       if r.data.tags.get(KIND_TAG) == "sweep"]
         else:
@@ -124,21 +141,53 @@ def report(target: str, tracking_uri: str | None = None, output_dir: str | None 
         for sweep_run in sweeps:
             method = sweep_run.data.tags.get(METHOD_TAG, "?")
             by_method.setdefault(method, []).extend(_trial_rows(client, experiment_ids, sweep_run))
-            include_stopped[method] = include_stopped.get(method, False) or _includes_stopped(client, sweep_run)
+            logged = _logged_config(client, sweep_run)
+            stopped = bool((logged.get("sweep") or {}).get("pareto_includes_stopped", False))
+            include_stopped[method] = include_stopped.get(method, False) or stopped
+            study = study or logged.get("study")
     rows = [r for method_rows in by_method.values() for r in method_rows]
     if not rows:
         raise ReportNotFound(f"{target!r} has no trial runs in {redact(uri)}")
     directory = Path(output_dir) if output_dir else Path("outputs") / "reports" / target
-    marked = {m: res.mark_pareto(r, accuracy, include_stopped[m]) for m, r in by_method.items()}
+    marked = {m: _mark(r, accuracy, include_stopped[m]) for m, r in by_method.items()}
     all_rows = [r for method_rows in marked.values() for r in method_rows]
-    files = res.write_tables(all_rows, directory)
-    files["pareto_plot"] = res.plot_pareto(marked, accuracy, directory / "pareto.png")
-    alpha = res.plot_alpha_sensitivity(all_rows, accuracy, directory / "alpha_sensitivity.png")
-    if alpha:
-        files["alpha_plot"] = alpha
-    summaries = [res.method_summary(r, accuracy) for r in marked.values()]
-    summaries.sort(key=lambda s: -(s[f"best_{accuracy}"] or -1))
-    if len(marked) > 1:
-        res.print_methods(summaries, accuracy, f"{target}: methods")
+    summaries = res.rank_methods(marked, accuracy)
+    if compare:
+        seeded = any(r.get("phase") == SEEDS for r in all_rows)
+        title = f"compare {target}: methods ranked on {accuracy}" + (" over seeds" if seeded else "")
+        files = res.write_compare_files(marked, summaries, directory, title)
+    else:
+        title = f"{target}: methods"
+        files = res.write_tables(all_rows, directory)
+        files["methods"] = directory / "methods.json"
+        files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
+        files.update(res.write_plots(marked, accuracy, directory))
+    if len(marked) > 1 or compare:
+        res.print_methods(summaries, accuracy, title)
     res.print_trials(all_rows, accuracy, f"{target}: trials (from MLflow)")
-    return {"directory": directory, "rows": all_rows, "methods": summaries, "files": files}
+    if study:
+        files.update(_rebuild_study(study, all_rows, summaries if compare else None, target, redact(uri), directory, files))
+    return {"directory": directory, "rows": all_rows, "methods": summaries, "files": files,
+            "interval_method": res.interval_caption(summaries)}
+
+
+def _mark(rows: list[dict], accuracy: str, include_stopped: bool) -> list[dict]:
+    """Pareto marks over the search trials (a compare's seed re-runs stay off the front, as in `compare`)."""
+    search = res.mark_pareto([r for r in rows if r.get("phase") != SEEDS], accuracy, include_stopped)
+    return search + [{**r, "pareto": False} for r in rows if r.get("phase") == SEEDS]
+
+
+def _rebuild_study(study: dict, rows: list[dict], summaries: list[dict] | None, target: str, store: str,
+                   directory: Path, files: dict) -> dict[str, Path]:
+    """A study's tables and verdict (`study.md`, `study.json`) from the rows read back from MLflow."""
+    import time
+
+    from ..config import StudyConfig
+    from .study import machine, print_study, study_tables, write_study
+
+    tables = study_tables(StudyConfig(**study), rows, summaries)
+    context = {"command": f"alphadpo-ray report {target} (rebuilt from MLflow {store})", "machine": machine(),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": 0.0, "load_before": "-", "load_after": "-"}
+    plots = {k: Path(v).name for k, v in files.items() if str(v).endswith(".png")}
+    print_study(tables)
+    return write_study(tables, context, plots, directory)

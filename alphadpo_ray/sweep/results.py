@@ -1,8 +1,14 @@
-"""Sweep results: one row per trial, the Pareto set of accuracy vs KL, tables and plots.
+"""Sweep results: one row per trial, the Pareto set of accuracy vs KL, method rankings, tables (plots: `plots`).
 
-A trial row: ``trial_id, method, status, error, <hyperparameters>, accuracy, accuracy_logratio, kl,
-kl_per_token, generation_accuracy, steps, total_steps, seconds, workers``. The same rows come from a
+A trial row: ``trial_id, method, phase, seed, status, error, <hyperparameters>, <METRIC_COLUMNS>, steps,
+total_steps, seconds, workers, curve``. ``phase`` is ``search`` or (a compare's re-runs of a method's best
+configuration) ``seeds``; ``seed`` the trial's ``training.seed``; ``curve`` its held-out evaluations in
+step order (``{"step": [...], metric: [...]}``, JSON only, not in the CSV). The same rows come from a
 finished `Tuner` (`rows_from_result_grid`) or from MLflow alone (`alphadpo_ray.sweep.report`).
+
+`rank_methods` turns a comparison's rows into its method summaries and their order — the one ranking
+both `compare` and `report` print: mean ± 95 % t-interval over the seed re-runs, ties where the Welch
+interval of a difference contains 0 (`alphadpo_ray.sweep.stats`).
 
 ``status`` is ``finished``, ``failed`` or ``stopped early`` (a scheduler ended the trial at ``steps`` <
 ``total_steps``). A stopped trial's KL is low partly because it trained less, so it stays off the
@@ -16,9 +22,15 @@ import json
 import math
 from pathlib import Path
 
-from .tracking import FAILED, FINISHED, STOPPED, error_reason, trial_status
+from . import stats
+from .tracking import FAILED, FINISHED, SEARCH, SEEDS, STOPPED, error_reason, trial_status
 
-METRIC_COLUMNS = ("accuracy", "accuracy_logratio", "kl", "kl_per_token", "generation_accuracy")
+METRIC_COLUMNS = ("accuracy", "accuracy_logratio", "kl", "kl_per_token", "generation_accuracy", "kl_sampled",
+                  "kl_sampled_se", "generated_length")
+CURVE_METRICS = ("accuracy_logratio", "kl", "kl_sampled", "accuracy", "generation_accuracy", "generated_length")
+INTERVAL_METRICS = ("accuracy_logratio", "accuracy", "kl", "kl_sampled", "generation_accuracy", "generated_length")
+ROW_COLUMNS = ("trial_id", "method", "phase", "seed", "status", "error", "steps", "total_steps", "seconds",
+               "workers", "pareto", "curve")  # every row's columns besides hyperparameters and metrics
 HYPERPARAMETER_ORDER = ("alpha", "beta", "gamma_beta_ratio", "learning_rate", "length_alpha", "cpo_alpha",
                         "label_smoothing")
 
@@ -27,13 +39,31 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def rows_from_result_grid(grid, method: str, workers: int) -> list[dict]:
+def curve_from_dataframe(frame) -> dict:
+    """A trial's held-out evaluations in step order from Tune's per-report dataframe (reports without
+    ``eval/`` metrics are left out; a step reported twice, after a resume, counts once: the last)."""
+    columns = [m for m in CURVE_METRICS if frame is not None and f"eval/{m}" in frame.columns]
+    if not columns or "step" not in frame.columns:
+        return {}
+    by_step: dict[int, dict] = {}
+    for record in frame[["step", *(f"eval/{m}" for m in columns)]].to_dict("records"):
+        values = {m: record[f"eval/{m}"] if _finite(record[f"eval/{m}"]) else None for m in columns}
+        if _finite(record["step"]) and any(v is not None for v in values.values()):
+            by_step[int(record["step"])] = values
+    steps = sorted(by_step)
+    return {"step": steps, **{m: [by_step[s][m] for s in steps] for m in columns}}
+
+
+def rows_from_result_grid(grid, method: str, workers: int, phase: str = SEARCH, seed: int | None = None) -> list[dict]:
+    """One row per Tune result; `seed` is the base config's ``training.seed`` (a trial's own wins)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path or "?").name
-        row = {"trial_id": trial_id, "method": method, "status": trial_status(metrics, result.error),
-               "error": error_reason(str(result.error)) if result.error else "", **(result.config or {})}
+        config = result.config or {}
+        row = {"trial_id": trial_id, "method": method, "phase": phase, "seed": config.get("seed", seed),
+               "status": trial_status(metrics, result.error),
+               "error": error_reason(str(result.error)) if result.error else "", **config}
         for column in METRIC_COLUMNS:
             value = metrics.get(f"eval/{column}")
             row[column] = value if _finite(value) else None
@@ -41,6 +71,7 @@ def rows_from_result_grid(grid, method: str, workers: int) -> list[dict]:
         row["total_steps"] = metrics.get("total_steps")
         row["seconds"] = metrics.get("time_total_s")
         row["workers"] = workers
+        row["curve"] = curve_from_dataframe(getattr(result, "metrics_dataframe", None))
         rows.append(row)
     return rows
 
@@ -86,9 +117,91 @@ def method_summary(rows: list[dict], accuracy: str, include_stopped: bool | None
     }
 
 
+def best_search_row(rows: list[dict], accuracy: str = "accuracy_logratio") -> dict | None:
+    """The best finished search trial: highest `accuracy`, then lower KL, then trial id (the one rule
+    compare re-runs with seeds and report reads back)."""
+    ok = [r for r in rows if r.get("phase", SEARCH) == SEARCH and r.get("status") == FINISHED
+          and _finite(r.get(accuracy))]
+    return min(ok, key=lambda r: (-r[accuracy], r["kl"] if _finite(r.get("kl")) else math.inf, str(r["trial_id"])),
+               default=None)
+
+
+def best_config(row: dict) -> dict:
+    """A row's hyperparameters (its training seed left out)."""
+    return {k: row[k] for k in hyperparameter_columns([row]) if k != "seed"}
+
+
+def _method_entry(rows: list[dict], accuracy: str, include_stopped: bool | None) -> dict:
+    """One method's summary in a comparison: the search's best values and Pareto set (`method_summary`
+    over its search trials), what it spent over both phases, and intervals over its seed re-runs."""
+    search = [r for r in rows if r.get("phase", SEARCH) == SEARCH]
+    seeded = [r for r in rows if r.get("phase") == SEEDS and r.get("status") == FINISHED]
+    spent = method_summary(rows, accuracy, include_stopped)
+    best = best_search_row(search, accuracy)
+    values = [r[accuracy] for r in seeded if _finite(r.get(accuracy))]
+    return {
+        **method_summary(search, accuracy, include_stopped),
+        **{k: spent[k] for k in ("trials", "stopped", "failed", "compute_worker_seconds", "steps")},
+        "method": rows[0]["method"] if rows else "",
+        "search_trials": len(search),
+        "seed_trials": len(rows) - len(search),
+        "best_trial": best["trial_id"] if best else None,
+        "best_config": best_config(seeded[0] if seeded else best) if (seeded or best) else {},
+        "seeds": len(values),
+        "seed_values": sorted(r["seed"] for r in seeded if r.get("seed") is not None),
+        "intervals": {m: stats.t_interval([r.get(m) for r in seeded]).as_dict() for m in INTERVAL_METRICS}
+        if values else {},
+    }
+
+
+def rank_methods(rows_by_method: dict[str, list[dict]], accuracy: str = "accuracy_logratio",
+                 include_stopped: bool | None = None) -> list[dict]:
+    """Method summaries of a comparison in rank order, each with ``rank`` and ``tied``.
+
+    With seed re-runs: `stats.rank_with_ties` on the per-seed `accuracy` (tiebreak: mean KL), so methods
+    within each other's noise share a rank. Without (``sweep.seeds`` 0): the best search values, equal
+    values tied. A method with nothing to rank on comes last, rank None."""
+    # one row order whatever the source (Tune or MLflow), so sums and so ties come out the same
+    rows_by_method = {m: sorted(rows, key=lambda r: (r.get("phase") == SEEDS, str(r.get("seed")), str(r["trial_id"])))
+                      for m, rows in rows_by_method.items()}
+    entries = {m: _method_entry(rows, accuracy, include_stopped) for m, rows in rows_by_method.items()}
+    seeded = {m: e for m, e in entries.items() if e["seeds"]}
+    if seeded:
+        samples = {m: [r[accuracy] for r in rows_by_method[m] if r.get("phase") == SEEDS
+                       and r.get("status") == FINISHED and _finite(r.get(accuracy))] for m in seeded}
+        kls = {m: [r.get("kl") for r in rows_by_method[m] if r.get("phase") == SEEDS and r.get("status") == FINISHED]
+               for m in seeded}
+        ranked = stats.rank_with_ties(samples, higher_is_better=True, tiebreak=kls)
+    else:
+        best = {m: e[f"best_{accuracy}"] for m, e in entries.items() if _finite(e[f"best_{accuracy}"])}
+        order = sorted(best, key=lambda m: (-best[m], entries[m]["kl_at_best"] if _finite(entries[m]["kl_at_best"])
+                                            else math.inf, m))
+        ranked = [(m, 1 + sum(v > best[m] for v in best.values())) for m in order]
+    ranks = dict(ranked)
+    shared = [r for _, r in ranked]
+    out = [{**entries[m], "rank": r, "tied": shared.count(r) > 1} for m, r in ranked]
+    return out + [{**entries[m], "rank": None, "tied": False} for m in sorted(entries) if m not in ranks]
+
+
+def interval_caption(summaries: list[dict]) -> str:
+    """What the intervals and ties of `rank_methods` mean, in one line."""
+    counts = sorted({s["seeds"] for s in summaries if s.get("intervals")})
+    if not counts:
+        return ("no seed re-runs (sweep.seeds 0): best search trial of each method, no intervals; "
+                "equal values tied")
+    n = str(counts[0]) if len(counts) == 1 else "/".join(map(str, counts))
+    return (f"95 % Student-t interval over n = {n} training seeds of each method's best configuration; "
+            "tied = Welch interval of the difference contains 0")
+
+
+def rank_text(summary: dict) -> str:
+    """``1``, ``=1`` for a shared rank, ``-`` for none."""
+    rank = summary.get("rank")
+    return "-" if rank is None else f"{'=' if summary.get('tied') else ''}{rank}"
+
+
 def hyperparameter_columns(rows: list[dict]) -> list[str]:
-    present = {k for r in rows for k in r} - set(METRIC_COLUMNS) - {
-        "trial_id", "method", "status", "error", "steps", "total_steps", "seconds", "workers", "pareto"}
+    present = {k for r in rows for k in r} - set(METRIC_COLUMNS) - set(ROW_COLUMNS)
     return [k for k in HYPERPARAMETER_ORDER if k in present] + sorted(present - set(HYPERPARAMETER_ORDER))
 
 
@@ -116,8 +229,8 @@ def mark_pareto(rows: list[dict], accuracy: str, include_stopped: bool = False) 
 
 def write_tables(rows: list[dict], directory: Path, stem: str = "trials") -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    columns = ["trial_id", "method", "status", *hyperparameter_columns(rows), *METRIC_COLUMNS,
-               "pareto", "steps", "total_steps", "seconds", "error"]
+    columns = ["trial_id", "method", "phase", "seed", "status", *hyperparameter_columns(rows), *METRIC_COLUMNS,
+               "pareto", "steps", "total_steps", "seconds", "error"]  # curve: JSON only
     csv_path, json_path = directory / f"{stem}.csv", directory / f"{stem}.json"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -141,14 +254,18 @@ def print_trials(rows: list[dict], accuracy: str, title: str, console=None) -> N
 
     console = console or _console()
     hp = hyperparameter_columns(rows)
+    metrics = [m for m in METRIC_COLUMNS if any(r.get(m) is not None for r in rows)] or list(METRIC_COLUMNS[:3])
+    phases = any(r.get("phase") == SEEDS for r in rows)
     table = Table(title=title, show_lines=False)
-    for column in ("trial", "status", *hp, *METRIC_COLUMNS, "pareto"):
-        table.add_column(column, justify="right" if column not in ("trial", "status") else "left")
+    for column in ("trial", "method", *(["phase"] if phases else []), "status", "seed", *hp, *metrics, "pareto"):
+        table.add_column(column, justify="right" if column not in ("trial", "method", "phase", "status") else "left")
     rank = {FINISHED: 0, STOPPED: 1}
-    ordered = sorted(rows, key=lambda r: (rank.get(r.get("status"), 2), -(r.get(accuracy) or -1e9), r.get("kl") or 0))
+    ordered = sorted(rows, key=lambda r: (r.get("phase") == SEEDS, rank.get(r.get("status"), 2),
+                                          -(r.get(accuracy) or -1e9), r.get("kl") or 0))
     for r in ordered:
-        table.add_row(str(r["trial_id"]), status_text(r), *(_fmt(r.get(k)) for k in hp),
-                      *(_fmt(r.get(k)) for k in METRIC_COLUMNS), "★" if r.get("pareto") else "")
+        table.add_row(str(r["trial_id"]), str(r.get("method", "")), *([str(r.get("phase", ""))] if phases else []),
+                      status_text(r), _fmt(r.get("seed")), *(_fmt(r.get(k)) for k in hp),
+                      *(_fmt(r.get(k)) for k in metrics), "★" if r.get("pareto") else "")
     console.print(table)
     for r in ordered:
         if r.get("error"):
@@ -156,81 +273,72 @@ def print_trials(rows: list[dict], accuracy: str, title: str, console=None) -> N
 
 
 def print_methods(summaries: list[dict], accuracy: str, title: str, console=None) -> None:
+    """The methods table: with seed re-runs each metric as mean ± half-width of its interval, with the
+    interval method as the caption; otherwise the best search values."""
     from rich.table import Table
 
     console = console or _console()
-    table = Table(title=title)
-    columns = ["method", f"best_{accuracy}", "kl_at_best", "pareto_size", "trials", "stopped", "failed", "steps",
-               "compute_worker_seconds"]
+    with_intervals = any(s.get("intervals") for s in summaries)
+    table = Table(title=title, caption=interval_caption(summaries) if any("seeds" in s for s in summaries) else None)
+    metrics = [m for m in INTERVAL_METRICS if any((s.get("intervals") or {}).get(m, {}).get("mean") is not None
+                                                  for s in summaries)]
+    if with_intervals:
+        columns = ["rank", "method", *metrics, "seeds", "trials", "steps", "compute_worker_seconds"]
+    else:
+        columns = ["rank", "method", f"best_{accuracy}", "kl_at_best", "pareto_size", "trials", "stopped", "failed",
+                   "steps", "compute_worker_seconds"]
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for s in summaries:
-        table.add_row(*(_fmt(s.get(c)) for c in columns))
+        cells = []
+        for c in columns:
+            if c == "rank":
+                cells.append(rank_text(s))
+            elif c in metrics:
+                cells.append(stats.Interval(**s["intervals"][c]).text() if c in (s.get("intervals") or {}) else "-")
+            else:
+                cells.append(_fmt(s.get(c)))
+        table.add_row(*cells)
     console.print(table)
 
 
-# --- plots ------------------------------------------------------------------------------------------
+def methods_text(summaries: list[dict], accuracy: str, title: str) -> str:
+    """The methods table as `print_methods` prints it, as plain text (for files and MLflow)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), record=True, width=200)
+    print_methods(summaries, accuracy, title, console=console)
+    return console.export_text()
 
 
-def plot_pareto(rows_by_method: dict[str, list[dict]], accuracy: str, path: Path, reference_accuracy=None) -> Path:
-    """Each method's trials and Pareto front of held-out accuracy vs KL on one chart."""
-    import matplotlib
+def write_plots(rows_by_method: dict[str, list[dict]], accuracy: str, directory: Path, reference_accuracy=None,
+                summaries: list[dict] | None = None) -> dict[str, Path]:
+    """The plots of a sweep or compare (those that have something to show): Pareto fronts, KL over
+    training, α sensitivity, and (with `summaries`) the methods' intervals. `report` draws the same."""
+    from . import plots  # plots builds on this module
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (method, rows) in enumerate(sorted(rows_by_method.items())):
-        colour = colours[i % len(colours)]
-        ok = [r for r in rows if _finite(r.get(accuracy)) and _finite(r.get("kl")) and r["status"] == FINISHED]
-        ax.scatter([r["kl"] for r in ok], [r[accuracy] for r in ok], color=colour, alpha=0.35, s=22)
-        stopped = [r for r in rows if _finite(r.get(accuracy)) and _finite(r.get("kl")) and r["status"] == STOPPED]
-        if stopped:
-            ax.scatter([r["kl"] for r in stopped], [r[accuracy] for r in stopped], color=colour, alpha=0.5, s=22,
-                       marker="x", label=f"{method}: {len(stopped)} stopped early")
-        front = pareto_front(rows, accuracy)
-        if front:
-            ax.step([r["kl"] for r in front], [r[accuracy] for r in front], where="post", color=colour,
-                    marker="o", label=f"{method} ({len(front)} on front)")
-    if reference_accuracy is not None:
-        ax.axhline(reference_accuracy, color="grey", linestyle=":", label="reference")
-    ax.set_xlabel("KL(πθ‖πref) per held-out response (nats)")
-    ax.set_ylabel(f"held-out {accuracy}")
-    ax.set_title("Accuracy vs KL: trials (dots; × stopped early) and Pareto fronts (lines)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    reference = None if reference_accuracy is None else {"accuracy": reference_accuracy, "kl": 0.0}
+    all_rows = [r for rows in rows_by_method.values() for r in rows]
+    files = {
+        "pareto_plot": plots.plot_pareto(rows_by_method, accuracy, directory / "pareto.png", reference),
+        "kl_curves_plot": plots.plot_kl_curves(rows_by_method, directory / "kl_curves.png"),
+        "alpha_plot": plots.plot_alpha_sensitivity(all_rows, directory / "alpha_sensitivity.png"),
+    }
+    if summaries is not None:
+        files["intervals_plot"] = plots.plot_method_intervals(summaries, directory / "method_intervals.png")
+    return {k: Path(v) for k, v in files.items() if v}
 
 
-def plot_alpha_sensitivity(rows: list[dict], accuracy: str, path: Path) -> Path | None:
-    """AlphaDPO: held-out accuracy and KL against α (log scale)."""
-    ok = [r for r in rows if r.get("method") == "alpha-dpo" and r["status"] == "finished"
-          and _finite(r.get("alpha")) and _finite(r.get(accuracy))]
-    if not ok:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok.sort(key=lambda r: r["alpha"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    a1.scatter([r["alpha"] for r in ok], [r[accuracy] for r in ok], color="tab:blue")
-    a1.set_ylabel(f"held-out {accuracy}")
-    a2.scatter([r["alpha"] for r in ok], [r.get("kl") for r in ok], color="tab:red")
-    a2.set_ylabel("KL")
-    for ax in (a1, a2):
-        ax.set_xscale("log")
-        ax.set_xlabel("α")
-        ax.grid(alpha=0.3)
-    fig.suptitle("AlphaDPO α sensitivity")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def write_compare_files(by_method: dict[str, list[dict]], summaries: list[dict], directory: Path,
+                        title: str) -> dict[str, Path]:
+    """A compare's tables (trials, methods.json, the printed methods table) and plots: what `compare`
+    writes and logs, and what `report` rebuilds from MLflow."""
+    files = write_tables([r for rows in by_method.values() for r in rows], directory)
+    files["methods"] = directory / "methods.json"
+    files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
+    files["methods_table"] = directory / "methods.txt"
+    files["methods_table"].write_text(methods_text(summaries, "accuracy_logratio", title))
+    files.update(write_plots(by_method, "accuracy_logratio", directory, 0.5, summaries))
+    return files

@@ -10,8 +10,11 @@ A sweep, top to bottom:
   4. MLflow: a parent run per sweep, child runs per trial (one writer: the driver's callback);
   5. the results table, the Pareto set of accuracy vs KL, plots, and ``results.json``.
 
-`compare` runs the same sweep budget for several methods under one compare run and ranks them on
-the method-independent ``accuracy_logratio`` and ``kl``.
+`compare` runs the same budget for several methods under one compare run: per method a search
+(``num_samples`` trials, its sweep ``{compare}-{method}``), then a seeds phase (``{compare}-{method}-seeds``:
+the search's best configuration re-run with ``sweep.seeds`` new training seeds). Methods are ranked on
+the method-independent ``accuracy_logratio`` over those seeds, with 95 % intervals and ties
+(`results.rank_methods`, which `report` uses too).
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from ray.tune import Callback
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
 from ..losses import method_names, needs_reference
-from ..sweep_settings import SweepConfig, method_space, starting_points
+from ..sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
 from . import results as res
-from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, SWEEP_TAG, SweepMLflowCallback
+from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback
 
 
 CHECKPOINT_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
@@ -162,27 +165,33 @@ class SweepResult:
 
 
 def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, *, name: str, resume: bool,
-                     uri: str | None, parent_of: str | None = None, log=print) -> SweepResult:
-    """One Tuner over one method's space (the unit both `sweep` and `compare` are built from)."""
+                     uri: str | None, parent_of: str | None = None, phase: str = SEARCH, log=print) -> SweepResult:
+    """One Tuner over one method's space (the unit `sweep`, `compare` and its seeds phase are built from)."""
     space = method_space(sweep, method, config.training.learning_rate)
-    defaults = {**config.method.resolved(), "learning_rate": config.training.learning_rate}
+    defaults = {**config.method.resolved(), "learning_rate": config.training.learning_rate,
+                "seed": config.training.seed}
     points = starting_points(sweep, method, space, defaults)
-    callbacks: list = [TrialProgress(sweep.accuracy_key, sweep.num_samples)]
+    total = sweep.num_samples if sweep.search != "grid" else math.prod(
+        len(spec["values"]) for spec in space.values() if spec["type"] == "grid")
+    callbacks: list = [TrialProgress(sweep.accuracy_key, total)]
     parent_id = None
     if uri:
-        parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of)
+        parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of, phase)
         callbacks.append(tracker)
     tuner = _tuner(config, sweep, method, plan, name, space, points, callbacks, resume, log)
     with _tune_environment(sweep, config.storage_path()):
         grid = tuner.fit()
-    rows = res.mark_pareto(res.rows_from_result_grid(grid, method, config.ray.num_workers), sweep.accuracy_metric,
-                           include_stopped=sweep.pareto_includes_stopped)
+    rows = res.rows_from_result_grid(grid, method, config.ray.num_workers, phase=phase, seed=config.training.seed)
+    if phase == SEEDS:  # re-runs of one configuration: the front is the search's
+        rows = [{**r, "pareto": False} for r in rows]
+    else:
+        rows = res.mark_pareto(rows, sweep.accuracy_metric, include_stopped=sweep.pareto_includes_stopped)
     return SweepResult(name=name, method=method, rows=rows, directory=config.run_dir.parent / name,
                        parent_run_id=parent_id)
 
 
 def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name: str, uri: str, space: dict,
-                points: list, parent_of: str | None):
+                points: list, parent_of: str | None, phase: str = SEARCH):
     """The sweep's MLflow parent run (started or resumed) and the callback that writes its child runs."""
     from mlflow.tracking import MlflowClient
 
@@ -191,7 +200,8 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     storage = config.storage_path()
     parent_id, _ = tracking.start_or_resume_run(
         uri, config.tracking.experiment_name, name, tracking.run_key(storage, name),
-        tags={KIND_TAG: "sweep", SWEEP_TAG: name, METHOD_TAG: method, **({PARENT_TAG: parent_of} if parent_of else {})},
+        tags={KIND_TAG: "sweep", SWEEP_TAG: name, METHOD_TAG: method, PHASE_TAG: phase,
+              **({PARENT_TAG: parent_of} if parent_of else {})},
         params={"method": method, "num_samples": str(sweep.num_samples), "objective": sweep.objective,
                 "sampler": sweep.sampler, "seed": str(sweep.seed)},
     )
@@ -199,7 +209,8 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     client.log_dict(parent_id, {"search_space": space, "points_to_evaluate": points}, "search_space.json")
     client.log_dict(parent_id, tracking.mask_secrets(config.to_dict()), "config.json")
     experiment_id = client.get_run(parent_id).info.experiment_id
-    return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers)
+    return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers,
+                                          phase=phase, seed=config.training.seed)
 
 
 def trial_resources(config: ExperimentConfig, sweep: SweepConfig) -> dict[str, float]:
@@ -289,11 +300,7 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
     """Tables, plots, results.json; the parent run gets them as artifacts and is finished."""
     accuracy = sweep.accuracy_metric
     files = res.write_tables(result.rows, result.directory)
-    files["pareto_plot"] = res.plot_pareto({result.method: result.rows}, accuracy, result.directory / "pareto.png",
-                                           reference_accuracy)
-    alpha_plot = res.plot_alpha_sensitivity(result.rows, accuracy, result.directory / "alpha_sensitivity.png")
-    if alpha_plot:
-        files["alpha_plot"] = alpha_plot
+    files.update(res.write_plots({result.method: result.rows}, accuracy, result.directory, reference_accuracy))
     result.files = files
     res.print_trials(result.rows, accuracy, title)
     if uri and result.parent_run_id:
@@ -335,10 +342,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_lock(lock_uri: str) -> dict | None:
+def _read_json(uri: str) -> dict | None:
     from .. import storage
 
-    fs, path = storage.resolve(lock_uri)
+    fs, path = storage.resolve(uri)
     try:
         with fs.open_input_stream(path) as handle:
             data = json.loads(handle.read() or b"null")
@@ -388,7 +395,7 @@ def sweep_lock(storage_path: str, name: str):
         for _ in range(3):
             if _create_lock(lock_uri, holder):
                 break
-            current = _read_lock(lock_uri)
+            current = _read_json(lock_uri)
             if current and current.get("host") == holder["host"] and isinstance(current.get("pid"), int) \
                     and not _pid_alive(current["pid"]):
                 _remove_lock(lock_uri)  # its holder died without releasing it (killed)
@@ -405,7 +412,7 @@ def sweep_lock(storage_path: str, name: str):
     try:
         yield lock_uri
     finally:
-        if (_read_lock(lock_uri) or {}).get("token") == holder["token"]:
+        if (_read_json(lock_uri) or {}).get("token") == holder["token"]:
             _remove_lock(lock_uri)
 
 
@@ -500,6 +507,53 @@ def run_compare(config: ExperimentConfig, *, resume: bool = False, address: str 
         return _run_compare(config, resume=resume, address=address, log=log)
 
 
+def seeds_settings(sweep: SweepConfig, method: str, point: dict, seeds: list[int]) -> SweepConfig:
+    """The seeds phase's sweep settings: a grid over nothing but `seeds`, every hyperparameter fixed at
+    `point` (no starting points, no early stopping)."""
+    grid = {k: {"type": "grid", "values": [v]} for k, v in point.items()}
+    grid["seed"] = {"type": "grid", "values": list(seeds)}
+    return sweep.model_copy(update={"search": "grid", "points_to_evaluate": False, "num_samples": 1,
+                                    "search_space": {method: grid}, "scheduler": SchedulerConfig()})
+
+
+def _seeds_point(config: ExperimentConfig, sweep: SweepConfig, name: str, search_rows: list[dict],
+                 resume: bool) -> dict | None:
+    """What the seeds phase `name` re-runs: the best search trial's hyperparameters and `sweep.seeds`
+    training seeds above every seed the search used (so the winner's selection luck is not counted
+    again). Stored with the phase's Tune experiment, so a resumed compare re-runs the same point."""
+    from .. import storage
+
+    uri = storage.join(config.storage_path(), name, "seeds_point.json")
+    stored = _read_json(uri) if resume else None
+    if stored:
+        return stored
+    best = res.best_search_row(search_rows, sweep.accuracy_metric)
+    if best is None:
+        return None
+    used = [int(r["seed"]) for r in search_rows if isinstance(r.get("seed"), int)] or [config.training.seed]
+    point = {"trial_id": best["trial_id"], "config": res.best_config(best),
+             "seeds": list(range(max(used) + 1, max(used) + 1 + sweep.seeds))}
+    storage.write_json(uri, point)
+    return point
+
+
+def _budget(by_method: dict[str, list[dict]], total_steps: int, pairs_per_step: int, seeds: int) -> dict:
+    """Each method's spend: search and seed trials × steps × pairs. Every method must spend the same
+    (a method whose search had no finished trial ran no seeds phase: it is only reported)."""
+    budget = {}
+    for method, rows in by_method.items():
+        search = sum(r.get("phase") != SEEDS for r in rows)
+        seeded = len(rows) - search
+        budget[method] = {"search_trials": search, "seed_trials": seeded, "steps_per_trial": total_steps,
+                          "pairs_per_step": pairs_per_step,
+                          "pair_steps": (search + seeded) * total_steps * pairs_per_step}
+    searched = {b["search_trials"] for b in budget.values()}
+    reseeded = {b["seed_trials"] for b in budget.values() if b["seed_trials"] or not seeds}
+    if len(searched) > 1 or len(reseeded) > 1:
+        raise SweepFailed(f"unequal budgets across methods (trials × steps × seeds): {budget}")
+    return budget
+
+
 def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> dict:
     from .. import tracking
 
@@ -509,16 +563,19 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
     methods = sweep.methods or list(method_names())
     name = sweep.name or f"{config.name}-compare"
     start = time.time()
-    uri = _start(config, address, [name, *(f"{name}-{m}" for m in methods)], resume, "compare")
+    names = [name, *(f"{name}-{m}" for m in methods), *(f"{name}-{m}-seeds" for m in methods if sweep.seeds)]
+    uri = _start(config, address, names, resume, "compare")
     plan = _prepare(config, methods, log)
-    log(f"[compare] {name}: {', '.join(methods)} — each {sweep.num_samples} trials × {plan.total_steps} steps "
-        f"× {config.training.total_batch_size} pairs, same data, model and seeds")
+    pairs = config.training.total_batch_size
+    log(f"[compare] {name}: {', '.join(methods)} — each {sweep.num_samples} search + {sweep.seeds} seed trials "
+        f"× {plan.total_steps} steps × {pairs} pairs "
+        f"= {(sweep.num_samples + sweep.seeds) * plan.total_steps * pairs} pair-steps, same data and model")
     compare_id = None
     if uri:
         compare_id, _ = tracking.start_or_resume_run(
             uri, config.tracking.experiment_name, name, tracking.run_key(config.storage_path(), name),
             tags={KIND_TAG: "compare", SWEEP_TAG: name},
-            params={"methods": ",".join(methods), "num_samples": str(sweep.num_samples),
+            params={"methods": ",".join(methods), "num_samples": str(sweep.num_samples), "seeds": str(sweep.seeds),
                     "total_steps": str(plan.total_steps)},
         )
     compare_config = config.model_copy(update={"sweep": sweep})
@@ -529,21 +586,28 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
                                   uri=uri, parent_of=compare_id, log=log)
         _finish(result, sweep, uri, 0.5, f"{name}: {method}")
         by_method[method] = result.rows
-    budgets = {m: len(rows) for m, rows in by_method.items()}
-    if len(set(budgets.values())) != 1:
-        raise SweepFailed(f"unequal trial budgets across methods: {budgets}")
+        point = _seeds_point(config, sweep, f"{name}-{method}-seeds", result.rows, resume) if sweep.seeds else None
+        if sweep.seeds and point is None:
+            log(f"[compare] {method}: no search trial finished, so no seeds phase")
+        if point:
+            seeded = run_method_sweep(method_config, seeds_settings(sweep, method, point["config"], point["seeds"]),
+                                      method, plan, name=f"{name}-{method}-seeds", resume=resume, uri=uri,
+                                      parent_of=compare_id, phase=SEEDS, log=log)
+            _finish(seeded, sweep, uri, 0.5, f"{name}: {method}, best trial {point['trial_id']} with seeds "
+                    f"{', '.join(map(str, point['seeds']))}")
+            by_method[method] += seeded.rows
+    budget = _budget(by_method, plan.total_steps, pairs, sweep.seeds)
     directory = config.run_dir.parent / name
-    summaries = sorted((res.method_summary(rows, "accuracy_logratio") for rows in by_method.values()),
-                       key=lambda s: (-(s["best_accuracy_logratio"] or -1), s["kl_at_best"] or 0))
-    res.print_methods(summaries, "accuracy_logratio", f"compare {name}: methods ranked on accuracy_logratio, then KL")
-    all_rows = [r for rows in by_method.values() for r in rows]
-    files = res.write_tables(all_rows, directory)
-    files["methods"] = directory / "methods.json"
-    files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
-    files["pareto_plot"] = res.plot_pareto(by_method, "accuracy_logratio", directory / "pareto.png", 0.5)
-    alpha = res.plot_alpha_sensitivity(all_rows, "accuracy_logratio", directory / "alpha_sensitivity.png")
-    if alpha:
-        files["alpha_plot"] = alpha
+    summaries = res.rank_methods(by_method, "accuracy_logratio")
+    title = f"compare {name}: methods ranked on accuracy_logratio" + (" over seeds" if sweep.seeds else "")
+    res.print_methods(summaries, "accuracy_logratio", title)
+    files = res.write_compare_files(by_method, summaries, directory, title)
+    summary = {"name": name, "methods": summaries, "interval_method": res.interval_caption(summaries),
+               "budget": budget, "files": {k: str(v) for k, v in files.items()},
+               "mlflow_compare_run_id": compare_id, "tracking_uri": tracking.redact(uri),
+               "wall_seconds": round(time.time() - start, 1)}
+    files["results"] = directory / "results.json"
+    files["results"].write_text(json.dumps(summary, indent=2, default=str))
     if uri and compare_id:
         from mlflow.tracking import MlflowClient
 
@@ -551,8 +615,5 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
         for path in files.values():
             client.log_artifact(compare_id, str(path))
         client.set_terminated(compare_id, "FINISHED")
-    summary = {"name": name, "methods": summaries, "files": {k: str(v) for k, v in files.items()},
-               "mlflow_compare_run_id": compare_id, "tracking_uri": tracking.redact(uri),
-               "wall_seconds": round(time.time() - start, 1)}
-    (directory / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+

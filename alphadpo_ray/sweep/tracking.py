@@ -10,7 +10,10 @@ the highest one already in its history are skipped).
 
 A trial that ended without error before its ``total_steps`` (an ASHA/median scheduler stopped it) is
 an MLflow ``FINISHED`` run tagged ``alphadpo.status = stopped early`` with the step it stopped at
-(``alphadpo.steps``), so `report` can tell it from a trial that trained to the end.
+(``alphadpo.steps``), so `report` can tell it from a trial that trained to the end. Sweep and trial runs
+carry ``alphadpo.phase`` (``search``, or ``seeds`` for a compare's re-runs of a method's best
+configuration) and trial runs ``alphadpo.seed`` (their ``training.seed``), so `report` rebuilds a
+compare's seed statistics from MLflow alone.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from ..tracking import last_logged_step, log_metrics, numeric_metrics
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
 ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"
 STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG = "alphadpo.status", "alphadpo.steps", "alphadpo.total_steps"
+PHASE_TAG, SEED_TAG = "alphadpo.phase", "alphadpo.seed"  # a compare's phase ("search"/"seeds"); training.seed
+SEARCH, SEEDS = "search", "seeds"
 PARENT_TAG = "mlflow.parentRunId"
 FINISHED, STOPPED, FAILED = "finished", "stopped early", "failed"
 
@@ -65,10 +70,15 @@ def trial_error_text(trial) -> str:
         return ""
 
 
+def _seed_tag(seed) -> dict:
+    return {SEED_TAG: str(int(seed))} if isinstance(seed, (int, float)) else {}
+
+
 class SweepMLflowCallback(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, method: str,
-                 workers: int = 1):
+                 workers: int = 1, phase: str = SEARCH, seed: int | None = None):
         self.tracking_uri, self.experiment_id, self.workers = tracking_uri, experiment_id, workers
+        self.phase, self.seed = phase, seed  # seed: the base config's training.seed (a trial's own wins)
         self.parent_run_id, self.sweep_id, self.method = parent_run_id, sweep_id, method
         self.runs: dict[str, str] = {}
         self._client = None
@@ -110,7 +120,9 @@ class SweepMLflowCallback(Callback):
                     self.experiment_id,
                     run_name=f"{self.method}-{trial_id}",
                     tags={PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", SWEEP_TAG: self.sweep_id,
-                          TRIAL_TAG: trial_id, METHOD_TAG: self.method, WORKERS_TAG: str(self.workers)},
+                          TRIAL_TAG: trial_id, METHOD_TAG: self.method, WORKERS_TAG: str(self.workers),
+                          PHASE_TAG: getattr(self, "phase", SEARCH),
+                          **_seed_tag(trial.config.get("seed", getattr(self, "seed", None)))},
                 )
                 self.runs[trial_id] = run.info.run_id
                 params = [Param("method", self.method)] + [Param(k, str(v)) for k, v in sorted(trial.config.items())]

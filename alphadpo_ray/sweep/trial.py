@@ -27,7 +27,7 @@ from ..config import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
 from ..plan import PreparedRun
 
-HYPERPARAMETER_KEYS = ("learning_rate",)
+TRAINING_KEYS = ("learning_rate", "seed")  # trial parameters that set `training.*`, not the method
 
 
 class TrialDiverged(AlphaDPOError, RuntimeError):
@@ -35,12 +35,16 @@ class TrialDiverged(AlphaDPOError, RuntimeError):
 
 
 def trial_config(base: dict, method: str, params: dict, run_name: str) -> ExperimentConfig:
-    """The base config with the trial's method, hyperparameters and learning rate applied."""
+    """The base config with the trial's method, hyperparameters, learning rate and training seed applied."""
     data = {**base, "name": run_name}
-    hparams = {k: v for k, v in params.items() if k not in HYPERPARAMETER_KEYS}
+    hparams = {k: v for k, v in params.items() if k not in TRAINING_KEYS}
     data["method"] = {"name": method, **hparams}
+    training = {**base.get("training", {})}
     if "learning_rate" in params:
-        data["training"] = {**base.get("training", {}), "learning_rate": float(params["learning_rate"])}
+        training["learning_rate"] = float(params["learning_rate"])
+    if "seed" in params:
+        training["seed"] = int(params["seed"])
+    data["training"] = training
     data["tracking"] = {**base.get("tracking", {}), "enabled": False}  # the sweep driver logs to MLflow
     return config_from_dict(data, f"trial {run_name}")
 
