@@ -1,4 +1,4 @@
-"""`alphadpo-ray` command line: sweep (the main job), compare, report, train, reference, validate, init-model."""
+"""`alphadpo-ray` command line: sweep (the main job), compare, study, report, train, reference, validate, init-model."""
 
 from __future__ import annotations
 
@@ -97,6 +97,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .config import load_config
+    from .preflight import check_job_outputs
+    from .sweep.study import study_path, run_study
+
+    path = study_path(args.name)
+    config = load_config(str(path), args.set)
+    check_job_outputs(config)
+    command = " ".join(["alphadpo-ray study", args.name, *(f"--set {s}" for s in args.set)])
+    out = run_study(config, command=command, resume=args.resume, address=args.address)
+    print(f"\nstudy: {out['files']['markdown']}")
+    if out["mlflow_run_id"]:
+        print(f"mlflow:  run {out['mlflow_run_id']} (study.md, study.json and the plots are its artifacts)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .sweep.report import report
 
@@ -131,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = with_config(sub.add_parser(name, help=text))
         p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
         p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
+    p = sub.add_parser("study", help="a ready study (experiments/studies/NAME.yaml, or a YAML file): its sweep or "
+                       "compare, then its tables, plots and verdict")
+    p.add_argument("name", help="alpha-sensitivity, alphadpo-vs-simpo, methods-harder, methods-length-biased, "
+                   "methods-label-noise, or a study YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage")
+    p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
     p = sub.add_parser("init-model", help="a tokenizer and a small model for your own data, SFT on its chosen responses")
     p.add_argument("data", help="your preference data (.jsonl/.json/.jsonl.gz/.parquet)")
     p.add_argument("out", help="directory to write the model and tokenizer to (then model.name_or_path: OUT)")
@@ -154,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"init-model": cmd_init_model, "reference": cmd_reference, "validate": cmd_validate, "train": cmd_train, "sweep": cmd_sweep,
-            "compare": cmd_compare, "report": cmd_report}
+            "compare": cmd_compare, "study": cmd_study, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

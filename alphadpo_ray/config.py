@@ -193,6 +193,8 @@ class TrainingConfig(_Section):
     eval_steps: int = Field(25, ge=1)
     save_steps: int = Field(50, ge=1)
     generation_eval_samples: int = Field(64, ge=0, description="held-out prompts decoded for generation_accuracy")
+    sampled_kl_samples: int = Field(32, ge=0, description="held-out prompts answered by sampling from the policy "
+                                    "for kl_sampled (one response each, max_new_tokens long at most); 0: off")
     max_new_tokens: int = Field(32, ge=1)
     logprob_chunk_size: int = Field(512, ge=1)
 
@@ -221,6 +223,19 @@ class RayConfig(_Section):
                                          "from max_failures (-1: any number, 0: none)")
     num_to_keep: int | None = Field(2, ge=1)
     health_check_interval_s: float = Field(0.1, gt=0, description="Ray Train controller poll interval")
+
+
+class StudyConfig(_Section):
+    """What `alphadpo-ray study` runs and how it reports (the ready studies are in experiments/studies/)."""
+
+    kind: Literal["sweep", "compare"] = Field(description="sweep: one method over a controlled grid; "
+                                              "compare: several methods, a search each, then seeds")
+    title: str = Field(min_length=1)
+    question: str = Field("", description="the question the study answers, one sentence")
+    group_by: str | None = Field(None, description="sweep: one table row per value of this hyperparameter, "
+                                 "its seeds pooled into intervals")
+    verdict: list[str] | None = Field(None, min_length=2, max_length=2, description="compare: 'lower KL at "
+                                      "matched accuracy' of the first method against the second")
 
 
 class TrackingConfig(_Section):
@@ -259,6 +274,8 @@ class ExperimentConfig(_Section):
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig | None = Field(None, description="settings of `alphadpo-ray sweep` / `compare`")
+    study: StudyConfig | None = Field(None, description="settings of `alphadpo-ray study` (a sweep or compare "
+                                      "with its report)")
 
     @model_validator(mode="before")
     @classmethod
@@ -291,11 +308,30 @@ class ExperimentConfig(_Section):
                 raise _keyed("training.total_batch_size",
                              f"{self.training.total_batch_size} is larger than the built-in training set "
                              f"({train} pairs); lower it or raise data.builtin.train_size")
+        if self.study is not None:
+            self._check_study()
         if self.model.name_or_path == BUILTIN and self.data.source != BUILTIN:
             raise _keyed("model.name_or_path",
                          "'builtin' is the built-in task's reference; it needs data.source 'builtin', "
                          f"got data.source {self.data.source!r}")
         return self
+
+    def _check_study(self) -> None:
+        """A study's grouping names a swept hyperparameter; its verdict names two compared methods."""
+        study, sweep = self.study, self.sweep
+        if sweep is None:
+            raise _keyed("study", "a study runs a sweep or compare: add a sweep section")
+        if study.kind == "sweep" and study.group_by and study.group_by not in sweep.search_space:
+            raise _keyed("study.group_by", f"{study.group_by!r} is not in sweep.search_space "
+                         f"({', '.join(sweep.search_space) or 'empty'})")
+        if study.verdict:
+            if study.kind != "compare":
+                raise _keyed("study.verdict", "a verdict compares two methods: it needs study.kind 'compare'")
+            compared = sweep.methods or list(method_names())
+            missing = [m for m in study.verdict if m not in compared]
+            if missing or study.verdict[0] == study.verdict[1]:
+                raise _keyed("study.verdict", f"expected two different methods of the comparison "
+                             f"({', '.join(compared)}), got {study.verdict}")
 
     def _accumulation(self) -> tuple[int, tuple[str, str] | None]:
         """(derived accumulation steps, (key, problem) or None)."""

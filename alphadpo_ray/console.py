@@ -76,3 +76,13 @@ def drop_benign_worker_lines() -> None:
 
             filtered._alphadpo_filtered = True
             dispatcher.handlers[i] = (name, filtered)
+
+
+def table_console():
+    """A rich console for result tables: the terminal's width, or 180 columns when output is piped (logs,
+    `ray job logs`), so tables are not squeezed to 80."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=180)
