@@ -47,7 +47,8 @@ COMPARE_QUICKSTART = {
     "tracking": {"experiment_name": "alphadpo-ray-compare"},
     "sweep": {
         "name": "compare-quickstart",
-        "num_samples": 4,
+        "num_samples": 3,
+        "seeds": 3,
         "max_concurrent_trials": 2,
         "seed": 0,
     },

@@ -329,6 +329,18 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
+def report_by_step(report: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(step, metrics) pairs of one recipe report, in step order. Every report carries the latest held-out
+    evaluation along (``eval/*``, ``objective/*``: Tune's searchers and schedulers read them), but that
+    evaluation belongs to step ``eval/step``: logged there, once, not as a new point at every report."""
+    step, evaluated = int(report.get("step", 0)), report.get("eval/step")
+    if evaluated is None or int(evaluated) == step:
+        return [(step, report)]
+    carried = ("eval/", "objective/")
+    return [(int(evaluated), {k: v for k, v in report.items() if k.startswith(carried)}),
+            (step, {k: v for k, v in report.items() if not k.startswith(carried)})]
+
+
 def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
     from mlflow.entities import Metric
 
@@ -555,12 +567,12 @@ class MLflowMetricsCallback(_UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
             return
-        m = metrics[0]
-        step = int(m.get("step", 0))
-        if step <= self.last_step:
-            return
-        self.last_step = step
-        values = {k: v for k, v in numeric_metrics(m).items() if k not in ("step", "total_steps")}
+        for step, part in report_by_step(metrics[0]):
+            if step > self.last_step:  # a step replayed after a resume, or an evaluation already logged: skip
+                self.last_step = step
+                self._send(step, {k: v for k, v in numeric_metrics(part).items() if k not in ("step", "total_steps")})
+
+    def _send(self, step: int, values: dict) -> None:
         try:
             if self._sender is None:
                 self._sender = _Sender(PendingMetrics(self.tracking_uri, self.pending_path))

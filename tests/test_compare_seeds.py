@@ -65,23 +65,38 @@ def test_rank_methods_intervals_and_ties_on_hand_made_rows():
 
 
 def test_rows_carry_curves_from_tune_dataframes():
-    """A row's curve: every report with held-out metrics, in step order, a replayed step once."""
+    """A row's curve: each evaluation at the step it was made (``eval/step``: every recipe report carries
+    the latest evaluation along), in step order, a replayed step once."""
     import pandas as pd
 
     from alphadpo_ray.sweep import results as res
 
     frame = pd.DataFrame([
-        {"step": 2, "train/loss": 0.6},
-        {"step": 4, "eval/kl": 0.2, "eval/accuracy_logratio": 0.7, "train/loss": 0.5},
-        {"step": 2, "eval/kl": 0.1, "eval/accuracy_logratio": 0.6},
-        {"step": 4, "eval/kl": 0.25, "eval/accuracy_logratio": 0.75},  # replayed after a resume: the last counts
+        {"step": 1, "train/loss": 0.6, "eval/step": 0, "eval/kl": 0.0, "eval/accuracy_logratio": 0.5},
+        {"step": 2, "train/loss": 0.6, "eval/step": 2, "eval/kl": 0.1, "eval/accuracy_logratio": 0.6},
+        {"step": 3, "train/loss": 0.5, "eval/step": 2, "eval/kl": 0.1, "eval/accuracy_logratio": 0.6},  # carried
+        {"step": 4, "eval/step": 4, "eval/kl": 0.2, "eval/accuracy_logratio": 0.7, "train/loss": 0.5},
+        {"step": 4, "eval/step": 4, "eval/kl": 0.25, "eval/accuracy_logratio": 0.75},  # replayed after a resume
     ])
     grid = [SimpleNamespace(metrics={"trial_id": "t1", "step": 4, "total_steps": 4, "eval/kl": 0.25},
                             error=None, config={"alpha": 0.1, "seed": 7}, path="/x/t1", metrics_dataframe=frame)]
     row = res.rows_from_result_grid(grid, "alpha-dpo", workers=1, phase="seeds", seed=42)[0]
     assert (row["phase"], row["seed"]) == ("seeds", 7)
-    assert row["curve"] == {"step": [2, 4], "accuracy_logratio": [0.6, 0.75], "kl": [0.1, 0.25]}
+    assert row["curve"] == {"step": [0, 2, 4], "accuracy_logratio": [0.5, 0.6, 0.75], "kl": [0.0, 0.1, 0.25]}
     assert "seed" not in res.hyperparameter_columns([row]) and "curve" not in res.hyperparameter_columns([row])
+
+
+def test_a_carried_evaluation_is_logged_at_its_own_step_once():
+    """Reports repeat the latest evaluation; MLflow gets it at ``eval/step`` only (a curve point per
+    evaluation), the report's own metrics at its step."""
+    from alphadpo_ray.tracking import report_by_step
+
+    carried = {"step": 10, "train/loss": 0.5, "eval/step": 0, "eval/kl": 0.0, "objective/score": 0.5}
+    assert report_by_step(carried) == [(0, {"eval/step": 0, "eval/kl": 0.0, "objective/score": 0.5}),
+                                       (10, {"step": 10, "train/loss": 0.5})]
+    fresh = {"step": 20, "train/loss": 0.4, "eval/step": 20, "eval/kl": 0.3}
+    assert report_by_step(fresh) == [(20, fresh)]
+    assert report_by_step({"step": 3, "train/loss": 0.1}) == [(3, {"step": 3, "train/loss": 0.1})]
 
 
 def test_seed_is_a_trial_parameter_of_every_method():

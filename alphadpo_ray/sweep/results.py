@@ -40,16 +40,17 @@ def _finite(x) -> bool:
 
 
 def curve_from_dataframe(frame) -> dict:
-    """A trial's held-out evaluations in step order from Tune's per-report dataframe (reports without
-    ``eval/`` metrics are left out; a step reported twice, after a resume, counts once: the last)."""
+    """A trial's held-out evaluations in step order from Tune's per-report dataframe. Every report carries
+    the latest evaluation along; a point is taken only where it was made (``eval/step``), and a step
+    reported twice, after a resume, counts once: the last."""
     columns = [m for m in CURVE_METRICS if frame is not None and f"eval/{m}" in frame.columns]
-    if not columns or "step" not in frame.columns:
+    if not columns or "eval/step" not in frame.columns:
         return {}
     by_step: dict[int, dict] = {}
-    for record in frame[["step", *(f"eval/{m}" for m in columns)]].to_dict("records"):
+    for record in frame[["eval/step", *(f"eval/{m}" for m in columns)]].to_dict("records"):
         values = {m: record[f"eval/{m}"] if _finite(record[f"eval/{m}"]) else None for m in columns}
-        if _finite(record["step"]) and any(v is not None for v in values.values()):
-            by_step[int(record["step"])] = values
+        if _finite(record["eval/step"]) and any(v is not None for v in values.values()):
+            by_step[int(record["eval/step"])] = values
     steps = sorted(by_step)
     return {"step": steps, **{m: [by_step[s][m] for s in steps] for m in columns}}
 

@@ -171,9 +171,7 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
     defaults = {**config.method.resolved(), "learning_rate": config.training.learning_rate,
                 "seed": config.training.seed}
     points = starting_points(sweep, method, space, defaults)
-    total = sweep.num_samples if sweep.search != "grid" else math.prod(
-        len(spec["values"]) for spec in space.values() if spec["type"] == "grid")
-    callbacks: list = [TrialProgress(sweep.accuracy_key, total)]
+    callbacks: list = [TrialProgress(sweep.accuracy_key, planned_trials(sweep, space))]
     parent_id = None
     if uri:
         parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of, phase)
@@ -211,6 +209,13 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     experiment_id = client.get_run(parent_id).info.experiment_id
     return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers,
                                           phase=phase, seed=config.training.seed)
+
+
+def planned_trials(sweep: SweepConfig, space: dict[str, dict]) -> int:
+    """Trials a sweep runs: ``num_samples``, or with ``search: grid`` the product of its grid sizes."""
+    if sweep.search != "grid":
+        return sweep.num_samples
+    return math.prod(len(spec["values"]) for spec in space.values() if spec["type"] == "grid")
 
 
 def trial_resources(config: ExperimentConfig, sweep: SweepConfig) -> dict[str, float]:
@@ -481,7 +486,8 @@ def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, l
     start = time.time()
     uri = _start(config, address, [name], resume, "sweep")
     plan = _prepare(config, [method], log)
-    log(f"[sweep] {name}: {method}, {sweep.num_samples} trials, objective {sweep.objective} "
+    trials = planned_trials(sweep, method_space(sweep, method, config.training.learning_rate))
+    log(f"[sweep] {name}: {method}, {trials} trials, objective {sweep.objective} "
         f"({', '.join(_as_list(sweep.metrics_and_modes()[0]))}), "
         f"{plan.total_steps} steps per trial, up to {sweep.max_concurrent_trials} at once")
     result = run_method_sweep(config, sweep, method, plan, name=name, resume=resume, uri=uri, log=log)

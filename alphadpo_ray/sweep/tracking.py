@@ -22,7 +22,7 @@ import re
 
 from ray.tune import Callback
 
-from ..tracking import last_logged_step, log_metrics, numeric_metrics
+from ..tracking import last_logged_step, log_metrics, numeric_metrics, report_by_step
 
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
 ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"
@@ -138,12 +138,12 @@ class SweepMLflowCallback(Callback):
         logged = self.__dict__.setdefault("_logged", {})  # absent in a callback pickled by an older version
         if trial.trial_id not in logged:
             logged[trial.trial_id] = last_logged_step(self.client, run_id)
-        if step <= logged[trial.trial_id]:
-            return  # replayed after a resume: already in the run's history
-        metrics = {k: v for k, v in numeric_metrics(result).items()
-                   if "/" in k or k in ("time_total_s", "epoch")}
-        log_metrics(self.client, run_id, metrics, step)
-        logged[trial.trial_id] = step
+        for step, part in report_by_step({**result, "step": step}):
+            if step <= logged[trial.trial_id]:
+                continue  # replayed after a resume, or an evaluation already logged: in the run's history
+            log_metrics(self.client, run_id, {k: v for k, v in numeric_metrics(part).items()
+                                              if "/" in k or k in ("time_total_s", "epoch")}, step)
+            logged[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         """Finished or stopped early by the scheduler (Tune completes both): the status tag says which."""
