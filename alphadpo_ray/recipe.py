@@ -177,8 +177,9 @@ def run_recipe(loop_config: dict, session) -> dict:
     t, total_steps = w.config.training, w.plan.total_steps
     state = resume(w)
     setup_seconds = time.time() - w.start  # data, engine, resume: the per-run fixed cost
-    if not state["evals"]:  # step 0: the policy is the reference
+    if not state["evals"]:  # step 0: the policy is the reference; reported, so curves start there
         state["evals"].append(evaluate(w, 0))
+        w.session.report({**state["evals"][0], "step": 0, "total_steps": total_steps})
     last_eval = state["evals"][-1]
     window = {"seconds": 0.0, "tokens": 0, "steps": 0}
     status, message = "finished", ""

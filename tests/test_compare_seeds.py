@@ -121,12 +121,14 @@ def test_compare_with_seeds_gives_intervals_and_the_same_order_in_report(ray_ses
 
     from alphadpo_ray.sweep.report import report
     from alphadpo_ray.sweep.run import run_compare
+    from alphadpo_ray.sweep.study import verdict
 
     training = {"per_device_train_batch_size": 8, "total_batch_size": 8, "max_steps": 4, "eval_steps": 2,
                 "logging_steps": 2, "save_steps": 4, "generation_eval_samples": 0}
     config = small_config(tmp_path, name="cs", ray={"num_workers": 1}, deepspeed={"zero_stage": 0},
                           training=training, sweep={"name": "cmpseeds", "methods": ["alpha-dpo", "simpo"],
-                                                    "num_samples": 1, "seeds": 2, "max_concurrent_trials": 2})
+                                                    "num_samples": 1, "seeds": 2, "max_concurrent_trials": 2},
+                          study={"kind": "compare", "title": "two methods", "verdict": ["alpha-dpo", "simpo"]})
     summary = run_compare(config, log=lambda *_: None)
     methods = {s["method"]: s for s in summary["methods"]}
     assert set(methods) == {"alpha-dpo", "simpo"}
@@ -144,7 +146,7 @@ def test_compare_with_seeds_gives_intervals_and_the_same_order_in_report(ray_ses
                  "results.json"):
         assert (directory / name).exists(), name
     rows = json.loads((directory / "trials.json").read_text())
-    assert len(rows) == 6 and all(r["curve"]["step"] == [2, 4] for r in rows)
+    assert len(rows) == 6 and all(r["curve"]["step"] == [0, 2, 4] for r in rows)  # from the reference on
     for method in methods:
         search = [r for r in rows if r["method"] == method and r["phase"] == "search"]
         seeded = [r for r in rows if r["method"] == method and r["phase"] == "seeds"]
@@ -166,7 +168,11 @@ def test_compare_with_seeds_gives_intervals_and_the_same_order_in_report(ray_ses
     for a, b in zip(summary["methods"], rebuilt["methods"]):
         assert a["intervals"]["accuracy_logratio"]["mean"] == pytest.approx(b["intervals"]["accuracy_logratio"]["mean"])
         assert a["best_trial"] == b["best_trial"] and a["seed_values"] == b["seed_values"]
-    assert all(r["curve"]["step"] == [2, 4] for r in rebuilt["rows"])
+    assert all(r["curve"]["step"] == [0, 2, 4] for r in rebuilt["rows"])
+    study = json.loads((tmp_path / "report" / "study.json").read_text())  # the study's tables, from MLflow too
+    assert [m["method"] for m in study["methods"]] == [s["method"] for s in summary["methods"]]
+    assert study["verdict"]["answer"] == verdict(rows, "alpha-dpo", "simpo")["answer"]
+    assert "Verdict" in (tmp_path / "report" / "study.md").read_text()
     for name in ("methods.json", "methods.txt", "trials.csv", "pareto.png", "kl_curves.png", "method_intervals.png"):
         assert (tmp_path / "report" / name).exists(), name
     assert "method" in (tmp_path / "report" / "trials.csv").read_text().splitlines()[0].split(",")

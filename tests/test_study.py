@@ -8,8 +8,8 @@ import pytest
 from alphadpo_ray.config import StudyConfig, config_from_dict
 from alphadpo_ray.errors import ConfigError
 from alphadpo_ray.sweep import stats
-from alphadpo_ray.sweep.study import (StudyNotFound, grouped_table, markdown, study_path, study_tables, verdict,
-                                      winner_line)
+from alphadpo_ray.sweep.study import (StudyNotFound, contrast, grouped_table, markdown, study_path, study_tables,
+                                      verdict, winner_line)
 
 
 def _row(method, seed, acc, kl, phase="seeds", **extra):
@@ -31,6 +31,21 @@ def test_grouped_table_pools_seeds_per_value_into_t_intervals():
     assert got["high"] - got["low"] > 0
 
 
+def test_contrast_says_whether_the_trend_over_the_grid_is_resolved():
+    rows = [_row("alpha-dpo", s, 0.9 + d, kl + d, alpha=a) for a, kl in ((0.0, 0.2), (0.1, 0.3), (0.3, 0.4))
+            for s, d in ((1, 0.0), (2, 0.01), (3, -0.01))]
+    out = contrast(rows, "alpha")
+    assert (out["from"], out["to"]) == (0.0, 0.3)
+    kl, acc = stats.Interval(**out["differences"]["kl"]), stats.Interval(**out["differences"]["accuracy_logratio"])
+    assert kl.mean == pytest.approx(0.2) and kl.low > 0  # KL rises with alpha, resolved
+    assert acc.low <= 0 <= acc.high  # accuracy equal within noise
+    text = markdown(study_tables(StudyConfig(kind="sweep", title="t", group_by="alpha"), rows),
+                    {"command": "c", "machine": "m", "date": "d", "wall_seconds": 1.0, "load_before": "-",
+                     "load_after": "-"}, {})
+    assert "exact KL: +0.2000" in text and "— resolved" in text and "no difference resolved" in text
+    assert "Ranks:" not in text  # a grid has no ranking
+
+
 def test_verdict_yes_no_and_not_resolved():
     low = [_row("alpha-dpo", s, 0.80 + d, 1.0 + d) for s, d in ((1, 0.0), (2, 0.01), (3, -0.01))]
     high = [_row("simpo", s, 0.80 - d, 3.0 + d) for s, d in ((1, 0.0), (2, 0.01), (3, -0.01))]
@@ -44,6 +59,10 @@ def test_verdict_yes_no_and_not_resolved():
     # search rows are not seeds: with seed rows present only those count
     stray = [_row("alpha-dpo", 0, 0.80, 50.0, phase="search")]
     assert verdict(low + high + stray, "alpha-dpo", "simpo")["answer"] == "yes"
+    # the sampled KL gets its own answer: here within noise although the exact KL is resolved lower
+    sampled = [{**r, "kl_sampled": v} for r, v in zip(low + high, (0.1, 0.5, 0.9, 0.2, 0.6, 1.0))]
+    out = verdict(sampled, "alpha-dpo", "simpo")
+    assert out["answer"] == "yes" and out["sampled"]["answer"] == "not resolved"
 
 
 def test_winner_line_names_ties():
@@ -65,6 +84,7 @@ def test_markdown_has_the_table_verdict_and_provenance():
                              "load_before": "1", "load_after": "2"}, {"pareto": "pareto.png"})
     assert "| =1 | alpha-dpo | 3 |" in text and "± " in text
     assert "**Verdict — alpha-dpo: lower KL than simpo at matched accuracy? yes**" in text
+    assert "on the sampled KL" not in text  # none logged in these rows
     assert "`alphadpo-ray study x`" in text and "![pareto](pareto.png)" in text
 
 

@@ -22,6 +22,7 @@ import json
 import math
 from pathlib import Path
 
+from ..console import table_console
 from . import stats
 from .tracking import FAILED, FINISHED, SEARCH, SEEDS, STOPPED, error_reason, trial_status
 
@@ -241,19 +242,11 @@ def write_tables(rows: list[dict], directory: Path, stem: str = "trials") -> dic
     return {"csv": csv_path, "json": json_path}
 
 
-def _console():
-    import sys
-
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=180)
-
-
 def print_trials(rows: list[dict], accuracy: str, title: str, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or _console()
+    console = console or table_console()
     hp = hyperparameter_columns(rows)
     metrics = [m for m in METRIC_COLUMNS if any(r.get(m) is not None for r in rows)] or list(METRIC_COLUMNS[:3])
     phases = any(r.get("phase") == SEEDS for r in rows)
@@ -278,7 +271,7 @@ def print_methods(summaries: list[dict], accuracy: str, title: str, console=None
     interval method as the caption; otherwise the best search values."""
     from rich.table import Table
 
-    console = console or _console()
+    console = console or table_console()
     with_intervals = any(s.get("intervals") for s in summaries)
     table = Table(title=title, caption=interval_caption(summaries) if any("seeds" in s for s in summaries) else None)
     metrics = [m for m in INTERVAL_METRICS if any((s.get("intervals") or {}).get(m, {}).get("mean") is not None

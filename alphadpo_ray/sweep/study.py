@@ -61,14 +61,29 @@ def _finished(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("status") == FINISHED]
 
 
-def grouped_table(rows: list[dict], group_by: str) -> list[dict]:
-    """One entry per value of `group_by` (ascending): the finished rows' seeds and metric intervals."""
+def _groups(rows: list[dict], group_by: str) -> list[tuple]:
     groups: dict = {}
     for row in _finished(rows):
         groups.setdefault(row.get(group_by), []).append(row)
+    return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0]))
+
+
+def grouped_table(rows: list[dict], group_by: str) -> list[dict]:
+    """One entry per value of `group_by` (ascending): the finished rows' seeds and metric intervals."""
     return [{group_by: value, "seeds": sorted(r.get("seed") for r in members if r.get("seed") is not None),
-             "intervals": _intervals(members)}
-            for value, members in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0]))]
+             "intervals": _intervals(members)} for value, members in _groups(rows, group_by)]
+
+
+def contrast(rows: list[dict], group_by: str) -> dict:
+    """The largest value of `group_by` against the smallest: per metric, the Welch interval of the
+    difference of their means over seeds (is the trend resolved, or within noise?)."""
+    groups = _groups(rows, group_by)
+    if len(groups) < 2:
+        return {}
+    (low, first), (high, last) = groups[0], groups[-1]
+    differences = {m: stats.difference_interval([r.get(m) for r in last], [r.get(m) for r in first]).as_dict()
+                   for m in STUDY_METRICS if any(isinstance(r.get(m), (int, float)) for r in first + last)}
+    return {"from": low, "to": high, "differences": differences}
 
 
 def _seed_rows(rows: list[dict], method: str) -> list[dict]:
@@ -77,12 +92,19 @@ def _seed_rows(rows: list[dict], method: str) -> list[dict]:
 
 
 def verdict(rows: list[dict], first: str, second: str) -> dict:
-    """`stats.lower_kl_verdict` of `first` vs `second` on their seed rows (accuracy: accuracy_logratio)."""
+    """`stats.lower_kl_verdict` of `first` vs `second` on their seed rows (accuracy: accuracy_logratio), on the
+    exact teacher-forced KL (the answer) and, where logged, on the sampled KL (``sampled``)."""
     a, b = _seed_rows(rows, first), _seed_rows(rows, second)
-    out = stats.lower_kl_verdict([r.get("kl") for r in a], [r.get("kl") for r in b],
-                                 [r.get("accuracy_logratio") for r in a], [r.get("accuracy_logratio") for r in b])
-    return {"first": first, "second": second, "question": f"{first}: lower KL than {second} at matched accuracy?",
-            **out}
+
+    def on(kl: str) -> dict:
+        return stats.lower_kl_verdict([r.get(kl) for r in a], [r.get(kl) for r in b],
+                                      [r.get("accuracy_logratio") for r in a], [r.get("accuracy_logratio") for r in b])
+
+    out = {"first": first, "second": second, "question": f"{first}: lower KL than {second} at matched accuracy?",
+           **on("kl")}
+    if any(isinstance(r.get("kl_sampled"), (int, float)) for r in a + b):
+        out["sampled"] = on("kl_sampled")
+    return out
 
 
 def winner_line(methods: list[dict]) -> str:
@@ -105,6 +127,7 @@ def study_tables(study: StudyConfig, rows: list[dict], methods: list[dict] | Non
     if study.kind == "sweep" and study.group_by:
         out["group_by"] = study.group_by
         out["groups"] = grouped_table(rows, study.group_by)
+        out["contrast"] = contrast(rows, study.group_by)
     if study.kind == "compare":
         out["methods"] = [{k: m.get(k) for k in ("rank", "method", "intervals", "seeds", "best_config", "trials", "steps")}
                           for m in methods or []]
@@ -147,14 +170,29 @@ def markdown(tables: dict, context: dict, plots: dict[str, str]) -> str:
             lines.append(f"| {'=' if tied else ''}{m.get('rank')} | {m['method']} | {m.get('seeds') or '-'} | "
                          + " | ".join(_cell((m.get('intervals') or {}).get(k)) for k in metrics) + " |")
         lines += ["", f"**Result.** {tables['winner']}"]
-    lines += ["", f"Intervals: {tables['interval']}. Ranks: 1 + the number of methods resolved better (Welch "
-              "interval of the difference of means excludes 0); equal ranks are ties."]
+    if tables.get("contrast"):
+        c = tables["contrast"]
+        lines += ["", f"**{tables['group_by']} {c['to']} against {c['from']}** (difference of means, 95 % Welch interval):", ""]
+        for metric, d in c["differences"].items():
+            interval = stats.Interval(**d)
+            resolved = interval.resolved and (interval.low > 0 or interval.high < 0)
+            lines.append(f"- {METRIC_TITLES[metric]}: {_range(interval)} — "
+                         f"{'resolved' if resolved else 'no difference resolved'}")
+    lines += ["", f"Intervals: {tables['interval']}."]
+    if "methods" in tables:
+        lines[-1] += (" Ranks: 1 + the number of methods resolved better (Welch interval of the difference of "
+                      "means excludes 0); equal ranks are ties.")
     if "verdict" in tables:
         v = tables["verdict"]
         kl, acc = stats.Interval(**v["kl_difference"]), stats.Interval(**v["accuracy_difference"])
-        lines += ["", f"**Verdict — {v['question']} {v['answer']}** ({v['reason']}).",
-                  "", f"- KL({v['first']}) − KL({v['second']}): {_range(kl)}",
+        lines += ["", f"**Verdict — {v['question']} {v['answer']}** (exact teacher-forced KL: {v['reason']}).",
+                  "", f"- exact KL({v['first']}) − KL({v['second']}): {_range(kl)}",
                   f"- accuracy_logratio({v['first']}) − ({v['second']}): {_range(acc)}"]
+        if v.get("sampled"):
+            sampled = v["sampled"]
+            lines.append(f"- sampled KL({v['first']}) − KL({v['second']}): "
+                         f"{_range(stats.Interval(**sampled['kl_difference']))} → on the sampled KL: "
+                         f"**{sampled['answer']}** ({sampled['reason']})")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", "## How these figures were made", "",
@@ -253,4 +291,5 @@ def print_study(tables: dict, console=None) -> None:
         console.print(tables["winner"])
     if "verdict" in tables:
         v = tables["verdict"]
-        console.print(f"verdict — {v['question']} [bold]{v['answer']}[/bold] ({v['reason']})")
+        console.print(f"verdict — {v['question']} [bold]{v['answer']}[/bold] (exact KL: {v['reason']})"
+                      + (f"; on the sampled KL: {v['sampled']['answer']}" if v.get("sampled") else ""))
