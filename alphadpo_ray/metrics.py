@@ -203,8 +203,11 @@ def generation_accuracy(
 
 # Sampling from the policy's own distribution: explicit values override both HF's global defaults
 # (top_k=50) and whatever a checkpoint's generation_config sets (temperature, top_p, min_p, ...).
+# remove_invalid_values: a policy whose weights went non-finite (a diverging trial, evaluated before its
+# loss turns NaN) samples garbage instead of crashing in torch.multinomial; its sampled KL is then NaN,
+# and the NaN loss that follows stops the trial with its reason. Finite and -inf logits are left as they are.
 _POLICY_SAMPLING = dict(do_sample=True, num_beams=1, temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0,
-                        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0)
+                        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, remove_invalid_values=True)
 
 
 @torch.no_grad()

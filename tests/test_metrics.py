@@ -283,6 +283,19 @@ def test_sampled_kl_of_the_reference_against_itself_is_exactly_zero(builtin_task
     assert result == {"kl_sampled": 0.0, "kl_sampled_se": 0.0, "kl_sampled_samples": 24}
 
 
+def test_sampled_kl_of_a_policy_with_non_finite_weights_is_nan_not_a_crash(builtin_task, sft_prompts):
+    """A diverging trial can be evaluated after its weights went inf/NaN and before its loss does: the
+    evaluation reports NaN (the NaN loss that follows stops the trial with its reason)."""
+    import math
+
+    prompts, tokenizer = sft_prompts
+    policy, reference = (load_model(builtin_task.reference_dir, eval_mode=True) for _ in range(2))
+    with torch.no_grad():
+        next(policy.parameters()).fill_(float("nan"))
+    result = sampled_kl(policy, reference, prompts[:2], **sampling_kwargs(tokenizer))
+    assert math.isnan(result["kl_sampled"]) and result["kl_sampled_samples"] == 2
+
+
 def rao_blackwellised_kl(policy, reference, prompts, tokenizer, samples_per_prompt, seed):
     """Exact sequence-level KL(πθ‖πref), estimated with low variance from independent policy samples.
 
