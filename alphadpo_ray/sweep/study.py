@@ -40,15 +40,13 @@ class StudyNotFound(AlphaDPOError):
 def study_path(name: str) -> Path:
     """A study file: NAME as a path, else ``experiments/studies/NAME.yaml`` in the working directory or in
     this package's source tree."""
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidates.append(root / STUDIES_DIR / f"{name}.yaml")
+    roots = [root / STUDIES_DIR for root in (Path.cwd(), Path(__file__).resolve().parents[2])]
+    candidates = ([Path(name)] if name.endswith((".yaml", ".yml")) else []) + [r / f"{name}.yaml" for r in roots]
     for path in candidates:
         if path.is_file():
             return path
-    known = sorted(p.stem for root in (Path.cwd(), Path(__file__).resolve().parents[2])
-                   for p in (root / STUDIES_DIR).glob("*.yaml"))
-    raise StudyNotFound(f"no study {name!r}: expected a YAML file or one of {', '.join(dict.fromkeys(known)) or 'none'} "
+    known = dict.fromkeys(sorted(p.stem for r in roots for p in r.glob("*.yaml")))
+    raise StudyNotFound(f"no study {name!r}: expected a YAML file or one of {', '.join(known) or 'none'} "
                         f"(in {STUDIES_DIR}/)")
 
 
