@@ -73,9 +73,14 @@ class SweepConfig(BaseModel):
         False, description="trials a scheduler stopped early may join the Pareto set (their low KL may only "
         "reflect less training)")
     experiment_checkpoint_s: float | None = Field(
-        None, ge=0, description="how often Tune saves the sweep's state (what --resume restores); "
-        "default: every controller step on local storage (a finished trial is never re-run), Tune's adaptive "
-        "period (≥ 10 s) on object stores")
+        None, ge=0, description="seconds between Tune's full saves of the sweep's state (what --resume restores "
+        "with the trial journal, which records every trial's start, checkpoints and end at once, so a finished "
+        "trial is never re-run); default 30 s — a grid sweep: every controller step on local storage, Tune's "
+        "adaptive period (≥ 10 s) on object stores")
+    tpe_startup_trials: int = Field(10, ge=1, description="tpe: random trials before TPE models the results")
+    tpe_multivariate: bool = Field(True, description="tpe: model the hyperparameters jointly (α, β, γ/β and "
+                                   "the learning rate interact)")
+    nsga2_population: int = Field(50, ge=2, description="nsga2: trials per generation")
 
     @field_validator("methods")
     @classmethod

@@ -184,46 +184,42 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, left for issue 11 (journaled sweep state): when the driver is killed while a trial runs, "
-    "the sweep resumed from the bucket runs one trial more than num_samples (3 of 8 runs on 2026-11-30, with "
-    "and without issue 10's changes), and once it hung after 'resuming'"))
 def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, builtin_task, tmp_path,
                                                                     tmp_path_factory):
-    """A sweep's Tune experiment, trials and checkpoints live in the bucket. Its driver is killed once
-    the experiment state there holds a finished trial; a driver started in another, empty working
-    directory with its own Ray resumes it with `--resume` from the bucket alone: finished trials are
-    not run again, the rest finish, and results land in that directory."""
+    """A sweep's Tune experiment, trials, checkpoints and trial journal live in the bucket. Its driver is
+    killed once the journal there records a finished trial, with the next one running (Tune's full state
+    is saved every 30 s, so it is older); a driver started in another, empty working directory with its
+    own Ray resumes it with `--resume` from the bucket alone: exactly ``num_samples`` trials, finished
+    ones not run again, the rest finish, and results land in that directory."""
     config = small_config(
         tmp_path, name="s3sweep", output_dir="outputs", ray={"num_workers": 1, "storage_path": s3.uri(STORAGE)},
         deepspeed={"zero_stage": 0},
         training={"per_device_train_batch_size": 8, "total_batch_size": 8, "max_steps": 6, "eval_steps": 3,
                   "logging_steps": 3, "save_steps": 3},
-        sweep={"name": "s3sweep", "num_samples": 3, "max_concurrent_trials": 1, "experiment_checkpoint_s": 0},
+        sweep={"name": "s3sweep", "num_samples": 3, "max_concurrent_trials": 1},
     )
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     experiment = f"{STORAGE}/s3sweep"
 
-    def finished_in_bucket() -> set[str]:
-        """Trial ids the experiment state in the bucket records as TERMINATED."""
-        done = set()
-        for key in s3.keys(f"{experiment}/experiment_state"):
+    def journaled(status: str) -> set[str]:
+        """Trial ids the trial journal in the bucket records with `status`."""
+        ids = set()
+        for key in s3.keys(f"{experiment}/trial_journal/"):
             try:
-                state = json.loads(s3.read(key))
-            except Exception:  # noqa: BLE001 - replaced (deleted) or being written meanwhile
+                entry = json.loads(s3.read(key))
+            except Exception:  # noqa: BLE001 - being written meanwhile
                 continue
-            for trial_json, _ in state.get("trial_data", []):
-                trial = json.loads(trial_json)
-                if trial.get("status") == "TERMINATED":
-                    done.add(trial["trial_id"])
-        return done
+            if entry.get("status") == status:
+                ids.add(entry["trial_id"])
+        return ids
 
     first = driver(["sweep", str(path)], tmp_path / "a", _env(s3, tmp_path_factory.mktemp("rt")),
                     tmp_path / "first.log")
-    _wait(lambda: finished_in_bucket(), first, tmp_path / "first.log", 600, "a finished trial in the bucket")
+    _wait(lambda: journaled("TERMINATED") and journaled("RUNNING"), first, tmp_path / "first.log", 600,
+          "a finished trial and a running one in the bucket's journal")
     stop_tree(first, signal.SIGKILL)
-    finished_before = finished_in_bucket()
+    finished_before = journaled("TERMINATED")
     assert 1 <= len(finished_before) < 3, finished_before
 
     keys = s3.keys(experiment)
@@ -234,6 +230,7 @@ def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, 
     assert f"resuming s3sweep from s3://{s3.bucket}/{experiment}" in text, text[-4000:]
     for trial in finished_before:
         assert f"[trial {trial}] started" not in text, f"finished trial {trial} ran again"
+    assert len(re.findall(r"\[trial \w+\] started", text)) == 3 - len(finished_before), text[-4000:]
     results = json.loads((tmp_path / "b" / "outputs" / "s3sweep" / "results.json").read_text())
     assert results["summary"]["trials"] == 3 and results["summary"]["failed"] == 0, results["summary"]
     assert not (tmp_path / "b" / "outputs" / "ray").exists()

@@ -163,6 +163,50 @@ def test_safe_optuna_search_fails_errored_and_nan_trials():
     assert searcher._ot_study.trials[0].values == [0.9, 0.1]
 
 
+def test_journal_reconciles_a_stale_snapshot_and_searcher():
+    """After a kill, Tune's saved state is older than the trial journal: trials the snapshot shows running
+    but the journal ended are ended, trials it lacks are added, and the restored Optuna searcher is made to
+    agree — ended trials told, unknown ones registered, a suggestion no trial carries failed."""
+    import json
+
+    import optuna
+
+    from alphadpo_ray.sweep.journal import merge_trials, reconcile_searcher
+    from alphadpo_ray.sweep.run import _searcher, tune_domains
+    from alphadpo_ray.sweep_settings import SweepConfig
+
+    def data(trial_id, status):
+        return [json.dumps({"trial_id": trial_id, "status": status}), "{}"]
+
+    def record(trial_id, status, t):
+        return {"trial_id": trial_id, "status": status, "time": t, "trial_data": data(trial_id, status)}
+
+    snapshot = [data("a", "TERMINATED"), data("b", "RUNNING")]
+    journal = {"a": record("a", "TERMINATED", 1), "b": record("b", "TERMINATED", 3),
+               "d": record("d", "RUNNING", 4), "e": record("e", "TERMINATED", 2)}
+    merged, ended = merge_trials(snapshot, journal, add_missing=True)
+    assert [(json.loads(s)["trial_id"], json.loads(s)["status"]) for s, _ in merged] == \
+        [("a", "TERMINATED"), ("b", "TERMINATED"), ("e", "TERMINATED"), ("d", "RUNNING")]
+    assert [r["trial_id"] for r in ended] == ["b", "e"]
+    assert len(merge_trials(snapshot, journal, add_missing=False)[0]) == 2  # a grid: nothing added
+
+    searcher = _searcher(SweepConfig(), [])
+    searcher.set_search_properties(None, None, tune_domains({"alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}, True))
+    for trial_id in ("a", "b", "c"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("a", {"eval/accuracy": 0.6, "eval/kl": 0.2})
+    good = {"eval/accuracy": 0.9, "eval/kl": 0.1}
+    reconcile_searcher(searcher, {"a": ("TERMINATED", {}, {}), "b": ("TERMINATED", {}, good),
+                                  "d": ("RUNNING", {"alpha": 0.25}, {}), "e": ("TERMINATED", {"alpha": 0.75}, good)})
+    states = {t: searcher._ot_study.trials[searcher._ot_trials[t].number].state for t in "abcde"}
+    state = optuna.trial.TrialState
+    assert states == {"a": state.COMPLETE, "b": state.COMPLETE, "c": state.FAIL, "d": state.RUNNING,
+                      "e": state.COMPLETE}
+    assert searcher._ot_study.trials[searcher._ot_trials["e"].number].params == {"alpha": 0.75}
+    searcher.on_trial_complete("d", good)  # the resumed trial ends: Optuna hears of it
+    assert searcher._ot_study.trials[searcher._ot_trials["d"].number].state == state.COMPLETE
+
+
 def _run_cli(args, env, log):
     return subprocess.Popen([str(Path(sys.executable).with_name("alphadpo-ray")), *args], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

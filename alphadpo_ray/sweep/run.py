@@ -35,11 +35,13 @@ from ..config import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
 from ..losses import method_names, needs_reference
 from ..sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
+from . import journal
 from . import results as res
 from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback
 
 
 CHECKPOINT_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
+DEFAULT_CHECKPOINT_S = 30.0  # Tune's full experiment-state save, with the trial journal between saves
 
 
 class SweepFailed(AlphaDPOError):
@@ -102,9 +104,12 @@ def _searcher(sweep: SweepConfig, points: list[dict]):
     import optuna
 
     metric, mode = sweep.metrics_and_modes()
+    # Concurrent trials: TPE's constant liar counts running trials as bad, so it spreads them out.
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=sweep.seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=sweep.seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials,
+                                                  multivariate=sweep.tpe_multivariate,
+                                                  constant_liar=sweep.max_concurrent_trials > 1),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=sweep.seed, population_size=sweep.nsga2_population),
         "random": lambda: optuna.samplers.RandomSampler(seed=sweep.seed),
     }
 
@@ -252,13 +257,17 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
                              trainers_path=run_storage.join(storage, f"{name}-trainers")),
         resources,
     )
+    use_grid = sweep.search == "grid"
     if resume and Tuner.can_restore(experiment_dir):
         log(f"[sweep] resuming {name} from {experiment_dir}")
+        ended = journal.reconcile(experiment_dir, None if use_grid else (lambda: _searcher(sweep, points)),
+                                  add_missing=not use_grid)
+        for tracker in (c for c in callbacks if isinstance(c, SweepMLflowCallback)):
+            tracker.close_ended(ended)
         return Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
                              restart_errored=False)
     if resume:
         log(f"[sweep] nothing to resume at {experiment_dir}; starting {name}")
-    use_grid = sweep.search == "grid"
     tune_config = TuneConfig(
         search_alg=None if use_grid else _searcher(sweep, points),
         scheduler=_scheduler(sweep),
@@ -271,7 +280,7 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
         trainable,
         param_space=tune_domains(space, grid_as_choice=not use_grid),
         tune_config=tune_config,
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=[journal.TrialJournal(), *callbacks],
                              failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
     )
 
@@ -281,12 +290,18 @@ def _tune_environment(sweep: SweepConfig, storage: str):
     """Tune's process-wide switches for this sweep's `fit` only (its controller reads them when `fit`
     starts; previous values are restored after):
 
-    * `TUNE_GLOBAL_CHECKPOINT_S`, the experiment-state save period: every controller step on local
-      storage, so a killed driver never re-runs a finished trial; Tune's adaptive period on object stores;
+    * `TUNE_GLOBAL_CHECKPOINT_S`, the period of Tune's full experiment-state save (every trial's record and
+      the searcher; its cost grows with the trials): ``sweep.experiment_checkpoint_s``, 30 s by default —
+      the trial journal (`journal.TrialJournal`) records each trial's start, checkpoints and end at once, so
+      a killed driver never re-runs a finished trial whatever the period. A grid sweep's trials are
+      generated in a fixed order the journal cannot replay, so by default it saves every controller step
+      on local storage (Tune's adaptive period on object stores);
     * `RAY_AIR_NEW_OUTPUT=0`: Tune's legacy reporter, which honours ``verbose=0`` (the new one prints its
       configuration box and a TensorBoard hint regardless); `TrialProgress` prints the trial lines."""
     period = sweep.experiment_checkpoint_s
-    if period is None:
+    if period is None and sweep.search != "grid":
+        period = DEFAULT_CHECKPOINT_S
+    elif period is None:
         period = 0 if "://" not in storage else None
     values = {CHECKPOINT_PERIOD_ENV: None if period is None else str(period), "RAY_AIR_NEW_OUTPUT": "0"}
     previous = {k: os.environ.get(k) for k in values}

@@ -164,6 +164,24 @@ class SweepMLflowCallback(Callback):
         self.client.set_tag(run_id, STATUS_TAG, FAILED)
         self.client.set_terminated(run_id, status="FAILED")
 
+    def close_ended(self, records: list[dict]) -> None:
+        """Trials the journal ended after the last saved sweep state (`journal.reconcile`): the driver may
+        have died before their child runs were closed; a run still open is closed as the trial ended."""
+        for record in records:
+            run_id = self._find_existing(record["trial_id"])
+            if run_id is None or self.client.get_run(run_id).info.status != "RUNNING":
+                continue
+            result = record.get("result") or {}
+            if record["status"] == "ERROR":
+                self.client.set_tag(run_id, STATUS_TAG, FAILED)
+                self.client.set_terminated(run_id, status="FAILED")
+                continue
+            self.client.set_tag(run_id, STATUS_TAG, trial_status(result))
+            for tag, key in ((STEPS_TAG, "step"), (TOTAL_STEPS_TAG, "total_steps")):
+                if isinstance(result.get(key), (int, float)):
+                    self.client.set_tag(run_id, tag, str(int(result[key])))
+            self.client.set_terminated(run_id, status="FINISHED")
+
     def get_state(self):
         return {"runs": dict(self.runs)}
 

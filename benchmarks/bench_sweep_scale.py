@@ -1,0 +1,280 @@
+"""The sweep driver's cost per trial from a few to a thousand trials, and Optuna's own cost per trial.
+
+    .venv/bin/python benchmarks/bench_sweep_scale.py                          # N = 4, 64, 256, 1024 (+ "before" to 256)
+    .venv/bin/python benchmarks/bench_sweep_scale.py --sizes 4,64 --before-max 64   # quick look, ~2 min
+    .venv/bin/python benchmarks/bench_sweep_scale.py --optuna-only           # Optuna samplers alone, ~3 min
+
+Sweep mode: each (N, variant) is one fresh driver subprocess that starts a local Ray (``ray.init(num_cpus=4)``)
+and calls `alphadpo_ray.sweep.run.run_method_sweep` — the real driver path: `_tuner` with the project's
+`SafeOptunaSearch` (TPE, the pareto objective: accuracy ↑, KL ↓), Tune's ConcurrencyLimiter (4 trials at
+once, actor reuse as single-worker sweeps do), the trial journal, `TrialProgress` and `SweepMLflowCallback`
+to an MLflow SQLite store in a temp dir (parent run + one child run per trial). Only the trainable is
+replaced (no training): a `state` trial that reports 3 steps of fake metrics (train/loss, eval/accuracy,
+eval/kl, eval/accuracy_logratio, objective/score; ``step``/``total_steps`` as the recipe reports them), deterministic in the trial's hyperparameters, and one tiny checkpoint with the
+last report, as a real trial's final checkpoint. Variants, interleaved per N:
+
+* after   the sweep's default ``sweep.experiment_checkpoint_s`` (30 s) with the trial journal;
+* before  ``experiment_checkpoint_s: 0`` (Tune's full experiment-state save every controller step, the old
+          local-storage default), run for N <= --before-max (it grows quadratically).
+
+Figures per run, all in the driver process and all around `run_method_sweep` only (Ray start and imports
+excluded): driver CPU = user + system time of the process (`resource.getrusage(RUSAGE_SELF)`, Tune's and
+Ray's driver threads included), wall time, driver peak RSS (VmHWM after a reset just before the sweep),
+MLflow = time inside `SweepMLflowCallback` hooks, Optuna = time inside `OptunaSearch.suggest` and
+`on_trial_complete` (ask/tell), state save = time inside Tune's `TuneController.checkpoint` (save + sync
+launch). Each divided by N.
+
+Optuna-only mode: pure Optuna (no Tune) on a 4-parameter space like AlphaDPO's (α, β, γ/β, learning rate),
+two objectives, a noisy synthetic function: ms per ask + tell in windows of finished trials, for TPE as
+Optuna defaults it, TPE as the sweep configures it (`_searcher`), and NSGA-II.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+STEPS = 3
+
+
+def state_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name: str, trainers_path: str) -> None:
+    """The benchmark's trainable (a `state` trial): fake metrics for STEPS steps, a tiny final checkpoint."""
+    import tempfile as _tempfile
+
+    import ray.tune
+    from ray.tune import Checkpoint
+
+    alpha, beta = float(params.get("alpha", 0.1)), float(params.get("beta", 2.5))
+    accuracy = 0.5 + 0.4 * math.sin(3 * alpha) * math.exp(-abs(beta - 2.5) / 5)
+    kl = 0.05 + 0.1 * beta * alpha
+    for step in range(1, STEPS + 1):
+        metrics = {"step": step, "total_steps": STEPS, "train/loss": 0.7 / step, "eval/accuracy": accuracy * step / STEPS,
+                   "eval/kl": kl * step / STEPS, "eval/accuracy_logratio": accuracy, "objective/score": accuracy - 0.05 * kl}
+        if step < STEPS:
+            ray.tune.report(metrics)
+            continue
+        with _tempfile.TemporaryDirectory() as folder:
+            Path(folder, "state.json").write_text(json.dumps({"step": step}))
+            ray.tune.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+class _Plan:
+    total_steps = STEPS
+    reference_metrics = None
+
+    def to_dict(self) -> dict:
+        return {}
+
+
+def _status_kib(field: str) -> int | None:
+    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(m.group(1)) if m else None
+
+
+def _timed(cls, names: list[str], totals: dict, key: str) -> None:
+    """Wrap `cls.name` so the wall time spent inside accumulates in totals[key] (class-level: nothing
+    unpicklable lands on an instance Tune saves)."""
+    for name in names:
+        original = getattr(cls, name)
+
+        def wrapper(*args, _original=original, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                totals[key] += time.perf_counter() - start
+
+        setattr(cls, name, wrapper)
+
+
+def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
+    """One sweep of `n` state trials in this process; the figures as a dict."""
+    import contextlib
+    import io
+
+    import ray
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search.optuna import OptunaSearch
+
+    from alphadpo_ray import tracking
+    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.sweep import run as sweep_run
+    from alphadpo_ray.sweep import trial as sweep_trial
+    from alphadpo_ray.sweep.tracking import SweepMLflowCallback
+
+    totals = {"mlflow": 0.0, "optuna": 0.0, "save": 0.0}
+    _timed(SweepMLflowCallback, ["on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"],
+           totals, "mlflow")
+    _timed(OptunaSearch, ["suggest", "on_trial_complete"], totals, "optuna")
+    _timed(TuneController, ["checkpoint"], totals, "save")
+    sweep_trial.run_trial = state_trial  # `_tuner` imports it from there when it builds the trainable
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    config = config_from_dict({
+        "name": "scale", "output_dir": f"{workdir}/outputs",
+        "ray": {"num_workers": 1, "storage_path": f"{workdir}/ray"},
+        "tracking": {"tracking_uri": uri, "experiment_name": "scale"},
+        "sweep": {"name": f"scale{n}", "num_samples": n, "max_concurrent_trials": concurrency,
+                  "experiment_checkpoint_s": period, "sampler": "tpe"},
+    }, "bench_sweep_scale")
+    tracking.create_sqlite_store(uri)
+    ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
+    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # TrialProgress' lines (their cost still counts)
+        result = sweep_run.run_method_sweep(config, config.sweep, config.method.name, _Plan(),
+                                            name=config.sweep.name, resume=False, uri=uri)
+    wall = time.perf_counter() - wall0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    finished = sum(r["status"] == "finished" for r in result.rows)
+    ray.shutdown()
+    return {"n": n, "period": period, "trials": len(result.rows), "finished": finished,
+            "cpu_user": usage.ru_utime - usage0.ru_utime, "cpu_sys": usage.ru_stime - usage0.ru_stime,
+            "wall": wall, "peak_rss_mib": _status_kib("VmHWM") / 1024, **totals}
+
+
+def _machine() -> str:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    import torch
+
+    return f"{model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, Python {platform.python_version()}"
+
+
+def sweep_mode(args) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    runs = [(n, period) for n in sizes for period in (30.0, 0.0) if period or n <= args.before_max]
+    print(f"settings: sizes {sizes}, variants after (experiment_checkpoint_s 30 + journal) and before (0, "
+          f"N <= {args.before_max}), {STEPS}-step state trials, {args.concurrency} at once, TPE, pareto objective, "
+          "MLflow SQLite")
+    print(f"machine: {_machine()}")
+    print(f"load before: {os.getloadavg()}")
+    results = []
+    for n, period in runs:
+        with tempfile.TemporaryDirectory(prefix="bench_scale_") as workdir:
+            start = time.time()
+            proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--period", str(period),
+                                   "--concurrency", str(args.concurrency), "--workdir", workdir],
+                                  capture_output=True, text=True, timeout=args.timeout)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"N={n} period={period}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                continue
+            figures = json.loads(line[len("RESULT "):])
+            figures["process_s"] = time.time() - start
+            results.append(figures)
+            print(f"  done N={n} {'after' if period else 'before'}: {figures['wall']:.1f} s sweep, "
+                  f"{figures['process_s']:.1f} s with Ray start", flush=True)
+    print(f"load after: {os.getloadavg()}")
+    header = (f"{'N':>5} {'variant':>7} {'trials':>6} {'cpu/trial s':>11} {'(sys)':>6} {'wall/trial s':>12} "
+              f"{'peak RSS MiB':>12} {'mlflow/trial ms':>15} {'optuna/trial ms':>15} {'save/trial ms':>13}")
+    print(header)
+    for f in results:
+        n = f["n"]
+        print(f"{n:>5} {'after' if f['period'] else 'before':>7} {f['trials']:>6} "
+              f"{(f['cpu_user'] + f['cpu_sys']) / n:>11.3f} {f['cpu_sys'] / n:>6.3f} {f['wall'] / n:>12.3f} "
+              f"{f['peak_rss_mib']:>12.0f} {1000 * f['mlflow'] / n:>15.1f} {1000 * f['optuna'] / n:>15.1f} "
+              f"{1000 * f['save'] / n:>13.1f}")
+    after = {f["n"]: f for f in results if f["period"]}
+    cpu = {n: (f["cpu_user"] + f["cpu_sys"]) / n for n, f in after.items()}
+    if 64 in cpu and max(cpu) > 64:
+        top = max(cpu)
+        ratio = cpu[top] / cpu[64]
+        print(f"driver CPU per trial at N={top} / at N=64 = {ratio:.2f} (target <= 1.5): "
+              f"{'PASS' if ratio <= 1.5 else 'MISS'}")
+    if after:
+        peak = max(f["peak_rss_mib"] for f in after.values()) / 1024
+        print(f"driver peak RSS = {peak:.2f} GiB (target < 2): {'PASS' if peak < 2 else 'MISS'}")
+    if any(f["trials"] != f["n"] for f in results):
+        print("MISS: a sweep did not run exactly N trials")
+
+
+def optuna_mode(args) -> None:
+    import random
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from alphadpo_ray.sweep.run import _searcher
+    from alphadpo_ray.sweep_settings import SweepConfig
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"alpha": FloatDistribution(1e-3, 1.0, log=True), "beta": FloatDistribution(0.5, 10.0, log=True),
+             "gamma_beta_ratio": FloatDistribution(0.0, 1.0), "learning_rate": FloatDistribution(1e-5, 1e-3, log=True)}
+    configured = _searcher(SweepConfig(), [])._sampler
+    samplers = {
+        "tpe-default": lambda: optuna.samplers.TPESampler(seed=0),
+        f"tpe-sweep ({type(configured).__name__} multivariate={configured._multivariate}, "
+        f"n_startup={configured._n_startup_trials})": lambda: _searcher(SweepConfig(), [])._sampler,
+        "nsga2 (population 50)": lambda: optuna.samplers.NSGAIISampler(seed=0, population_size=50),
+    }
+    n = args.optuna_trials
+    windows = [w for w in (64, 256, 512, 1024, 2048) if w <= n]
+    print(f"settings: pure Optuna {optuna.__version__}, 4 parameters, 2 objectives (max, min), {n} trials, "
+          "sequential ask/tell")
+    print(f"machine: {_machine()}")
+    print(f"load before: {os.getloadavg()}")
+    table = {}
+    for name, make in samplers.items():
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=make())
+        rng, marks, start = random.Random(0), {}, time.perf_counter()
+        for i in range(1, n + 1):
+            trial = study.ask(space)
+            p = trial.params
+            study.tell(trial, [math.sin(3 * p["alpha"]) + 0.1 * rng.random(), 0.1 * p["beta"] * p["alpha"] + rng.random()])
+            if i in windows:
+                marks[i] = time.perf_counter() - start
+        table[name] = marks
+        print(f"  done {name}", flush=True)
+    print(f"load after: {os.getloadavg()}")
+    print(f"{'sampler':<60} " + " ".join(f"{f'{a}-{b} ms':>12}" for a, b in zip([0] + windows, windows)))
+    for name, marks in table.items():
+        cells, prev, prev_t = [], 0, 0.0
+        for w in windows:
+            cells.append(f"{1000 * (marks[w] - prev_t) / (w - prev):>12.1f}")
+            prev, prev_t = w, marks[w]
+        print(f"{name:<60} " + " ".join(cells))
+    last = windows[-1]
+    sweep_name = next(k for k in table if k.startswith("tpe-sweep"))
+    ms = 1000 * (table[sweep_name][last] - table[sweep_name].get(windows[-2], 0.0)) / (last - (windows[-2] if len(windows) > 1 else 0))
+    print(f"sweep TPE ask+tell at {last} finished trials = {ms:.1f} ms (target <= 100): {'PASS' if ms <= 100 else 'MISS'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="4,64,256,1024")
+    parser.add_argument("--before-max", type=int, default=256, help="largest N for the 'before' variant")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per sweep subprocess")
+    parser.add_argument("--optuna-only", action="store_true")
+    parser.add_argument("--optuna-trials", type=int, default=1024)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--period", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.period, args.concurrency, args.workdir)), flush=True)
+    elif args.optuna_only:
+        optuna_mode(args)
+    else:
+        sweep_mode(args)
+
+
+if __name__ == "__main__":
+    main()
