@@ -12,14 +12,24 @@ their gradients). At V = 32k, T = 1024 in float32 each of those is 128 MiB per s
 DPO batch of 2B sequences costs gigabytes just for the output layer. Here the decoder is run to
 its final hidden states [N, T, H] (H << V), only the response positions are kept, and the output
 head + log-softmax + gather is applied ``chunk_size`` tokens at a time, so at most one
-[chunk_size, V] block of logits is alive. In training each chunk is wrapped in
-``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps only the
-chunk's hidden states and its [chunk_size] log-probs; the backward recomputes that chunk's logits,
-and the log-softmax + gather has a hand-written backward needing one extra [chunk_size, V] buffer.
-Peak extra memory is O(chunk_size * V), independent of N * T. Prompt and padding positions never
-reach the head at all. Results equal the straightforward computation up to float32 rounding.
-Default chunk_size 512 tokens: one float32 [512, 32k] block is 62.5 MiB (for V >= 128k use 128-256);
-benchmarks/bench_logprobs.py prints the figures.
+[chunk_size, V] block of logits is being worked on. In training a memory budget
+(``memory_budget_mb``, ``training.logprob_memory_budget_mb``) decides per chunk, in order: while
+the float32 logits kept so far plus this chunk's fit the budget, the chunk keeps its logits for the
+backward (one [chunk_size, V] buffer, two with soft-capping: tanh keeps its output too) and its
+backward costs what the unchunked head's does; the chunks beyond the budget are wrapped in
+``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps only the chunk's
+hidden states and its [chunk_size] log-probs, and the backward recomputes that chunk's logits (one
+more head matmul + logsumexp per chunk: the chunked head with budget 0 costs about 1.4x the
+unchunked head in forward + backward at V = 32k). The log-softmax + gather has a hand-written backward needing
+one extra [chunk_size, V] buffer. Peak extra memory is about the budget plus a few [chunk_size, V]
+blocks, independent of N * T. Prompt and padding positions never reach the head at all. Results and
+gradients are the same whatever the budget, and equal the straightforward computation up to float32
+rounding. Default chunk_size 512 tokens: one float32 [512, 32k] block is 62.5 MiB (for V >= 128k use
+128-256). When all of a batch's response logits fit the budget they run as one chunk (the
+unchunked head's work and speed; peak up to twice the budget: the logits and their gradient).
+Default budget 128 MiB: batches whose response logits fit it run at unchunked speed, larger ones
+stay within ~1/4 of the straightforward peak at V = 32k (benchmarks/bench_logprobs.py prints the
+figures).
 
 Precision: the head runs in the model's dtype and each chunk's logits are upcast to float32
 before the (optional) logit scale, soft-capping and log-softmax.
@@ -36,9 +46,12 @@ log-softmax, but the [N, T, V] logits are materialised) and warns once.
 DeepSpeed ZeRO-3: the output head is called as a module (its forward hooks gather the weight);
 with a stable trace ``stage3_max_reuse_distance`` keeps it gathered across chunks. A *frozen*
 head (LoRA) under ZeRO-3 with non-reentrant checkpointing needs a DeepSpeed that re-gathers
-frozen params in checkpoint recomputes (deepspeedai/DeepSpeed#8148). Pass the engine or the bare
-HF model; wrappers without ``get_output_embeddings`` are unwrapped through ``.module`` (this
-bypasses a DDP wrapper's forward, so don't rely on DDP gradient sync through this function).
+frozen params in checkpoint recomputes (deepspeedai/DeepSpeed#8148). The ZeRO-3 head
+(`_Zero3HeadLogps`) follows the memory budget too: chunks within it keep their head outputs (one
+[chunk_size, V] buffer each, soft-capping or not), the others are recomputed in its backward; it
+is never merged into one chunk. Pass the engine or the bare HF model; wrappers without
+``get_output_embeddings`` are unwrapped through ``.module`` (this bypasses a DDP wrapper's
+forward, so don't rely on DDP gradient sync through this function).
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from torch.utils.checkpoint import checkpoint
 from . import distributed
 
 DEFAULT_CHUNK_SIZE = 512
+DEFAULT_MEMORY_BUDGET_MB = 128.0  # float32 logits kept for the backward instead of recomputed (see above)
 
 # Mode decided by the "auto" probe, per model object: "hidden" (decoder + chunked head) or "logits".
 # Process-wide on purpose, with weak keys: an entry lives exactly as long as its model, so a reused
@@ -135,6 +149,27 @@ def _check_chunk(chunk_size) -> int:
     return chunk_size
 
 
+def _check_budget(memory_budget_mb) -> float:
+    ok = isinstance(memory_budget_mb, (int, float)) and not isinstance(memory_budget_mb, bool)
+    if not ok or not memory_budget_mb >= 0:
+        raise ValueError(f"memory_budget_mb must be a number >= 0 (MiB of logits kept), got {memory_budget_mb!r}")
+    return float(memory_budget_mb)
+
+
+def _kept_rows(h: torch.Tensor, head: Callable, softcap: Optional[float], memory_budget_mb: float) -> int:
+    """How many leading rows of `h` may keep their float32 logits for the backward within the budget."""
+    if memory_budget_mb <= 0 or h.shape[0] == 0:
+        return 0
+    weight = getattr(head, "weight", None)
+    if isinstance(head, torch.nn.Linear) and weight is not None:
+        vocab = weight.shape[0]
+    else:  # any other head: one row tells its output width
+        with torch.no_grad():
+            vocab = head(h[:1]).shape[-1]
+    bytes_per_row = vocab * 4 * (2 if softcap else 1)  # z (saved by _TokenLogSoftmax), + tanh's output
+    return int(min(memory_budget_mb * 2**20 // bytes_per_row, h.shape[0]))  # inf: every row
+
+
 def _needs_grad(hidden: torch.Tensor, head: Callable) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -185,25 +220,31 @@ class _Zero3HeadLogps(torch.autograd.Function):
 
     Forward and backward each gather the head's weight once (the caller's `_gathered` block in
     forward, its own in backward) and loop over chunks of rows with the plain weight, so the number
-    of collectives does not depend on how many response tokens this rank holds. Memory: one
-    [chunk, V] logits buffer at a time plus the full weight gradient that ZeRO-3 reduce-scatters.
+    of collectives does not depend on how many response tokens this rank holds. The chunks within
+    the first `kept` rows keep their float32 head outputs for the backward (the memory budget); the
+    others' are recomputed there. Memory: the kept outputs, one [chunk, V] logits buffer at a time,
+    and the full weight gradient that ZeRO-3 reduce-scatters.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, tgt, head, chunk_size, scale, softcap):
+    def forward(ctx, h, weight, tgt, head, chunk_size, scale, softcap, kept=0):
         linear = _as_linear(head)
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        kept_outputs = []
         with torch.no_grad():
             for s in range(0, h.shape[0], chunk_size):
-                z = _logits(linear, h[s : s + chunk_size], scale, softcap)
+                a = linear(h[s : s + chunk_size]).float()
+                z = _logits(_identity, a, scale, softcap)
                 out[s : s + chunk_size] = z.gather(-1, tgt[s : s + chunk_size, None]).squeeze(-1) - z.logsumexp(-1)
-        ctx.save_for_backward(h, tgt)
+                if s + a.shape[0] <= kept:
+                    kept_outputs.append(a)
+        ctx.save_for_backward(h, tgt, *kept_outputs)
         ctx.head, ctx.chunk_size, ctx.scale, ctx.softcap = head, chunk_size, scale, softcap
         return out
 
     @staticmethod
     def backward(ctx, g):
-        h, tgt = ctx.saved_tensors
+        h, tgt, *kept_outputs = ctx.saved_tensors
         head, c = ctx.head, ctx.chunk_size
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         trained = ctx.needs_input_grad[1] and _zero3_partitioned(head)
@@ -212,9 +253,12 @@ class _Zero3HeadLogps(torch.autograd.Function):
                 _gather_until_accumulated(head.weight)
             weight = head.weight
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            for s in range(0, h.shape[0], c):
+            for i, s in enumerate(range(0, h.shape[0], c)):
                 hc, gc = h[s : s + c], g[s : s + c].float()
-                a = torch.nn.functional.linear(hc, weight, head.bias).float()
+                if i < len(kept_outputs):
+                    a = kept_outputs[i]
+                else:
+                    a = torch.nn.functional.linear(hc, weight, head.bias).float()
                 z = a
                 if ctx.scale is not None and ctx.scale != 1.0:
                     z = z * ctx.scale
@@ -227,7 +271,7 @@ class _Zero3HeadLogps(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[s : s + c] = (da.to(weight.dtype) @ weight).to(h.dtype)
                 grad_w.addmm_(da.t(), hc.float())
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
 def _gather_until_accumulated(weight: torch.nn.Parameter) -> None:
@@ -260,29 +304,36 @@ def chunked_token_logps(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     softcap: Optional[float] = None,
     scale: Optional[float] = None,
-    use_checkpoint: Optional[bool] = None,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:
     """Per-token log p(target | state) = log_softmax(z)[target], z = softcap(scale * head(hidden)) in float32.
 
     `hidden` [..., H] are the states that predict `target_ids` [...] (already shifted); only positions
     where `mask` [...] is true go through `head`, `chunk_size` of them at a time. Returns float32 [...],
-    0 where masked out. `use_checkpoint=None` checkpoints each chunk iff a gradient is needed.
+    0 where masked out. When a gradient is needed, chunks keep their logits for the backward while
+    those fit `memory_budget_mb` (MiB, in order) and are checkpointed (recomputed) beyond it; 0
+    checkpoints every chunk.
     """
     chunk_size = _check_chunk(chunk_size)
+    memory_budget_mb = _check_budget(memory_budget_mb)
     if target_ids.shape != hidden.shape[:-1]:
         raise ValueError(f"target_ids has shape {tuple(target_ids.shape)}, expected {tuple(hidden.shape[:-1])}")
     h, where, lead = _select(hidden, mask)
     tgt = target_ids.to(h.device)[where]
-    if use_checkpoint is None:
-        use_checkpoint = _needs_grad(hidden, head)
     if _zero3_partitioned(head):
-        with _gathered(head):
-            vals = _Zero3HeadLogps.apply(h, head.weight, tgt, head, chunk_size, scale, softcap)
+        with _gathered(head):  # gathered, the weight has its full shape for `_kept_rows`
+            kept = _kept_rows(h, head, None, memory_budget_mb) if _needs_grad(hidden, head) else 0
+            vals = _Zero3HeadLogps.apply(h, head.weight, tgt, head, chunk_size, scale, softcap, kept)
         return _scatter(vals, where, lead)
+    kept = h.shape[0]  # rows whose chunks keep their logits (no grad: nothing to keep, nothing to recompute)
+    if _needs_grad(hidden, head):
+        kept = _kept_rows(h, head, softcap, memory_budget_mb)
+        if kept >= h.shape[0]:
+            chunk_size = max(chunk_size, h.shape[0])  # all logits fit: one chunk, fewer and larger matmuls
     parts = []
     for s in range(0, h.shape[0], chunk_size):
         hc, tc = h[s : s + chunk_size], tgt[s : s + chunk_size]
-        if use_checkpoint:
+        if s + hc.shape[0] > kept:
             parts.append(checkpoint(_chunk_token_logps, hc, tc, head, scale, softcap, use_reentrant=False))
         else:
             parts.append(_chunk_token_logps(hc, tc, head, scale, softcap))
@@ -504,6 +555,7 @@ def sequence_logps(
     reference=None,
     *,
     mode: str = "auto",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> SequenceLogps:
     """Summed response log-probs logp_n = sum_{t>=1} r_t log p(x_t | x_<t), r = response_mask & attention_mask.
 
@@ -513,10 +565,13 @@ def sequence_logps(
     per-sequence KL(pi || pi_ref) = sum_t r_t sum_v p(v) (log p(v) - log q(v)) and the reference's
     logps, from the same pass and without grad. `mode`: "auto" (decoder + chunked head, verified once
     per model, else full logits), "hidden" (decoder + chunked head, unverified), "logits" (full logits).
+    `memory_budget_mb`: MiB of float32 logits the policy's chunks may keep for the backward instead of
+    recomputing them (see `chunked_token_logps`); same values and gradients whatever it is.
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     _check_chunk(chunk_size)
+    _check_budget(memory_budget_mb)
     _check_batch(input_ids, attention_mask, response_mask)
     tmask = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     targets = input_ids[:, 1:]
@@ -525,7 +580,8 @@ def sequence_logps(
     pol = _head_inputs(model, input_ids, attention_mask, mode)
     states = pol.states[:, :-1]
     if reference is None:
-        tok = chunked_token_logps(states, pol.head, targets, tmask, chunk_size, pol.softcap, pol.scale)
+        tok = chunked_token_logps(states, pol.head, targets, tmask, chunk_size, pol.softcap, pol.scale,
+                                  memory_budget_mb=memory_budget_mb)
         return SequenceLogps(tok.sum(-1), lengths)
 
     ref_dev = _device_of(reference, input_ids)
@@ -534,7 +590,8 @@ def sequence_logps(
     ref_states = ref.states[:, :-1]
     args = (targets, tmask, chunk_size, pol.softcap, pol.scale, ref.softcap, ref.scale)
     if _needs_grad(states, pol.head):
-        tok = chunked_token_logps(states, pol.head, targets, tmask, chunk_size, pol.softcap, pol.scale)
+        tok = chunked_token_logps(states, pol.head, targets, tmask, chunk_size, pol.softcap, pol.scale,
+                                  memory_budget_mb=memory_budget_mb)
         kl, _, ref_tok = _pair_stats(states.detach(), pol.head, ref_states, ref.head, *args)
     else:  # one fused pass: policy and reference logits are each computed once per chunk
         kl, tok, ref_tok = _pair_stats(states, pol.head, ref_states, ref.head, *args)

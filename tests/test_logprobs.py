@@ -92,7 +92,9 @@ def test_values_lengths_and_chunk_sizes_match_straightforward(model, batch):
         torch.testing.assert_close(sequence_logps(model, ids, am, rm, 4, mode="logits").logps, want, atol=ATOL, rtol=0)
 
 
-def test_gradients_match_straightforward_and_chunks_are_checkpointed(model, batch, monkeypatch):
+@pytest.mark.parametrize("budget", [0, lp_mod.DEFAULT_MEMORY_BUDGET_MB])
+def test_gradients_match_straightforward_and_chunks_are_checkpointed(model, batch, monkeypatch, budget):
+    """Budget 0 checkpoints every chunk; the default keeps this tiny batch's logits (no checkpoint)."""
     ids, am, rm = batch
     w = torch.linspace(-1.0, 2.0, ids.shape[0])  # a weighted loss, not just the sum
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,11 +107,12 @@ def test_gradients_match_straightforward_and_chunks_are_checkpointed(model, batc
     real = lp_mod.checkpoint
     monkeypatch.setattr(lp_mod, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
     model.zero_grad()
-    out = sequence_logps(model, ids, am, rm, chunk_size=3)
+    out = sequence_logps(model, ids, am, rm, chunk_size=3, memory_budget_mb=budget)
     assert out.logps.requires_grad
     (w * out.logps).sum().backward()
     n_tokens = int((rm[:, 1:] * am[:, 1:]).sum())
-    assert len(calls) == -(-n_tokens // 3) and all(k["use_reentrant"] is False for k in calls)
+    assert len(calls) == (-(-n_tokens // 3) if budget == 0 else 0)
+    assert all(k["use_reentrant"] is False for k in calls)
     for p, g in zip(params, want):
         torch.testing.assert_close(p.grad, g, atol=ATOL, rtol=1e-4)
     model.zero_grad()
@@ -232,6 +235,63 @@ def test_token_log_softmax_backward_gradcheck():
     torch.testing.assert_close(lp_mod._TokenLogSoftmax.apply(z, tgt), torch.log_softmax(z, -1)[torch.arange(4), tgt])
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("kept_chunks", [0, 2, None])  # None: a budget that holds every chunk's logits
+def test_memory_budget_keeps_chunks_that_fit_and_checkpoints_the_rest(monkeypatch, kept_chunks, softcap):
+    n, t, h, v, chunk = 3, 7, 8, 50, 4
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    head = torch.nn.Linear(h, v)
+    tgt = torch.randint(0, v, (n, t))
+    mask = torch.rand(n, t, generator=torch.Generator().manual_seed(3)) > 0.2
+    m = int(mask.sum())
+    w = torch.randn(n, t)
+
+    z = head(hidden) if softcap is None else softcap * torch.tanh(head(hidden) / softcap)
+    want = torch.log_softmax(z, -1).gather(-1, tgt[..., None]).squeeze(-1) * mask
+    (w * want).sum().backward()
+    want_grads = [x.grad.clone() for x in (hidden, head.weight, head.bias)]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+
+    row_bytes = v * 4 * (1 if softcap is None else 2)  # float32 logits (+ tanh's output) per kept row
+    budget = (m if kept_chunks is None else kept_chunks * chunk) * row_bytes / 2**20
+    checkpointed, chunk_rows = [], []
+    real_checkpoint, real_chunk = lp_mod.checkpoint, lp_mod._chunk_token_logps
+    monkeypatch.setattr(lp_mod, "checkpoint", lambda *a, **k: checkpointed.append(1) or real_checkpoint(*a, **k))
+    monkeypatch.setattr(lp_mod, "_chunk_token_logps", lambda hc, *a: chunk_rows.append(len(hc)) or real_chunk(hc, *a))
+    got = chunked_token_logps(hidden, head, tgt, mask, chunk, softcap=softcap, memory_budget_mb=budget)
+    (w * got).sum().backward()
+
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for x, g in zip((hidden, head.weight, head.bias), want_grads):
+        torch.testing.assert_close(x.grad, g, atol=ATOL, rtol=1e-5)
+    n_chunks = -(-m // chunk)
+    if kept_chunks is None:  # everything fits: one chunk of all rows, nothing recomputed
+        assert chunk_rows == [m] and not checkpointed
+    else:
+        assert len(checkpointed) == n_chunks - kept_chunks
+        assert len(chunk_rows) == n_chunks + len(checkpointed)  # a checkpointed chunk runs again in backward
+    if kept_chunks != 0:  # one byte less keeps one chunk fewer
+        kept = n_chunks if kept_chunks is None else kept_chunks
+        checkpointed.clear()
+        chunked_token_logps(hidden, head, tgt, mask, chunk, softcap=softcap, memory_budget_mb=budget - 2**-20)
+        assert len(checkpointed) == n_chunks - (kept - 1)
+
+
+def test_memory_budget_is_validated():
+    head, hidden, tgt = torch.nn.Linear(4, 5), torch.randn(3, 4), torch.zeros(3, dtype=torch.long)
+    for bad in (-1, float("nan"), True, "64"):
+        with pytest.raises(ValueError, match="memory_budget_mb"):
+            chunked_token_logps(hidden, head, tgt, memory_budget_mb=bad)
+    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.errors import ConfigError
+
+    base = {"name": "x", "model": {"name_or_path": "m"}}
+    assert config_from_dict(base, source="t").training.logprob_memory_budget_mb == lp_mod.DEFAULT_MEMORY_BUDGET_MB
+    for bad in (-1, float("inf")):
+        with pytest.raises(ConfigError, match="logprob_memory_budget_mb"):
+            config_from_dict({**base, "training": {"logprob_memory_budget_mb": bad}}, source="t")
+
+
 def test_chunked_core_flat_inputs_and_empty_mask():
     head = torch.nn.Linear(8, 11)
     hidden = torch.randn(9, 8)
@@ -302,7 +362,7 @@ def test_unknown_head_postprocessing_falls_back_to_logits(tiny_model_dir):
 
 
 @pytest.mark.parametrize("scale,softcap", [(None, None), (0.7, None), (None, 5.0), (1.3, 3.0)])
-def test_zero3_head_function_matches_chunked_autograd(scale, softcap):
+def test_zero3_head_function_matches_chunked_autograd(scale, softcap, monkeypatch):
     """The ZeRO-3 path (one weight gather per pass, hand-written backward) gives the same values and
     gradients as per-chunk autograd; without partitioned weights its gather is a no-op."""
     from alphadpo_ray.logprobs import _chunk_token_logps, _Zero3HeadLogps
@@ -311,11 +371,16 @@ def test_zero3_head_function_matches_chunked_autograd(scale, softcap):
     head = torch.nn.Linear(16, 50, bias=False).double()
     h = torch.randn(13, 16, dtype=torch.float64, requires_grad=True)
     tgt = torch.randint(0, 50, (13,))
-    out = _Zero3HeadLogps.apply(h, head.weight, tgt, head, 4, scale, softcap)
     ref = _chunk_token_logps(h, tgt, head, scale, softcap)
-    assert torch.allclose(out.double(), ref.double(), atol=1e-5)
     g = torch.randn(13, dtype=torch.float64)
-    got = torch.autograd.grad((out * g).sum(), [h, head.weight])
     want = torch.autograd.grad((ref * g).sum(), [h, head.weight])
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    linear, calls = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
+    for kept, recomputed in ((0, 4), (8, 2), (13, 0)):  # rows keeping their head outputs: none, 2 chunks, all
+        out = _Zero3HeadLogps.apply(h, head.weight, tgt, head, 4, scale, softcap, kept)
+        assert torch.allclose(out.double(), ref.double(), atol=1e-5)
+        calls.clear()
+        got = torch.autograd.grad((out * g).sum(), [h, head.weight])
+        assert len(calls) == recomputed  # chunk head outputs recomputed in backward
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
