@@ -197,6 +197,9 @@ class TrainingConfig(_Section):
                                     "for kl_sampled (one response each, max_new_tokens long at most); 0: off")
     max_new_tokens: int = Field(32, ge=1)
     logprob_chunk_size: int = Field(512, ge=1)
+    logprob_memory_budget_mb: float = Field(
+        128.0, ge=0, allow_inf_nan=False, description="MiB of float32 output-head logits kept for the backward "
+        "instead of recomputed (faster while they fit; peak memory grows by up to this much); 0: always recompute")
 
 
 class DeepSpeedConfig(_Section):
@@ -223,6 +226,10 @@ class RayConfig(_Section):
                                          "from max_failures (-1: any number, 0: none)")
     num_to_keep: int | None = Field(2, ge=1)
     health_check_interval_s: float = Field(0.1, gt=0, description="Ray Train controller poll interval")
+    in_process_single_worker: bool = Field(True, description="a one-worker run without ray.address (or "
+                                           "RAY_ADDRESS) trains in the driver's process: no Ray start, no Train "
+                                           "controller or worker actor, the reference scored in-process; same "
+                                           "checkpoints, metrics and resume (alphadpo_ray/in_process.py)")
 
 
 class StudyConfig(_Section):

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from . import distributed
 from .config import ExperimentConfig
 
 
@@ -161,6 +162,8 @@ def build_policy_engine(config: ExperimentConfig, policy_path: str, total_steps:
     def schedule(optimizer):
         return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
+    if not config.ray.use_gpu:
+        distributed.skip_cpu_comm_ops()  # whoever set up the process group: never JIT-build DeepSpeed's CPU comm op
     optimizer = None
     if not use_deepspeed_optimizer(config):
         params = [p for p in model.parameters() if p.requires_grad]

@@ -6,11 +6,12 @@
      ``{storage_path}/{run_name}`` continues only if the fingerprint of its resolved settings
      (`run_fingerprint`, stored in ``alphadpo_run.json`` beside them) is unchanged — else it refuses,
      naming the changed keys, before Ray starts; ``restart=True`` (``--restart``) sets the old storage
-     aside and starts over; then start or connect to Ray;
-  3. prepare data and the reference cache (`prepare.prepare_run`);
+     aside and starts over; then start or connect to Ray — except for a one-worker run without a
+     cluster address, which trains in this process (`in_process.runs_in_process`): no Ray start;
+  3. prepare data and the reference cache (`prepare.prepare_run`; scored in this process when in-process);
   4. start or resume the MLflow run: a run continued from a checkpoint continues its MLflow run (and
      logs only the steps after those already there), a fresh start gets a new one;
-  5. `TorchTrainer.fit()` with checkpoints kept per `CheckpointConfig` and `FailureConfig(max_failures)`;
+  5. `TorchTrainer.fit()` (or `in_process.fit_in_process`, same checkpoints and callbacks) with checkpoints kept per `CheckpointConfig` and `FailureConfig(max_failures)`;
      re-running the same command with the same storage path and run name resumes a stopped run; a
      tracking outage never stops it (`tracking.PendingMetrics`);
   6. export the final policy (`save_pretrained`, safetensors), write ``summary.json``, close the MLflow run.
@@ -28,6 +29,7 @@ from typing import Any
 
 from .config import ExperimentConfig
 from .errors import AlphaDPOError
+from .in_process import fit_in_process, runs_in_process
 
 # The Train controller polls workers at this interval; reports block on it (default 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -48,10 +50,11 @@ PENDING_FILE = "mlflow-pending.jsonl"  # in the run's output dir: reports the tr
 # checkpoint cadence, and how the global batch is split (2 workers × b = 1 worker × 2b, see recipe.py).
 NOT_IDENTITY = ("name", "output_dir", "cache_dir", "tracking", "sweep", "ray.address", "ray.num_workers",
                 "ray.resources_per_worker", "ray.storage_path", "ray.max_failures", "ray.max_preemption_failures",
-                "ray.placement_strategy", "ray.num_to_keep",
+                "ray.placement_strategy", "ray.num_to_keep", "ray.in_process_single_worker",
                 "ray.health_check_interval_s", "training.per_device_train_batch_size",
                 "training.gradient_accumulation_steps", "training.per_device_eval_batch_size",
-                "training.logging_steps", "training.save_steps", "training.logprob_chunk_size")
+                "training.logging_steps", "training.save_steps", "training.logprob_chunk_size",
+                "training.logprob_memory_budget_mb")
 
 
 @dataclass
@@ -85,12 +88,26 @@ def run_fingerprint(config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
 OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
+def torch_extensions_dir(config: ExperimentConfig) -> str:
+    """This environment's own directory for PyTorch JIT extensions (DeepSpeed ops): under the project's
+    cache, one per Python environment. The default (~/.cache/torch_extensions) is shared by every
+    environment on the machine, so each rebuilds what another built last (30-50 s per op)."""
+    import sys
+
+    from .storage import default_cache_dir
+
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return str(Path(config.cache_dir or default_cache_dir()) / "torch_extensions" / tag)
+
+
 def worker_env(config: ExperimentConfig) -> dict[str, str]:
-    """The environment of Ray's workers (the job's `runtime_env`): library switches and the object
-    store's endpoint and region from this environment (`OBJECT_STORE_ENV`), never a credential."""
+    """The environment of Ray's workers (the job's `runtime_env`): library switches, this environment's
+    extensions directory, and the object store's endpoint and region from this environment
+    (`OBJECT_STORE_ENV`), never a credential."""
     from .tracking import looks_secret
 
     return {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir(config),
         **{k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k) and not looks_secret(os.environ[k])},
         HEALTH_CHECK_ENV: str(config.ray.health_check_interval_s),
         "TOKENIZERS_PARALLELISM": "false",
@@ -123,6 +140,13 @@ def _keep_credentials_out_of_runtime_envs() -> None:
         names.difference_update({name for name in names if is_secret_name(name)})
 
 
+def apply_worker_env(config: ExperimentConfig) -> dict[str, str]:
+    """Set the worker environment in this process where unset (a user's own value wins); returns it."""
+    env = worker_env(config)
+    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    return env
+
+
 def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     """Connect to `address` / `ray.address` / RAY_ADDRESS, or start a local Ray instance.
 
@@ -139,8 +163,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     from .preflight import check_cluster_access, gcs_address
 
     _keep_credentials_out_of_runtime_envs()
-    env = worker_env(config)
-    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    env = apply_worker_env(config)
     if not ray.is_initialized():
         address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
         if gcs_address(address):
@@ -206,14 +229,19 @@ def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
     preflight(config, log)  # paths, disk, DeepSpeed config, hub ids: before anything starts
     uri = _check_tracking(config)
     identity = _check_identity(config, restart, log)
-    init_ray(config)
-    plan = prepare_run(config, log=log)
+    in_process = runs_in_process(config)
+    if in_process:
+        apply_worker_env(config)
+    else:
+        init_ray(config)
+    plan = prepare_run(config, log=log, in_process=in_process)
+    where = "1 worker in this process" if in_process else f"{config.ray.num_workers} workers"
     log(f"[run] {config.run_name}: {config.method.name} {config.method.resolved()} | {plan.train_pairs} train / "
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
-        f"{config.ray.num_workers} workers, ZeRO-{config.deepspeed.zero_stage}")
+        f"{where}, ZeRO-{config.deepspeed.zero_stage}")
     run_id, logged_through = _start_tracking(config, uri, identity, log)
     _record_identity(config, identity, uri, run_id)
-    result = _fit(config, plan, uri, run_id, logged_through, log)
+    result = _fit(config, plan, uri, run_id, logged_through, log, in_process)
     summary = _write_summary(config, plan, result, uri, run_id, start, log)
     if summary["status"] != "finished":
         raise TrainingFailed(summary["message"] or f"run ended with status {summary['status']}")
@@ -353,16 +381,22 @@ def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIden
     return run_id, logged
 
 
-def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, logged_through: int = -1, log=print):
-    """`TorchTrainer.fit()` with console progress and (when tracking) the MLflow metrics callback."""
+def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, logged_through: int = -1, log=print,
+         in_process: bool = False):
+    """`TorchTrainer.fit()` — or, for a one-worker local run, the recipe in this process
+    (`in_process.fit_in_process`) — with console progress and (when tracking) the MLflow metrics callback."""
     from . import tracking
 
     callbacks: list = [tracking.ConsoleProgress()]
     if run_id:
         callbacks.append(tracking.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
-    trainer = build_trainer(config, plan, callbacks)
     try:
-        return trainer.fit()
+        if not in_process:
+            return build_trainer(config, plan, callbacks).fit()
+        result = fit_in_process(config, plan, callbacks, log)
+        if result.error is not None:
+            raise result.error
+        return result
     except Exception as err:
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED", pending=tracking.PendingMetrics(uri, _pending_path(config)),
@@ -404,6 +438,7 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
         "evals": out.get("evals", []),
         "history": out.get("history", []),
         "wall_seconds": round(time.time() - start, 1),
+        "seconds": out.get("seconds"),  # the last training process's setup / steps / evaluation
     }
     summary["summary_path"] = str(run_dir / "summary.json")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -61,9 +61,10 @@ class _Sources:
     reference_metrics: dict | None
 
 
-def prepare_run(config: ExperimentConfig, log=print, need_reference: bool | None = None) -> PreparedRun:
-    """Prepare data and reference cache for `config` under its storage path (Ray must be initialised
-    when the method needs a reference and the cache is missing: the reference pass runs as Ray tasks).
+def prepare_run(config: ExperimentConfig, log=print, need_reference: bool | None = None,
+                in_process: bool = False) -> PreparedRun:
+    """Prepare data and reference cache for `config` under its storage path (a missing cache is scored
+    by Ray tasks, so Ray must be initialised — or, `in_process`, in this process).
 
     `need_reference` defaults to whether the config's method uses one; a sweep over several methods
     passes True if any of them does, so the cache is built once for all of them. Every check on the
@@ -81,7 +82,7 @@ def prepare_run(config: ExperimentConfig, log=print, need_reference: bool | None
         need_reference = needs_reference(config.method.name)
     cache = None
     if need_reference:
-        train_table, cache = _attach_reference(config, sources, tokenizer, truncation, train_table, log)
+        train_table, cache = _attach_reference(config, sources, tokenizer, truncation, train_table, log, in_process)
     train_uri, eval_uri = _write_tables(config, train_table, eval_table, cache)
     return PreparedRun(
         policy_path=sources.policy, reference_path=sources.reference, tokenizer_path=sources.tokenizer,
@@ -169,7 +170,8 @@ def _check_sizes(config: ExperimentConfig, train_pairs: int, eval_pairs: int) ->
     return total_steps(config, train_pairs)
 
 
-def _attach_reference(config: ExperimentConfig, sources: _Sources, tokenizer, truncation: dict, train_table, log):
+def _attach_reference(config: ExperimentConfig, sources: _Sources, tokenizer, truncation: dict, train_table, log,
+                      in_process: bool = False):
     """Compute (or reuse) the cached reference log-probs and attach them to the training table."""
     result = reference_cache.ensure_reference_cache(
         train_table, reference=sources.reference, tokenizer=tokenizer, truncation=truncation,
@@ -178,6 +180,7 @@ def _attach_reference(config: ExperimentConfig, sources: _Sources, tokenizer, tr
         batch_size=config.training.per_device_eval_batch_size, chunk_size=config.training.logprob_chunk_size,
         dtype="bfloat16" if config.training.bf16 else "float32",
         attn_implementation=config.model.attn_implementation, trust_remote_code=config.model.trust_remote_code,
+        in_process=in_process,
     )
     log(f"[reference] log-probs {'reused from cache' if result.hit else 'computed'}: {result.uri}")
     cache = {"uri": result.uri, "key": result.key, "hit": result.hit, "seconds": round(result.seconds, 2)}

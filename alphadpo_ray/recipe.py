@@ -177,8 +177,11 @@ def run_recipe(loop_config: dict, session) -> dict:
     t, total_steps = w.config.training, w.plan.total_steps
     state = resume(w)
     setup_seconds = time.time() - w.start  # data, engine, resume: the per-run fixed cost
+    spent = {"setup": setup_seconds, "steps": 0.0, "evaluation": 0.0}  # this process's seconds, for summary.json
     if not state["evals"]:  # step 0: the policy is the reference; reported, so curves start there
+        eval_start = time.time()
         state["evals"].append(evaluate(w, 0))
+        spent["evaluation"] += time.time() - eval_start
         w.session.report({**state["evals"][0], "step": 0, "total_steps": total_steps})
     last_eval = state["evals"][-1]
     window = {"seconds": 0.0, "tokens": 0, "steps": 0}
@@ -195,6 +198,7 @@ def run_recipe(loop_config: dict, session) -> dict:
             break  # every rank stops here together; nothing more is reported
         step = state["step"] = state["step"] + 1
         window["seconds"] += time.time() - step_start
+        spent["steps"] += time.time() - step_start
         window["tokens"] += tokens
         window["steps"] += 1
         state["loss_state"] = w.loss_fn.state_dict()
@@ -203,7 +207,9 @@ def run_recipe(loop_config: dict, session) -> dict:
 
         is_last = step == total_steps
         if step % t.eval_steps == 0 or is_last:
+            eval_start = time.time()
             last_eval = evaluate(w, step)
+            spent["evaluation"] += time.time() - eval_start
             state["evals"].append(last_eval)
             key = "eval/accuracy"
             if state["best_eval"] is None or last_eval.get(key, -1) > state["best_eval"].get(key, -1):
@@ -234,6 +240,7 @@ def run_recipe(loop_config: dict, session) -> dict:
         "loss_state": state["loss_state"],
         "world_size": w.world,
         "preemptions": state["preemptions"]["recovered"],
+        "seconds": {k: round(v, 2) for k, v in spent.items()},
     }
 
 
@@ -353,7 +360,8 @@ def train_step(w: _Worker, step: int) -> tuple[dict | None, int]:
         batch = collate_pairs([w.train_rows[i] for i in micro], w.tokenizer.pad_token_id)
         ids = batch["input_ids"].to(device)
         out = sequence_logps(engine.module, ids, batch["attention_mask"].to(device),
-                             batch["response_mask"].to(device), chunk_size=t.logprob_chunk_size)
+                             batch["response_mask"].to(device), chunk_size=t.logprob_chunk_size,
+                             memory_budget_mb=t.logprob_memory_budget_mb)
         n = ids.shape[0] // 2
         ref_c, ref_j = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
         result = w.loss_fn(out.logps[:n], out.logps[n:],

@@ -32,7 +32,7 @@ from .data import collate_pairs, collate_sft, preference_data_from_rows, tokeniz
 from .logprobs import sequence_logps
 from .losses import build_loss
 from .metrics import evaluate_preferences, generation_accuracy
-from .storage import file_lock
+from .storage import default_cache_dir, file_lock
 from .models import build_tiny_model, build_tokenizer, load_model, load_tokenizer
 
 
@@ -45,10 +45,6 @@ class BuiltinTask:
     train_file: Path
     held_out_file: Path
     reference_metrics: dict
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ALPHADPO_RAY_CACHE", Path.home() / ".cache" / "alphadpo-ray"))
 
 
 def builtin_key(task: task_lib.TaskConfig, sft: SFTConfig) -> str:

@@ -21,6 +21,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+def default_cache_dir() -> Path:
+    """The project's cache on this machine (built-in task, SQLite store template, JIT extensions):
+    ALPHADPO_RAY_CACHE, else ~/.cache/alphadpo-ray."""
+    import os
+
+    return Path(os.environ.get("ALPHADPO_RAY_CACHE", Path.home() / ".cache" / "alphadpo-ray"))
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or URI."""
     return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)

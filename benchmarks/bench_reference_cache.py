@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import string
 import sys
@@ -57,26 +56,16 @@ TARGET = 0.8
 HPARAMS = {"beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.2}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_process_group(device: str) -> None:
-    """A single-process group (world 1), as Ray Train would have made it for one worker."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
+    """A single-process group (world 1), as the project's one-worker paths make it (DeepSpeed's CPU
+    communication op is not JIT-built: see `alphadpo_ray.distributed.skip_cpu_comm_ops`)."""
+    from alphadpo_ray import distributed
 
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     if device == "cuda":
+        import torch
+
         torch.cuda.set_device(0)
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    distributed.init_process_group(device == "cuda", single_process=True)
 
 
 def _synthetic_texts(n: int, seed: int) -> list[str]:

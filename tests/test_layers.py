@@ -19,6 +19,7 @@ LAYERS = [
     {"config"},  # the typed experiment config
     {"engine", "reference_cache", "sft", "tracking"},  # DeepSpeed engines, reference pass, SFT reference, MLflow
     {"recipe", "prepare", "preflight", "init_model"},  # a worker's recipe; the driver's preparation and checks (apart)
+    {"in_process"},  # a one-worker run in the driver's process (Ray Train's checkpoint manager, no Ray)
     {"launch"},  # one training run
     {"sweep"},  # sweeps and comparisons
     {"cli"},  # the command line

@@ -156,7 +156,7 @@ def test_hub_reference_is_keyed_on_the_commit_actually_loaded(tiny_model_dir, ti
 def test_scoring_uses_the_policy_load_settings_and_dtype_is_keyed(tiny_model_dir, tiny_tokenizer, tmp_path,
                                                                    monkeypatch):
     """A bf16 cache is not reused by a float32 run; scoring loads with attn_implementation /
-    trust_remote_code / the pinned revision (Ray is replaced by an in-process call)."""
+    trust_remote_code / the pinned revision (scored in-process, as a one-worker run does)."""
     from alphadpo_ray import models
 
     loads = []
@@ -168,16 +168,9 @@ def test_scoring_uses_the_policy_load_settings_and_dtype_is_keyed(tiny_model_dir
         return model
 
     monkeypatch.setattr(models, "load_model", recording_load)
-
-    def in_process(table, reference, pad_token_id, num_shards, resources, use_gpu, batch_size, chunk_size, dtype,
-                   load=None):
-        rows = table.select(["row", "prompt_ids", "chosen_ids", "rejected_ids"]).to_pydict()
-        return pa.table(rc.score_rows(reference, rows, pad_token_id, batch_size, chunk_size, "cpu", dtype, load))
-
-    monkeypatch.setattr(rc, "_compute", in_process)
     table = _table(tiny_tokenizer)
     common = {"reference": str(tiny_model_dir), "tokenizer": tiny_tokenizer, "truncation": TRUNCATION,
-              "storage_path": str(tmp_path / "storage")}
+              "storage_path": str(tmp_path / "storage"), "in_process": True}
 
     bf16 = rc.ensure_reference_cache(table, dtype="bfloat16", attn_implementation="eager", **common)
     assert not bf16.hit

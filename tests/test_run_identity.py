@@ -131,13 +131,13 @@ register_method("METHOD", held_simpo, needs_reference=False, implicit_reward="β
 """
 
 
-def _held_run(tmp_path: Path, name: str, **sections):
-    """A run (8 steps, checkpoints every 4) whose worker stops at step 6 until killed: step 5 is logged,
-    so a restart from the step-4 checkpoint replays a logged step."""
+def _held_run(tmp_path: Path, name: str, hold: str = "time.sleep(300)", **sections):
+    """A run (8 steps, checkpoints every 4) whose worker stops at step 6 until killed (or does `hold`
+    there instead): step 5 is logged, so a restart from the step-4 checkpoint replays a logged step."""
     folder = tmp_path / name
     folder.mkdir()
     plugin = folder / "held_method.py"
-    plugin.write_text(HELD_METHOD.replace("METHOD", name))
+    plugin.write_text(HELD_METHOD.replace("METHOD", name).replace("time.sleep(300)", hold))
     (folder / "hold").touch()
     return small_config(folder, name=name, plugins=[str(plugin)], method={"name": name, "beta": 2.0},
                         training={"max_steps": 8, "save_steps": 4, "logging_steps": 1, "eval_steps": 100,
@@ -196,7 +196,8 @@ def test_resumes_log_each_step_once(ray_session, builtin_task, tmp_path):
     from alphadpo_ray.launch import TrainingFailed, train
 
     suffix = tmp_path.name[-6:]
-    config = _held_run(tmp_path, f"held-worker-{suffix}", ray={"num_workers": 1, "max_failures": 1},
+    ray_train = {"num_workers": 1, "in_process_single_worker": False}  # these kills need Ray Train's actors
+    config = _held_run(tmp_path, f"held-worker-{suffix}", ray={**ray_train, "max_failures": 1},
                        deepspeed={"zero_stage": 0})
     summary, killed = _train_and_kill(config, 5, "RayTrainWorker")
     assert killed, "no worker was killed; the test did not exercise a restart"
@@ -206,7 +207,7 @@ def test_resumes_log_each_step_once(ray_session, builtin_task, tmp_path):
     assert _steps(client, summary["mlflow_run_id"]) == list(range(1, 9))  # each step once, none missing
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
-    second = _held_run(tmp_path, f"held-driver-{suffix}", **ONE_WORKER)
+    second = _held_run(tmp_path, f"held-driver-{suffix}", ray=ray_train, deepspeed={"zero_stage": 0})
     failed, killed = _train_and_kill(second, 5, "TrainController")
     assert killed and isinstance(failed, TrainingFailed), failed
     client = MlflowClient(second.tracking.tracking_uri)
@@ -217,6 +218,81 @@ def test_resumes_log_each_step_once(ray_session, builtin_task, tmp_path):
     assert resumed["mlflow_run_id"] == runs[0].info.run_id  # the same run, continued from its checkpoint
     assert _steps(client, resumed["mlflow_run_id"]) == list(range(1, 9))
     assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_in_process_run_killed_resumes_under_ray_train(ray_session, builtin_task, tmp_path):
+    """A one-worker run trains in the CLI's own process (no Ray started). Killed at step 6 with checkpoints
+    every 4 (step 5 logged), the same run continues under Ray Train with two workers: Ray Train reads the
+    checkpoints the in-process run registered, resumes from step 4, and each step reaches MLflow once."""
+    import sys
+
+    import psutil
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from services import stop_tree
+
+    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.launch import train
+
+    config = _held_run(tmp_path, f"held-local-{tmp_path.name[-6:]}", **ONE_WORKER)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    log = tmp_path / "cli.log"
+    client = MlflowClient(config.tracking.tracking_uri)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "alphadpo_ray", "train", str(path)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline, logged, ray_processes = time.time() + 240, [], []
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+                logged = _steps(client, runs[0].info.run_id) if runs else []
+            except Exception:  # noqa: BLE001 - the store or run may not exist yet
+                logged = []
+            ray_processes += [c.name() for c in psutil.Process(proc.pid).children(recursive=True)
+                              if "ray" in c.name() or "gcs" in c.name()]
+            if max(logged, default=0) >= 5 and (tmp_path / config.name / "held").exists():
+                break
+            time.sleep(0.3)
+    finally:
+        stop_tree(proc, signal.SIGKILL)
+    assert logged and max(logged) == 5, (logged, log.read_text()[-3000:])
+    assert "1 worker in this process" in log.read_text() and not ray_processes, ray_processes
+
+    two_workers = config_from_dict(config.to_dict(), "resume", [
+        "ray.num_workers=2", "ray.in_process_single_worker=false", "training.per_device_train_batch_size=4"])
+    resumed = train(two_workers, log=_quiet)
+    assert resumed["status"] == "finished" and len(resumed["history"]) == 8
+    assert _steps(client, resumed["mlflow_run_id"]) == list(range(1, 9))  # 5 not logged again
+    assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_in_process_run_retries_from_its_checkpoint(ray_session, builtin_task, tmp_path):
+    """An in-process run whose step 6 fails once restarts from its step-4 checkpoint within
+    ``ray.max_failures`` (as Ray Train restarts a worker group), logging each step once; with
+    max_failures 0 the same failure fails the run, its MLflow run closed FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.launch import TrainingFailed, train
+
+    suffix = tmp_path.name[-6:]
+    failing = 'raise RuntimeError("injected failure at step 6")'
+    config = _held_run(tmp_path, f"retry-{suffix}", hold=failing, ray={"num_workers": 1, "max_failures": 1},
+                       deepspeed={"zero_stage": 0})
+    lines = []
+    summary = train(config, log=lines.append)
+    assert summary["status"] == "finished" and len(summary["history"]) == 8
+    assert any("[retry]" in line and "injected failure" in line for line in lines), lines
+    client = MlflowClient(config.tracking.tracking_uri)
+    assert _steps(client, summary["mlflow_run_id"]) == list(range(1, 9))
+
+    no_retry = _held_run(tmp_path, f"noretry-{suffix}", hold=failing, **ONE_WORKER)
+    with pytest.raises(TrainingFailed, match="injected failure"):
+        train(no_retry, log=_quiet)
+    client = MlflowClient(no_retry.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
 def _sweep_config(tmp_path, name: str):

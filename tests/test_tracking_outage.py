@@ -212,6 +212,35 @@ def test_killed_driver_run_is_closed_by_the_next_fresh_start(tmp_path):
     assert client.get_run(left).info.status == "KILLED" and client.get_run(fresh).info.status == "RUNNING"
 
 
+def test_new_sqlite_stores_are_copies_of_a_migrated_template(tmp_path, monkeypatch):
+    """The first new store of an MLflow version makes the template (migrated once, no experiment in it);
+    later ones are copies, each with its own Default experiment, as if MLflow had made them there."""
+    import contextlib
+    import sqlite3
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray import tracking
+
+    monkeypatch.setenv("ALPHADPO_RAY_CACHE", str(tmp_path / "cache"))
+    template = tmp_path / "cache" / "mlflow-sqlite" / f"{mlflow.__version__}.db"
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        uri = f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+        tracking.create_sqlite_store(uri)
+        assert template.exists()
+        client = MlflowClient(uri)
+        default = client.get_experiment("0")
+        assert default.name == "Default" and default.artifact_location == str(tmp_path / name / "mlruns" / "0")
+        run = client.create_run(client.create_experiment("e"))
+        client.log_metric(run.info.run_id, "m", 1.0, step=1)
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "m")] == [1.0]
+        with contextlib.closing(sqlite3.connect(template)) as db:  # (an MLflow client would add Default)
+            assert db.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
+
+
 def test_fresh_sqlite_store_created_by_several_processes_at_once(tmp_path):
     """Three processes create the same fresh store at the same moment: all succeed, and it works after."""
     from mlflow.tracking import MlflowClient

@@ -1,0 +1,121 @@
+"""A one-worker run trained in this process: the recipe without Ray, its checkpoints kept by Ray Train's own
+checkpoint manager.
+
+Why: a single worker has nothing to schedule or synchronise, yet starting Ray, the Train controller, a
+worker actor and a reference-scoring task costs ~25 s of a short run's ~35 s fixed cost on a CPU node
+(issue 11's trace; `benchmarks/bench_fixed_cost.py` prints today's figures). Here `recipe.run_recipe` runs
+in the driver with `InProcessSession`, which reports to the same callbacks a `TorchTrainer` calls
+(console progress, MLflow) and persists checkpoints exactly as Ray Train does — the same
+``{storage_path}/{run_name}/checkpoint_<time>`` directories, the same
+``checkpoint_manager_snapshot.json`` written by Ray's `CheckpointManager`, ``ray.num_to_keep`` applied by
+it — so a run started here resumes under Ray Train (with more workers, or on a cluster) and the other way
+round. A failure retries the recipe from its latest checkpoint up to ``ray.max_failures`` times, as Ray
+Train's worker-group restart would. There is no preemption notice without a cluster (runs with
+``ray.address``, or RAY_ADDRESS, always use Ray Train).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ExperimentConfig
+
+
+def runs_in_process(config: ExperimentConfig) -> bool:
+    """A run trains in this process when it has one worker, no cluster to join, and
+    ``ray.in_process_single_worker`` is on (the default)."""
+    ray = config.ray
+    return (ray.num_workers == 1 and ray.in_process_single_worker and not ray.address
+            and not os.environ.get("RAY_ADDRESS"))
+
+
+@dataclass
+class InProcessResult:
+    """What `launch` reads from a fit: the recipe's return value and the latest registered checkpoint
+    (a `ray.train.Checkpoint`: ``.path`` on ``.filesystem``), like `ray.train.Result`."""
+
+    return_value: dict[str, Any] | None
+    checkpoint: Any
+    error: BaseException | None = None
+
+
+class InProcessSession:
+    """The recipe's session (`recipe.TrainSession`'s interface) for a worker that is this process."""
+
+    rank, world = 0, 1
+
+    def __init__(self, config: ExperimentConfig, callbacks: list):
+        from ray.train import CheckpointConfig
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+        from ray.train.v2._internal.execution.storage import StorageContext
+
+        self.callbacks = callbacks
+        self.storage = StorageContext(config.storage_path(), config.run_name)
+        self.manager = CheckpointManager(CheckpointConfig(num_to_keep=config.ray.num_to_keep), self.storage)
+
+    def latest_checkpoint(self):
+        result = self.manager.latest_checkpoint_result
+        return result.checkpoint if result else None
+
+    def get_checkpoint(self):
+        return self.latest_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        """Persist the checkpoint (copied into run storage, then registered: the snapshot is written last,
+        so a copy cut short is never resumed from), then call the callbacks, as Ray Train's controller does."""
+        checkpoint = None
+        if checkpoint_dir:
+            from ray.train import Checkpoint
+            from ray.train.v2._internal.execution.training_report import _TrainingReport
+
+            checkpoint = self.storage.persist_current_checkpoint(
+                Checkpoint.from_directory(checkpoint_dir), self.storage.make_default_checkpoint_dir_name())
+            _register(self.manager, _TrainingReport(checkpoint, dict(metrics), validation=False))
+        for callback in self.callbacks:
+            callback.after_report(None, [metrics], checkpoint)
+
+    def preemption_notice(self):
+        """Always None: preemption notices come from a cluster's nodes; in-process runs have none."""
+        return None
+
+
+def _register(manager, report) -> None:
+    """`CheckpointManager.register_checkpoint` (keeps ``num_to_keep``, writes the snapshot); it notifies
+    waiters through an asyncio task, so it runs inside a short event loop."""
+
+    async def register():
+        manager.register_checkpoint(report)
+        await asyncio.sleep(0)
+
+    asyncio.run(register())
+
+
+def fit_in_process(config: ExperimentConfig, plan, callbacks: list, log=print) -> InProcessResult:
+    """Run the recipe here; on an error, retry from the latest checkpoint up to ``ray.max_failures`` times
+    (-1: without limit), then return the error with the latest checkpoint."""
+    from .engine import quiet_logs
+    from .recipe import run_recipe
+
+    quiet_logs()
+    session = InProcessSession(config, callbacks)
+    loop_config = {"config": config.to_dict(), "plan": plan.to_dict()}
+    failures = 0
+    while True:
+        try:
+            out = run_recipe(loop_config, session)
+            return InProcessResult(out, session.latest_checkpoint())
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - counted against max_failures like a worker failure
+            failures += 1
+            limit = config.ray.max_failures
+            if limit != -1 and failures > limit:
+                return InProcessResult(None, session.latest_checkpoint(), err)
+            log(f"[retry] {config.run_name}: {type(err).__name__}: {err}; restarting from the latest checkpoint "
+                f"(failure {failures} of {'unlimited' if limit == -1 else limit})")
+            time.sleep(1.0)
+            session = InProcessSession(config, callbacks)  # re-reads the registered checkpoints
