@@ -104,7 +104,7 @@ def create_sqlite_store(uri: str) -> None:
     db = Path(uri.removeprefix("sqlite:///"))
     try:
         with file_lock(db.with_name(db.name + ".lock")):
-            if not db.exists() or db.stat().st_size == 0:
+            if not db.exists():
                 _copy_template_store(db)
             MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates the store, once
     except OSError as err:
@@ -118,7 +118,8 @@ def _copy_template_store(db: Path) -> None:
     (``{cache}/mlflow-sqlite/{version}.db``, made once per machine and version): MLflow builds a store
     through its ~50 Alembic migrations, 3-9 s per new store on a CPU node, a tenth of a short run. The
     template holds no experiment: MLflow creates the Default one (its artifact location under the working
-    directory) when the copy is first opened, as for a store it made itself."""
+    directory) when the copy is first opened, as for a store it made itself. The copy is linked into place
+    only where no file is: an existing one, even empty, may be open in another process."""
     import shutil
     import sqlite3
 
@@ -139,7 +140,12 @@ def _copy_template_store(db: Path) -> None:
             os.replace(making, template)
     copy = db.with_name(f".{db.name}.{os.getpid()}")
     shutil.copyfile(template, copy)
-    os.replace(copy, db)
+    try:  # never replaces a file: a process outside the lock (an `mlflow ui`) may have just opened one
+        os.link(copy, db)
+    except OSError:  # it exists now, or no hard links here: MLflow creates or migrates it as usual
+        pass
+    finally:
+        copy.unlink()
 
 
 def server_reachable(uri: str, timeout: float = 2.0) -> bool:

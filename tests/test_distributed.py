@@ -145,6 +145,25 @@ def test_deepspeed_comm_builds_no_cpu_op(tmp_path):
     assert not (tmp_path / "torch-extensions").exists()
 
 
+def test_runs_get_this_environments_own_extensions_directory(tmp_path, monkeypatch):
+    """Ray workers and in-process runs JIT-build DeepSpeed ops (if any) into a directory of this Python
+    environment under the project's cache, not the machine-wide ~/.cache/torch_extensions that other
+    environments rebuild; a user's own TORCH_EXTENSIONS_DIR wins."""
+    import sys
+
+    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.launch import worker_env
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("ALPHADPO_RAY_CACHE", str(tmp_path))
+    ours = Path(worker_env(config_from_dict({}))["TORCH_EXTENSIONS_DIR"])
+    assert ours.parent == tmp_path / "torch_extensions" and ours.name != ""
+    monkeypatch.setattr(sys, "prefix", "/another/env")
+    assert Path(worker_env(config_from_dict({}))["TORCH_EXTENSIONS_DIR"]) != ours
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert worker_env(config_from_dict({}))["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+
+
 # ------------------------------------------------------------------------------ one seam
 
 
