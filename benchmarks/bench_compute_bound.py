@@ -52,6 +52,7 @@ for p in (REPO, Path(__file__).resolve().parent):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from bench_logprobs import _cpu_model as cpu_model  # noqa: E402
 from bench_reference_cache import HPARAMS, _init_process_group, _model_facts, _pairs, _synthetic_texts  # noqa: E402
 
 PEAK_FRACTION_TARGET = 0.85
@@ -59,18 +60,6 @@ FLOOR_RATIO_TARGET = 1.05
 YARDSTICK_N = 2048
 H200_BF16_DENSE_TFLOPS = 989.0
 SMALL = {"hidden": 256, "layers": 2, "heads": 4, "intermediate": 704, "seq_len": 128, "pairs": 4, "rounds": 2}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def linear_weights(model) -> int:

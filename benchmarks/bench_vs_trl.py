@@ -46,7 +46,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -61,7 +60,7 @@ for p in (str(REPO), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_logprobs import _status_kib  # noqa: E402
+from bench_logprobs import _cpu_model, _status_kib  # noqa: E402
 from bench_reference_cache import HPARAMS, _init_process_group  # noqa: E402
 
 VARIANTS = ("project", "trl-pre", "trl-live", "floor")
@@ -430,16 +429,6 @@ def _meminfo_mib(field: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _flops_per_step(r: dict, args) -> float:
