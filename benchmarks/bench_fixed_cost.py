@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_logprobs import _cpu_model  # this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.2
@@ -93,7 +93,7 @@ def main() -> None:
 
     began = time.time()
     log = Path(tempfile.gettempdir()) / f"bench_fixed_cost-{os.getpid()}.log"
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"settings: {args.steps} steps × 16 pairs, built-in task (quickstart.yaml), 1 worker, ZeRO-0, "
           f"{args.eval_samples} held-out pairs evaluated twice; repeats {args.repeats}; command output: {log}")
