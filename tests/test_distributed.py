@@ -81,6 +81,11 @@ def test_every_collective_puts_its_tensors_on_the_collective_device(fake_nccl_gr
 
 
 def test_without_a_process_group_everything_is_local():
+    """In a fresh process: this one may hold the single-process group of an in-process run (a test's)."""
+    mp.spawn(_local_worker, nprocs=1, join=True)
+
+
+def _local_worker(_rank: int) -> None:
     assert not dist.is_initialized()
     x = torch.tensor([1.0, 2.0])
     assert torch.equal(distributed.all_reduce(x), x) and distributed.all_reduce(x) is not x
