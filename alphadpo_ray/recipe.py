@@ -197,8 +197,9 @@ def run_recipe(loop_config: dict, session) -> dict:
                 print(f"[error] {message}", flush=True)
             break  # every rank stops here together; nothing more is reported
         step = state["step"] = state["step"] + 1
-        window["seconds"] += time.time() - step_start
-        spent["steps"] += time.time() - step_start
+        step_seconds = time.time() - step_start
+        window["seconds"] += step_seconds
+        spent["steps"] += step_seconds
         window["tokens"] += tokens
         window["steps"] += 1
         state["loss_state"] = w.loss_fn.state_dict()
