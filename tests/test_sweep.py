@@ -325,9 +325,15 @@ def test_compare_two_methods_produces_table_and_plots(ray_session, builtin_task,
 
 
 def test_asha_stops_weak_trials_early(ray_session, builtin_task, tmp_path):
-    """Early stopping acts on the periodic held-out reports: with ASHA some trials end before max_steps,
-    recorded as "stopped early" with the step they stopped at (in the rows, in MLflow and in the report),
-    kept off the Pareto set unless `pareto_includes_stopped`, and counted in the method summary."""
+    """Early stopping acts on the periodic held-out reports: with ASHA a trial that reports a clearly worse
+    value at a rung ends before max_steps, recorded as "stopped early" with the step it stopped at (in the
+    rows, in MLflow and in the report), kept off the Pareto set unless `pareto_includes_stopped`, and
+    counted in the method summary.
+
+    Deterministic by construction, whatever the machine's speed or rounding: one trial at a time in grid
+    order, the first with a learning rate too small to move the policy (exact KL ≈ 0 at every rung, so it
+    runs to max_steps: ASHA never stops the first result at a rung), the others with learning rates that
+    move it by orders of magnitude more (KL far above the first trial's at the first rung → stopped there)."""
     import json
 
     from alphadpo_ray.sweep import results as res
@@ -335,13 +341,16 @@ def test_asha_stops_weak_trials_early(ray_session, builtin_task, tmp_path):
 
     config = sweep_config(
         tmp_path,
-        {"name": "asha4", "num_samples": 4, "max_concurrent_trials": 1,
-         "scheduler": {"type": "asha", "metric": "objective/score", "grace_period": 3, "reduction_factor": 2}},
+        {"name": "asha4", "search": "grid", "max_concurrent_trials": 1, "points_to_evaluate": False,
+         "search_space": {"learning_rate": {"type": "grid", "values": [1e-9, 5e-3, 1e-2, 2e-2]}},
+         "scheduler": {"type": "asha", "metric": "eval/kl", "mode": "min", "grace_period": 3,
+                       "reduction_factor": 2}},
         training={"max_steps": 12, "eval_steps": 3, "logging_steps": 3, "save_steps": 3},
     )
     result = run_sweep(config, log=lambda *_: None)
-    steps = sorted(r["steps"] for r in result.rows)
-    assert steps[-1] == 12 and steps[0] < 12, steps
+    by_lr = {r["learning_rate"]: r for r in result.rows}
+    assert by_lr[1e-9]["steps"] == 12 and by_lr[1e-9]["status"] == "finished", result.rows
+    assert all(by_lr[lr]["steps"] == 3 for lr in (5e-3, 1e-2, 2e-2)), result.rows
     # a trial the scheduler stopped is "stopped early" with its step, never "finished", and off the front
     stopped = [r for r in result.rows if r["status"] == "stopped early"]
     assert stopped and {r["status"] for r in result.rows} <= {"finished", "stopped early"}
