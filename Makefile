@@ -19,8 +19,16 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/alphadpo-ray sweep
 
+# -rfE: the failures and errors at the end; --durations: the slowest tests. A hung test fails with its
+# name after PER_TEST_TIMEOUT (pytest-timeout); the whole run gets SIGINT at SUITE_LIMIT, still under CI's
+# 90 minutes, so pytest prints the same summary for whatever ran before it stops.
+PER_TEST_TIMEOUT ?= 600
+SUITE_LIMIT ?= 80m
+PYTEST_ARGS ?=
+
 test: setup
-	$(BIN)/python -m pytest -q tests
+	timeout --signal=INT --kill-after=120 $(SUITE_LIMIT) \
+	  $(BIN)/python -m pytest -q -rfE --durations=25 --timeout=$(PER_TEST_TIMEOUT) $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf outputs mlruns mlflow.db ray_results .pytest_cache
