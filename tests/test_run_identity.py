@@ -30,7 +30,8 @@ def _steps(client, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
 
 
-def test_changed_settings_refuse_restart_and_deleted_storage_start_fresh_runs(ray_session, builtin_task, tmp_path):
+def test_changed_settings_refuse_restart_and_deleted_storage_start_fresh_runs(ray_session, builtin_task, tmp_path,
+                                                                             monkeypatch):
     """Re-running with other hyperparameters refuses before anything starts, naming the changed keys;
     ``--restart`` and a deleted storage each start over with a fresh MLflow run, leaving the old ones."""
     from mlflow.tracking import MlflowClient
@@ -52,15 +53,20 @@ def test_changed_settings_refuse_restart_and_deleted_storage_start_fresh_runs(ra
     changed = config_from_dict(config.to_dict(), "changed", ["training.learning_rate=1e-3", "method.beta=10",
                                                               "ray.max_failures=1", "training.logging_steps=2"])
     experiment = client.get_experiment_by_name("tests").experiment_id
-    started = time.time()
+    from alphadpo_ray import launch, prepare
+
+    prepared, real_prepare = [], prepare.prepare_run
+    monkeypatch.setattr(prepare, "prepare_run", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
+    monkeypatch.setattr(launch, "init_ray", lambda *a, **k: prepared.append("ray"))
     with pytest.raises(RunConfigChanged) as refused:
         train(changed, log=_quiet)
+    assert prepared == []  # refused before preparing data or starting Ray
+    monkeypatch.undo()
     message = str(refused.value)
     assert "method.beta: 2.5 → 10.0" in message
     assert "training.learning_rate: 0.0002 → 0.001" in message
     assert "max_failures" not in message and "logging_steps" not in message
     assert "--restart" in message and "--set name=" in message and "tracking.run_name" in message
-    assert time.time() - started < 30  # refused before preparing data or starting workers
     assert [r.info.run_id for r in client.search_runs([experiment])] == [first["mlflow_run_id"]]
     assert json.loads((Path(config.run_dir) / "summary.json").read_text())["hyperparameters"]["beta"] == 2.5
 
