@@ -282,6 +282,7 @@ def test_unwritable_paths_fail_before_ray(case, data, pattern, tmp_path, capsys,
     import re
 
     assert code == 2 and re.search(pattern, err), err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
 
 
