@@ -37,11 +37,12 @@ def cmd_reference(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import load_config
-    from .preflight import check_deepspeed
+    from .preflight import check_deepspeed, check_models
 
     for path in args.configs:
         config = load_config(path, args.set)
         check_deepspeed(config)
+        check_models(config)
         print(f"ok  {path}  ({config.method.name}, {config.ray.num_workers} workers, ZeRO-{config.deepspeed.zero_stage})")
     return 0
 

@@ -34,9 +34,42 @@ from .task import SFTConfig, TaskConfig
 
 BUILTIN = "builtin"
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (YAML would silently keep the last value)."""
+
+    def __init__(self, key: str, first_line: int, second_line: int):
+        super().__init__(f"duplicate key {key} at lines {first_line} and {second_line}")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
 class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-4``), which PyYAML (YAML 1.1)
-    would otherwise read as the string '1e-4'."""
+    would otherwise read as the string '1e-4', and refusing a mapping that names a key twice
+    (`DuplicateKeyError` with the key's dotted path and both lines; PyYAML keeps the last one)."""
+
+    def construct_document(self, node):
+        self._check_duplicates(node, ())
+        return super().construct_document(node)
+
+    def _check_duplicates(self, node, path: tuple[str, ...], seen_nodes: set | None = None) -> None:
+        seen_nodes = set() if seen_nodes is None else seen_nodes
+        if id(node) in seen_nodes:  # an alias repeats a node already checked
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = key_node.value
+                    if key in lines:
+                        raise DuplicateKeyError(".".join([*path, key]), lines[key], key_node.start_mark.line + 1)
+                    lines[key] = key_node.start_mark.line + 1
+                    self._check_duplicates(value_node, (*path, key), seen_nodes)
+                else:
+                    self._check_duplicates(value_node, path, seen_nodes)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_duplicates(item, (*path[:-1], f"{path[-1]}[{i}]") if path else (f"[{i}]",), seen_nodes)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -60,6 +93,43 @@ def _keyed(key: str, message: str) -> PydanticCustomError:
     cross-field check in ``data`` raised as ``_keyed("max_prompt_length", ...)`` shows up as
     ``data.max_prompt_length: ...``. ``key`` may be dotted (``training.total_batch_size``)."""
     return PydanticCustomError("keyed", "{message}", {"message": message, "key": key})
+
+
+# Filesystems Ray Train's storage reaches through pyarrow (`pyarrow.fs.FileSystem.from_uri`).
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+# Schemes MLflow's tracking store registry knows (mlflow.tracking._tracking_service.utils); a database
+# scheme may name its driver (postgresql+psycopg2://).
+TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks",
+                    "databricks-uc", "uc")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why `uri` cannot be an MLflow tracking URI (scheme unknown, host or database path missing), or None.
+    A plain path (no scheme) is a local file store, as MLflow reads it."""
+    expected = ("expected sqlite:///PATH.db, http(s)://HOST:PORT, postgresql://…, mysql://…, mssql://…, file:PATH, "
+                "databricks, or a local directory")
+    if uri != uri.strip() or not uri:
+        return f"{uri!r}: {'empty' if not uri.strip() else 'surrounding spaces'}; {expected}"
+    if uri in ("databricks", "databricks-uc", "uc") or uri.startswith(("databricks://", "databricks-uc://", "uc:")):
+        return None
+    scheme, sep, rest = uri.partition(":")
+    if not sep or len(scheme) == 1 or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        return None  # a local path (a drive letter on Windows)
+    base = scheme.lower().split("+")[0]
+    if base not in TRACKING_SCHEMES:
+        try:  # a scheme a plugin registers with MLflow
+            from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+            _tracking_store_registry.get_store_builder(uri)
+            return None
+        except Exception:  # noqa: BLE001 - unknown to MLflow too
+            return f"unsupported scheme {scheme + ':'!r} in {uri!r}; {expected}"
+    if base == "sqlite" and not rest.startswith("///"):
+        return (f"{uri!r}: an SQLite store is sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db "
+                "(three slashes before the path)")
+    if base in ("http", "https") and not rest.removeprefix("//").split("/")[0].rpartition("@")[2]:
+        return f"{uri!r} names no host; expected {base}://HOST:PORT"
+    return None
 
 
 class _Section(BaseModel):
@@ -98,6 +168,15 @@ class ModelConfig(_Section):
     tokenizer: str | None = Field(None, description="defaults to the reference")
     attn_implementation: str | None = None
     trust_remote_code: bool = False
+
+    @field_validator("name_or_path", "reference", "tokenizer")
+    @classmethod
+    def _not_blank(cls, value: str | None):
+        if value is not None and value != value.strip():  # never a hub id, and a path with spaces is a typo
+            raise ValueError(f"{value!r} has surrounding spaces; expected a hub id or a local directory")
+        if value is not None and not value:
+            raise ValueError("empty; expected a hub id, a local model directory, or 'builtin'")
+        return value
 
 
 class DataConfig(_Section):
@@ -139,13 +218,25 @@ class DataConfig(_Section):
             return value
         from .data import SUPPORTED_EXTENSIONS, is_local_source
 
+        expected = f"a {'/'.join(SUPPORTED_EXTENSIONS)} file, 'builtin', or a hub dataset id"
+        if not value.strip():
+            raise ValueError(f"empty; expected {expected}")
         if not is_local_source(value):
             return value
-        if not Path(value).expanduser().exists():
-            raise ValueError(
-                f"data file not found: {value} (expected an existing {'/'.join(SUPPORTED_EXTENSIONS)} file, "
-                "'builtin', or a hub dataset id)"
-            )
+        path = Path(value).expanduser()
+        if not path.exists():
+            stripped = Path(value.strip()).expanduser()
+            hint = (f"; the name has surrounding spaces, and {str(stripped)!r} exists" if value != value.strip()
+                    and stripped.exists() else "")
+            raise ValueError(f"data file not found: {value if value == value.strip() else repr(value)} "
+                             f"(expected an existing {expected.removeprefix('a ')}{hint})")
+        if path.is_dir():
+            raise ValueError(f"{value} is a directory; expected {expected} (name the file inside it)")
+        if not path.name.lower().endswith(tuple(SUPPORTED_EXTENSIONS)):
+            raise ValueError(f"{value}: unsupported file type; expected {expected}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{value} is empty (0 bytes); expected preference pairs, one JSON object per line "
+                             "or a parquet/JSON table")
         # Absolute, resolved here on the driver: Ray workers run in another working directory, and the
         # stored config they get must name the same file.
         return str(Path(value).expanduser().resolve())
@@ -160,7 +251,8 @@ class MethodConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self):
         if self.name not in method_names():
-            raise _keyed("name", f"unknown method {self.name!r}; choose one of {', '.join(method_names())}")
+            raise _keyed("name", f"unknown method {self.name!r}; choose one of {', '.join(method_names())}"
+                                 + _did_you_mean(self.name.strip(), method_names()))
         for key, problem in hyperparameter_problems(self.name, self.hyperparameters):
             raise _keyed(key, problem)
         return self
@@ -220,7 +312,7 @@ class RayConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how a run's workers are placed on nodes (Ray placement group strategy): PACK fills "
         "a node first (fast intra-node collectives), SPREAD puts them on different nodes where possible")
-    storage_path: str = Field("outputs/ray", description="local path, NFS, or s3://, gs:// URI")
+    storage_path: str = Field("outputs/ray", min_length=1, description="local path, NFS, or s3://, gs:// URI")
     max_failures: int = Field(0, ge=-1)
     max_preemption_failures: int = Field(-1, ge=-1, description="node preemptions to resume from, counted apart "
                                          "from max_failures (-1: any number, 0: none)")
@@ -230,6 +322,43 @@ class RayConfig(_Section):
                                            "RAY_ADDRESS) trains in the driver's process: no Ray start, no Train "
                                            "controller or worker actor, the reference scored in-process; same "
                                            "checkpoints, metrics and resume (alphadpo_ray/in_process.py)")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None):
+        """What `ray.init` connects to: auto, local, ray://HOST:PORT (Ray Client) or HOST:PORT (the GCS)."""
+        if value is None or value in ("auto", "local"):
+            return value
+        host, _, port = value.removeprefix("ray://").rpartition(":")
+        if (value.startswith("ray://") or "://" not in value) and host and port.isdigit() and 0 < int(port) < 65536:
+            return value
+        raise ValueError(f"{value!r} is not a cluster address; expected HOST:PORT of the head's GCS (port 6379 by "
+                         "default), ray://HOST:PORT (Ray Client, 10001), 'auto' or 'local'")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, value: dict[str, float]):
+        for name, amount in value.items():
+            standard = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}.get(name.lower())
+            if standard and name != standard:  # a custom resource no node has: the run would wait forever
+                raise _keyed(name, f"Ray's resource is spelled {standard!r}; {name!r} would be a custom resource "
+                             "that no node offers, and the run would wait for it forever")
+            if not math.isfinite(amount) or amount < 0:
+                raise _keyed(name, f"expected an amount >= 0, got {amount}")
+        return value
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, value: str):
+        if "://" not in value:
+            return value
+        scheme, _, rest = value.partition("://")
+        if scheme.lower() not in STORAGE_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme + '://'!r} in {value!r}; expected a local path or a URI "
+                             f"with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        if scheme.lower() in ("s3", "gs", "gcs") and not rest.split("?")[0].strip("/"):
+            raise ValueError(f"{value!r} names no bucket; expected {scheme}://BUCKET/PATH")
+        return value
 
 
 class StudyConfig(_Section):
@@ -248,8 +377,18 @@ class StudyConfig(_Section):
 class TrackingConfig(_Section):
     enabled: bool = True
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
-    experiment_name: str = "alphadpo-ray"
+    experiment_name: str = Field("alphadpo-ray", min_length=1)
     run_name: str | None = None
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, value: str | None):
+        if value is None:
+            return value
+        problem = tracking_uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 def _load_config_plugins(data: Any) -> None:
@@ -386,6 +525,27 @@ class ExperimentConfig(_Section):
 # Loading, overrides and error messages
 
 
+def _did_you_mean(word: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _keys_at(loc: list[str]) -> list[str]:
+    """The keys the config section at `loc` (e.g. ['training']) takes; [] where it is not a section."""
+    import typing
+
+    cls: Any = ExperimentConfig
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return []
+        cls = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -397,7 +557,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "keyed":
             pass
         elif e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(loc[-1], _keys_at(loc[:-1]))
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = f"expected a section (a mapping of keys), got {type(e.get('input')).__name__} {e.get('input')!r}"
         elif e["type"].startswith("missing"):
             msg = "required key is missing"
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
@@ -462,7 +624,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: 
     if isinstance(model, dict):  # local model directories as absolute paths: workers run elsewhere
         for key in ("name_or_path", "reference", "tokenizer"):
             value = model.get(key)
-            if isinstance(value, str) and value != BUILTIN and not Path(value).is_absolute() and Path(value).exists():
+            if (isinstance(value, str) and value.strip() and value != BUILTIN and not Path(value).is_absolute()
+                    and Path(value).exists()):
                 model[key] = str(Path(value).resolve())
     if isinstance(data.get("plugins"), list):  # .py plugins as absolute paths: workers run elsewhere
         data["plugins"] = [str(Path(p).expanduser().resolve()) if isinstance(p, str) and p.endswith(".py") else p
@@ -474,6 +637,9 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: 
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+
+
+_SECTIONS = ("name", "model", "data", "method", "training", "deepspeed", "ray", "tracking", "sweep")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -493,10 +659,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
                           "save the config as UTF-8") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: key {err.key} appears twice (lines {err.first_line} and {err.second_line}); "
+                          "YAML would keep only the last value: remove one") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
-    if data is None:  # an empty file: the defaults
-        data = {}
+    if data is None:  # an empty file (or comments only): refused, not read as the quickstart defaults
+        raise ConfigError(f"{path} is empty: expected a mapping of sections ({', '.join(_SECTIONS)}); "
+                          "leave out the file to run the embedded quickstart")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     if isinstance(data.get("plugins"), list):  # a .py plugin beside the config file
@@ -507,7 +677,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         section = data.get(section_name) if isinstance(data.get(section_name), dict) else {}
         for key in keys:
             value = section.get(key)
-            if isinstance(value, str) and value != BUILTIN and not Path(value).is_absolute():
+            if isinstance(value, str) and value.strip() and value != BUILTIN and not Path(value).is_absolute():
                 beside = path.resolve().parent / value
                 if beside.exists():
                     section[key] = str(beside)

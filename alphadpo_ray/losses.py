@@ -368,8 +368,14 @@ def _beta(start: float, values: list[float], doc: str = "inverse temperature β"
     return Hyperparameter(low=0, low_open=True, start=start, space={"type": "choice", "values": values}, doc=doc)
 
 
+def _gamma(start: float, low: float, high: float) -> Hyperparameter:
+    """γ/β, the target reward margin: γ ≥ 0 (SimPO, arXiv 2405.14734, §2.2; a negative margin rewards
+    ranking the rejected response higher)."""
+    return Hyperparameter(low=0, start=start, space={"type": "uniform", "low": low, "high": high},
+                          doc="target reward margin γ/β")
+
+
 _LABEL_SMOOTHING = Hyperparameter(0.0, low=0, high=0.5, doc="conservative-DPO label smoothing")
-_GAMMA = "target reward margin γ/β"
 
 # The papers' search ranges (SimPO, arXiv 2405.14734, Table 7; AlphaDPO, arXiv 2410.10148, §5) and
 # settings; `start` values suit the built-in task (the paper setups under experiments/paper/ set the
@@ -383,7 +389,7 @@ register_method(
         "alpha": Hyperparameter(low=0, start=0.2, space={"type": "loguniform", "low": 0.01, "high": 0.5},
                                 doc="weight α of the adaptive margin"),
         "beta": _beta(2.5, [2.5, 10.0]),
-        "gamma_beta_ratio": Hyperparameter(start=0.3, space={"type": "uniform", "low": 0.1, "high": 0.6}, doc=_GAMMA),
+        "gamma_beta_ratio": _gamma(0.3, 0.1, 0.6),
         "label_smoothing": _LABEL_SMOOTHING,
         "ema_decay": Hyperparameter(0.9, low=0, high=1, high_open=True, doc="decay of the margin's running statistics"),
     },
@@ -399,7 +405,7 @@ register_method(
     "simpo", simpo_loss, needs_reference=False, source="arXiv 2405.14734", implicit_reward="β·π̄",
     hyperparameters={
         "beta": _beta(2.5, [2.0, 2.5, 10.0]),
-        "gamma_beta_ratio": Hyperparameter(start=0.3, space={"type": "uniform", "low": 0.1, "high": 0.65}, doc=_GAMMA),
+        "gamma_beta_ratio": _gamma(0.3, 0.1, 0.65),
         "label_smoothing": _LABEL_SMOOTHING,
     },
     paper_points=({"beta": 2.5, "gamma_beta_ratio": 0.55}, {"beta": 2.5, "gamma_beta_ratio": 0.1}),
@@ -429,7 +435,7 @@ register_method(
     "r-dpo", r_dpo_loss, source="arXiv 2403.19159", implicit_reward="β·(π − r)",
     hyperparameters={
         "beta": _beta(0.1, [0.01, 0.05, 0.1]),
-        "length_alpha": Hyperparameter(start=0.05, space={"type": "choice", "values": [0.05, 0.1, 0.5, 1.0]},
+        "length_alpha": Hyperparameter(low=0, start=0.05, space={"type": "choice", "values": [0.05, 0.1, 0.5, 1.0]},
                                        doc="weight α of the length term"),
     },
     paper_points=({"beta": 0.1, "length_alpha": 0.05},),

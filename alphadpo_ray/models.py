@@ -10,11 +10,14 @@ byte-level BPE tokenizers are built locally from text, saved with `save_pretrain
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from .errors import ConfigError
 
 # Special tokens of the tiny (default, "llama") tokenizer. The chat template renders
 #   <|user|>\n{content}\n<|assistant|>\n{content}</s>
@@ -211,10 +214,56 @@ def build_tiny_model_dir(
     return path
 
 
+# What `from_pretrained` needs in a local directory: the model's config.json and weights; a tokenizer's
+# vocabulary in one of the formats transformers reads (fast tokenizer.json, SentencePiece, BPE, WordPiece).
+MODEL_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`org/name` or `name` (what the Hub accepts), as opposed to `./dir`, `/abs/dir` or `~/dir`."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def local_model_problem(name_or_path: str | os.PathLike, *, model: bool = True, tokenizer: bool = True) -> str | None:
+    """What a local model directory lacks for `load_model` (`model`) / `load_tokenizer` (`tokenizer`), in
+    words; None when it has it, or when `name_or_path` is not a local path (a hub id)."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if looks_like_hub_id(str(name_or_path)):
+            return None
+        return "not found; expected a local model directory (config.json, weights, tokenizer files) or a hub id"
+    if not path.is_dir():
+        return "is a file; expected a model directory (config.json, weights, tokenizer files) or a hub id"
+    missing = []
+    if model and not (path / "config.json").is_file():
+        missing.append("config.json")
+    if model and not any(any(path.glob(pattern)) for pattern in MODEL_WEIGHTS):
+        missing.append("weights (model.safetensors or pytorch_model.bin, or their sharded index)")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    if not missing:
+        return None
+    what = "model and tokenizer" if model and tokenizer else "model" if model else "tokenizer"
+    listing = sorted(p.name for p in path.iterdir())[:8]
+    return (f"is not a complete {what} directory: missing {'; '.join(missing)} (it holds "
+            f"{', '.join(listing) if listing else 'nothing'}); save it with save_pretrained or use "
+            "`alphadpo-ray init-model`")
+
+
+def _check_local(name_or_path, **what) -> None:
+    problem = local_model_problem(name_or_path, **what)
+    if problem:
+        raise ConfigError(f"{name_or_path}: {problem}")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
     """Load a tokenizer (local directory or hub id) and make sure it can pad."""
     from transformers import AutoTokenizer
 
+    _check_local(name_or_path, model=False)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -225,6 +274,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     """`AutoModelForCausalLM.from_pretrained`; `eval_mode=True` also freezes it (for references)."""
     from transformers import AutoModelForCausalLM
 
+    _check_local(name_or_path, tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
     if eval_mode:
         model.eval()

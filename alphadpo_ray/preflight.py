@@ -3,6 +3,8 @@
 * `check_deepspeed` — the generated DeepSpeed config (with ``deepspeed.extra`` merged in) is parsed by
   DeepSpeed's own config classes; a bad key or value is reported by name, never echoing the value
   (``deepspeed.extra`` may hold credentials). Part of ``alphadpo-ray validate`` too.
+* `check_models` — a local model directory holds config.json, weights and tokenizer files (what is
+  missing is named, instead of a transformers traceback); a path that looks local exists.
 * `check_paths` — ``output_dir``, a local ``ray.storage_path`` and a ``sqlite:///`` MLflow store can
   be created and written (a probe file is written and removed), and the disk holding the checkpoints
   has room for them (a warning with the estimate when it may not).
@@ -47,8 +49,31 @@ def preflight(config: ExperimentConfig, log=print) -> None:
     """Every check of this module that needs no cluster, in order of cost."""
     check_job_outputs(config)
     check_deepspeed(config)
+    check_models(config)
     check_paths(config, log)
     check_hub(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Local model directories
+
+
+def check_models(config: ExperimentConfig) -> None:
+    """Each local model directory the run loads holds what `from_pretrained` needs (config.json and weights
+    for a model, vocabulary files for the tokenizer, which comes from model.tokenizer, else the reference,
+    else name_or_path), and a path that looks local exists. Part of ``alphadpo-ray validate`` too."""
+    from .models import local_model_problem
+
+    m = config.model
+    for key, value, what in (
+        ("model.name_or_path", m.name_or_path, {"tokenizer": m.tokenizer is None and m.reference is None}),
+        ("model.reference", m.reference, {"tokenizer": m.tokenizer is None}),
+        ("model.tokenizer", m.tokenizer, {"model": False}),
+    ):
+        if value and value != BUILTIN:
+            problem = local_model_problem(value, **what)
+            if problem:
+                raise ConfigError(f"{key}: {value} {problem}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +169,8 @@ def check_paths(config: ExperimentConfig, log=print) -> None:
     from .tracking import resolve_tracking_uri
 
     _probe_dir("output_dir", Path(config.output_dir).expanduser().resolve())
+    if config.cache_dir:
+        _probe_dir("cache_dir", Path(config.cache_dir).expanduser().resolve())
     storage = config.storage_path()
     check_storage_uri(storage)
     if "://" not in storage:

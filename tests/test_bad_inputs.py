@@ -87,7 +87,134 @@ CONFIG_CASES = [
                                           r"at line 2, column 1"),
     ("yaml-not-mapping", "- just\n- a list\n", [], r"exp\.yaml: expected a mapping of sections at the top level, got list"),
     ("not-utf8", b"name: caf\xe9\n", [], r"exp\.yaml: not UTF-8 text \(byte 9 is 0xe9\); save the config as UTF-8"),
+    # --- the YAML file itself
+    ("yaml-duplicate-key", "name: bad\ntracking: {enabled: false}\ntraining:\n  max_steps: 4\n  max_steps: 400\n", [],
+     r"exp\.yaml: key training\.max_steps appears twice \(lines 4 and 5\); YAML would keep only the last value"),
+    ("yaml-duplicate-section", "training: {max_steps: 4}\nname: bad\ntraining: {max_steps: 400}\n", [],
+     r"exp\.yaml: key training appears twice \(lines 1 and 3\)"),
+    ("yaml-duplicate-in-flow-mapping", "name: bad\nmethod: {name: dpo, beta: 0.1, beta: 0.5}\n", [],
+     r"exp\.yaml: key method\.beta appears twice \(lines 2 and 2\)"),
+    ("yaml-empty", "", [], r"exp\.yaml is empty: expected a mapping of sections \(name, model, data, method, training"),
+    ("yaml-comments-only", "# TODO: fill in\n", [], r"exp\.yaml is empty: expected a mapping of sections"),
+    ("yaml-scalar", "max_steps 4\n", [], r"exp\.yaml: expected a mapping of sections at the top level, got str"),
+    ("yaml-tab-indent", "name: bad\ntraining:\n\tmax_steps: 4\n", [],
+     r"exp\.yaml: not valid YAML: found character '\\t' that cannot start any token at line 3, column 1"),
+    ("yaml-undefined-alias", "name: bad\ntraining: *defaults\n", [], r"exp\.yaml: not valid YAML: found undefined alias"),
+    ("section-not-mapping", {"method": "dpo"}, [], r"method: expected a section \(a mapping of keys\), got str 'dpo'"),
+    # --- method hyperparameters: every one has its registry range
+    ("gamma-negative", {"method": {"name": "simpo", "beta": 2.0, "gamma_beta_ratio": -3}}, [],
+     r"method\.gamma_beta_ratio: must be >= 0, got -3 \(method 'simpo'\)"),
+    ("gamma-negative-set", {}, ["--set", "method.gamma_beta_ratio=-3"],
+     r"method\.gamma_beta_ratio: must be >= 0, got -3 \(method 'alpha-dpo'\)"),
+    ("length-alpha-negative", {"method": {"name": "r-dpo", "beta": 0.1, "length_alpha": -1}}, [],
+     r"method\.length_alpha: must be >= 0, got -1 \(method 'r-dpo'\)"),
+    ("method-typo-set", {}, ["--set", "method.name=dpoo"], r"method\.name: unknown method 'dpoo'; choose one of .*, r-dpo \(did you mean dpo\?\)"),
+    ("method-trailing-space", {"method": {"name": "dpo "}}, [], r"method\.name: unknown method 'dpo '; .* \(did you mean dpo\?\)"),
+    # --- tracking
+    ("tracking-uri-scheme-typo", {"tracking": {"tracking_uri": "htp://x"}}, [],
+     r"tracking\.tracking_uri: unsupported scheme 'htp:' in 'htp://x'; expected sqlite:///PATH\.db, http\(s\)://HOST:PORT"),
+    ("tracking-uri-sqlite-two-slashes", {"tracking": {"tracking_uri": "sqlite://mlflow.db"}}, [],
+     r"tracking\.tracking_uri: 'sqlite://mlflow\.db': an SQLite store is sqlite:///RELATIVE/PATH\.db"),
+    ("tracking-uri-no-host", {}, ["--set", "tracking.tracking_uri=http://"], r"tracking\.tracking_uri: 'http://' names no host"),
+    ("experiment-name-empty", {"tracking": {"experiment_name": ""}}, [],
+     r"tracking\.experiment_name: String should have at least 1 character"),
+    # --- training and data numbers
+    ("per-device-batch-zero", {"training": {"per_device_train_batch_size": 0}}, [],
+     r"training\.per_device_train_batch_size: Input should be greater than or equal to 1 \(got 0\)"),
+    ("total-batch-negative", {"training": {"total_batch_size": -16}}, [],
+     r"training\.total_batch_size: Input should be greater than or equal to 1 \(got -16\)"),
+    ("lr-not-a-number", {"training": {"learning_rate": "fast"}}, [],
+     r"training\.learning_rate: Input should be a valid number, unable to parse string as a number \(got 'fast'\)"),
+    ("lr-zero-set", {}, ["--set", "training.learning_rate=0"], r"training\.learning_rate: Input should be greater than 0"),
+    ("lr-empty-set", {}, ["--set", "training.learning_rate="], r"training\.learning_rate: Input should be a valid number \(got None\)"),
+    ("held-out-fraction-above-one", {"data": {"held_out_fraction": 1.5}}, [],
+     r"data\.held_out_fraction: Input should be less than 1 \(got 1\.5\)"),
+    ("warmup-ratio-one", {"training": {"warmup_ratio": 1}}, [], r"training\.warmup_ratio: Input should be less than 1"),
+    ("max-grad-norm-zero", {"training": {"max_grad_norm": 0}}, [], r"training\.max_grad_norm: Input should be greater than 0"),
+    ("scheduler-typo", {"training": {"lr_scheduler_type": "cosin"}}, [],
+     r"training\.lr_scheduler_type: Input should be 'cosine', 'linear', 'constant' or 'constant_with_warmup' \(got 'cosin'\)"),
+    ("bool-not-bool", {"training": {"bf16": "maybe"}}, [], r"training\.bf16: Input should be a valid boolean"),
+    ("sweep-num-samples-zero", {"sweep": {"num_samples": 0}}, [], r"sweep\.num_samples: Input should be greater than or equal to 1"),
+    ("set-unknown-key", {}, ["--set", "training.lr=1e-4"], r"training\.lr: unknown key"),
+    ("set-section-typo", {}, ["--set", "trainig.learning_rate=1e-4"], r"trainig: unknown key \(did you mean training\?\)"),
+    # --- ray
+    ("num-workers-zero", {"ray": {"num_workers": 0}}, [], r"ray\.num_workers: Input should be greater than or equal to 1"),
+    ("num-workers-fraction", {"ray": {"num_workers": 2.5}}, [],
+     r"ray\.num_workers: Input should be a valid integer, got a number with a fractional part"),
+    ("resources-negative", {"ray": {"resources_per_worker": {"CPU": -1}}}, [],
+     r"ray\.resources_per_worker\.CPU: expected an amount >= 0, got -1"),
+    ("resources-lowercase-cpu", {"ray": {"resources_per_worker": {"cpu": 1}}}, [],
+     r"ray\.resources_per_worker\.cpu: Ray's resource is spelled 'CPU'"),
+    ("address-without-port", {"ray": {"address": "localhost"}}, [],
+     r"ray\.address: 'localhost' is not a cluster address; expected HOST:PORT"),
+    ("storage-unknown-scheme", {"ray": {"storage_path": "s4://bucket/runs"}}, [],
+     r"ray\.storage_path: unsupported scheme 's4://' in 's4://bucket/runs'; expected a local path or a URI"),
+    ("storage-s3-no-bucket", {"ray": {"storage_path": "s3://"}}, [], r"ray\.storage_path: 's3://' names no bucket"),
+    ("storage-empty", {"ray": {"storage_path": ""}}, [], r"ray\.storage_path: String should have at least 1 character"),
+    # --- models, data and plugins named by an empty string or a module that is not there
+    ("model-path-empty", {"model": {"name_or_path": ""}}, [], r"model\.name_or_path: empty; expected a hub id"),
+    ("data-source-empty", {"model": {"name_or_path": "some-org/some-model"}, "data": {"source": ""}}, [],
+     r"data\.source: empty; expected a \.jsonl/"),
+    ("plugin-module-missing", {"plugins": ["no_such_plugin_mod"]}, [],
+     r"plugins: could not load 'no_such_plugin_mod': ModuleNotFoundError: No module named 'no_such_plugin_mod'"),
 ]
+
+# Cases whose files are made in the test's directory ({tmp}): model directories and data sources.
+PATH_CASES = [
+    ("model-dir-empty", {"model": {"name_or_path": "{tmp}/empty-model"}},
+     r"model\.name_or_path: .*/empty-model is not a complete model and tokenizer directory: missing config\.json; "
+     r"weights .*; tokenizer files \(one of tokenizer\.json, tokenizer\.model"),
+    ("model-dir-no-tokenizer", {"model": {"name_or_path": "{tmp}/no-tokenizer"}},
+     r"model\.name_or_path: .*/no-tokenizer is not a complete model and tokenizer directory: missing tokenizer files "
+     r".*\(it holds config\.json, model\.safetensors\)"),
+    ("tokenizer-dir-empty", {"model": {"name_or_path": "some-org/some-model", "tokenizer": "{tmp}/empty-model"}},
+     r"model\.tokenizer: .*/empty-model is not a complete tokenizer directory: missing tokenizer files"),
+    ("reference-dir-no-weights", {"model": {"name_or_path": "some-org/some-model", "reference": "{tmp}/no-weights"}},
+     r"model\.reference: .*/no-weights is not a complete model and tokenizer directory: missing weights \(model\.safetensors"),
+    ("model-path-missing", {"model": {"name_or_path": "./models/tiny"}},
+     r"model\.name_or_path: \./models/tiny not found; expected a local model directory"),
+    ("model-path-is-a-file", {"model": {"name_or_path": "{tmp}/pairs.jsonl"}},
+     r"model\.name_or_path: .*/pairs\.jsonl is a file; expected a model directory"),
+    ("data-source-directory", {"data": {"source": "{tmp}/data"}},
+     r"data\.source: .*/data is a directory; expected a \.jsonl/\.json/\.jsonl\.gz/\.parquet file.* \(name the file inside it\)"),
+    ("eval-source-directory", {"data": {"eval_source": "{tmp}/data"}}, r"data\.eval_source: .*/data is a directory"),
+    ("data-source-empty-file", {"data": {"source": "{tmp}/data/empty.jsonl"}},
+     r"data\.source: .*/empty\.jsonl is empty \(0 bytes\); expected preference pairs"),
+    ("data-source-csv", {"data": {"source": "{tmp}/data/pairs.csv"}},
+     r"data\.source: .*/pairs\.csv: unsupported file type; expected a \.jsonl/"),
+    ("data-source-trailing-space", {"data": {"source": "{tmp}/pairs.jsonl "}},
+     r"data\.source: data file not found: '.*/pairs\.jsonl ' .*the name has surrounding spaces, and '.*/pairs\.jsonl' exists"),
+]
+
+
+def _path_case_files(tmp_path: Path) -> None:
+    (tmp_path / "empty-model").mkdir()
+    (tmp_path / "no-tokenizer").mkdir()
+    (tmp_path / "no-tokenizer" / "config.json").write_text("{}")
+    (tmp_path / "no-tokenizer" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "data" / "pairs.csv").write_text("prompt,chosen,rejected\nq,a,b\n")
+    _pairs(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+@pytest.mark.parametrize("case,data,pattern", PATH_CASES, ids=[c[0] for c in PATH_CASES])
+def test_bad_model_and_data_paths_fail_before_ray(case, data, pattern, command, tmp_path, capsys, monkeypatch, no_ray):
+    """Local model directories missing what `from_pretrained` needs and data sources that are directories,
+    empty or of the wrong type: one line naming the key and the path, from `validate` and `train` alike."""
+    _path_case_files(tmp_path)
+    data = yaml.safe_load(yaml.safe_dump(_merge({"model": {"name_or_path": "some-org/some-model"}, "data": {
+        "source": "{tmp}/pairs.jsonl"}}, data)).replace("{tmp}", str(tmp_path)))
+    code, err = _run(tmp_path, capsys, monkeypatch, data, [], command=command)
+    import re
+
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+    assert not any(p.name in ("outputs", "mlflow.db") for p in tmp_path.iterdir())
 
 
 @pytest.fixture
@@ -127,12 +254,12 @@ def test_bad_config_fails_before_ray_with_one_message(case, data, extra, pattern
 
 def test_bad_configs_also_fail_validate(tmp_path, capsys, monkeypatch, no_ray):
     """`alphadpo-ray validate` reports the same problems (DeepSpeed's included) without running anything."""
-    for _, data, extra, pattern in CONFIG_CASES[:3] + CONFIG_CASES[16:18]:
+    for _, data, extra, pattern in CONFIG_CASES[:3] + CONFIG_CASES[16:18] + CONFIG_CASES[37:]:
         code, err = _run(tmp_path, capsys, monkeypatch, data, extra, command="validate")
-        assert code == 2
+        assert code == 2, err
         import re
 
-        assert re.search(pattern, err), err
+        assert re.search(pattern, err) and len(err.strip().splitlines()) == 1, err
 
 
 # -------------------------------------------------------------------------------- bad environments
@@ -141,6 +268,7 @@ ENV_CASES = [
     ("output-dir-in-proc", {"output_dir": "/proc/alphadpo-out"}, r"output_dir: cannot write to /proc/alphadpo-out"),
     ("storage-in-proc", {"ray": {"storage_path": "/proc/alphadpo-ray"}}, r"ray\.storage_path: cannot write to /proc/alphadpo-ray"),
     ("output-dir-is-a-file", {"output_dir": "{tmp}/a-file"}, r"output_dir: cannot write to .*a-file"),
+    ("cache-dir-is-a-file", {"cache_dir": "{tmp}/a-file"}, r"cache_dir: cannot write to .*a-file"),
     ("mlflow-db-unwritable", {"tracking": {"enabled": True, "tracking_uri": "sqlite:////proc/alphadpo/mlflow.db"}},
      r"tracking\.tracking_uri: cannot write to /proc/alphadpo"),
 ]
@@ -154,6 +282,7 @@ def test_unwritable_paths_fail_before_ray(case, data, pattern, tmp_path, capsys,
     import re
 
     assert code == 2 and re.search(pattern, err), err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
 
 

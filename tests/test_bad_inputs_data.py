@@ -281,3 +281,10 @@ def test_cli_validate_with_relative_set_path(tmp_path, monkeypatch, capsys):
     assert cli_main(["validate", str(cfg), "--set", "data.source=missing.jsonl"]) == 2
     err = capsys.readouterr().err
     assert "data.source: data file not found: missing.jsonl" in err and "Traceback" not in err
+
+
+def test_a_directory_as_data_source_is_named_as_one(tmp_path):
+    (tmp_path / "pairs").mkdir()
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'pairs'}: is a directory; expected a preference data file "
+                                        r"\(\.jsonl/\.json/\.jsonl\.gz/\.parquet\) inside it"):
+        load_preference_data(tmp_path / "pairs")

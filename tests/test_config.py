@@ -176,7 +176,7 @@ INVALID = [
     ("builtin-model-with-other-data", {"data": {"source": "some-org/some-set"}}, "model.name_or_path", "builtin"),
     ("unknown-scheduler", {"training": {"lr_scheduler_type": "exponential"}}, "training.lr_scheduler_type", ""),
     ("zero-stage-out-of-range", {"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage", ""),
-    ("section-not-a-mapping", {"training": 5}, "training", "dictionary"),
+    ("section-not-a-mapping", {"training": 5}, "training", "expected a section (a mapping of keys), got int 5"),
     ("bad-run-name", {"name": "my run"}, "name", ""),
 ]
 
@@ -220,8 +220,12 @@ def test_non_mapping_yaml(tmp_path, text, kind):
         load_config(path)
 
 
-def test_empty_yaml_is_the_defaults(tmp_path):
-    assert load_config(write_yaml(tmp_path / "empty.yaml", "")).to_dict() == config_from_dict({}).to_dict()
+def test_empty_yaml_is_refused_not_read_as_the_defaults(tmp_path):
+    """An empty file (or one of comments only) is a mistake, not the quickstart: no config is the quickstart."""
+    for text in ("", "# to do\n", "---\n"):
+        with pytest.raises(ConfigError, match=r"empty\.yaml is empty: expected a mapping of sections"):
+            load_config(write_yaml(tmp_path / "empty.yaml", text))
+    assert load_config(None).to_dict() == config_from_dict({}).to_dict()
 
 
 def test_missing_config_file(tmp_path):

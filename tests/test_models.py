@@ -144,3 +144,26 @@ def test_load_model_eval_mode_freezes_parameters(tiny_model_dir, ids):
 def test_load_model_dtype(tiny_model_dir):
     model = load_model(tiny_model_dir, dtype=torch.bfloat16, eval_mode=True)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_loaders_name_what_a_local_directory_lacks(tiny_model_dir, tmp_path):
+    """An empty or half-saved directory is one message naming the path and the missing files, not a
+    transformers traceback (which suggests installing sentencepiece)."""
+    import shutil
+
+    from alphadpo_ray.errors import ConfigError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=rf"^{empty}: is not a complete tokenizer directory: missing tokenizer files "
+                                          r"\(one of tokenizer\.json, .*\) \(it holds nothing\)"):
+        load_tokenizer(empty)
+    with pytest.raises(ConfigError, match=rf"^{empty}: is not a complete model directory: missing config\.json; weights"):
+        load_model(empty)
+    half = tmp_path / "half"
+    shutil.copytree(tiny_model_dir, half)
+    for weights in half.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ConfigError, match=r"missing weights \(model\.safetensors or pytorch_model\.bin"):
+        load_model(half)
+    assert load_tokenizer(half).pad_token is not None  # the tokenizer files are all there

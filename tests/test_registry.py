@@ -108,3 +108,15 @@ def test_a_plugin_method_runs_through_compare(ray_session, builtin_task, toy_plu
     assert set(methods) == {TOY, "simpo"}
     assert methods[TOY]["trials"] == 1 and methods[TOY]["failed"] == 0 and methods[TOY]["steps"] == 4
     assert methods[TOY]["best_accuracy_logratio"] is not None
+
+
+def test_every_built_in_hyperparameter_declares_its_range():
+    """Config values and `--set` values are checked against the registry's ranges, so each built-in
+    hyperparameter has one (a negative gamma_beta_ratio or length_alpha is refused naming the range)."""
+    from alphadpo_ray.losses import hyperparameter_problems
+
+    for name in ("alpha-dpo", "dpo", "simpo", "ipo", "cpo", "kto", "orpo", "r-dpo"):
+        for key, h in method_spec(name).hyperparameters.items():
+            assert h.expected, f"{name}.{key} has no range"
+    assert hyperparameter_problems("simpo", {"beta": 2.0, "gamma_beta_ratio": -3}) == \
+        [("gamma_beta_ratio", "must be >= 0, got -3 (method 'simpo')")]

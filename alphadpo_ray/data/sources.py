@@ -155,6 +155,9 @@ def read_raw(source: str | os.PathLike, split: str = "train") -> RawRows:
             raise DataError(f"{source}[{split}]: could not load hub dataset: {e}") from e
         return RawRows(ds, list(ds.column_names))
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a preference data file "
+                        f"({'/'.join(SUPPORTED_EXTENSIONS)}) inside it, or a hub dataset id")
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected a preference data file or a hub dataset id)")
     builder = _builder_for(path)
