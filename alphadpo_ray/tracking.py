@@ -316,9 +316,37 @@ def run_key(storage_path: str, run_name: str) -> str:
     return hashlib.sha256(f"{storage_path}|{run_name}".encode()).hexdigest()[:16]
 
 
+def _already_exists(err: BaseException) -> bool:
+    """Whether creating an experiment failed because another process created it first: MLflow's
+    ``RESOURCE_ALREADY_EXISTS`` (its REST server and SQL store), or a unique-constraint violation the
+    SQL store lets through as another code (SQLAlchemy's `IntegrityError` at commit)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if getattr(err, "error_code", None) == "RESOURCE_ALREADY_EXISTS" or type(err).__name__ == "IntegrityError":
+            return True
+        text = str(err)
+        if "UNIQUE constraint failed" in text or "duplicate key value" in text or "Duplicate entry" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def get_or_create_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created if missing — the one place an experiment is created. Race-free:
+    runs, sweeps and compares started together may all find it missing; whichever creates it first wins
+    and the others, told it already exists, read it back."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception as err:  # noqa: BLE001 - narrowed by `_already_exists`
+        if not _already_exists(err):
+            raise
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:  # pragma: no cover - a store that refused a name it does not hold
+        raise TrackingUnavailable(f"MLflow said experiment {name!r} already exists but does not return it")
+    return experiment.experiment_id
 
 
 def start_or_resume_run(uri: str, experiment: str, run_name: str, key: str, params: dict[str, str],
