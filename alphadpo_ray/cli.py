@@ -181,19 +181,64 @@ COMMANDS = {"init-model": cmd_init_model, "reference": cmd_reference, "validate"
             "compare": cmd_compare, "study": cmd_study, "report": cmd_report}
 
 
+RESUMABLE = ("train", "sweep", "compare", "study")  # commands that continue a stopped run when re-run
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so it ends like Ctrl-C: its MLflow run marked KILLED."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def resume_command(command: str, argv: list[str]) -> str:
+    """The command line that continues this one, runnable as printed: the same arguments, run the same way
+    (``alphadpo-ray …``, or ``python -m alphadpo_ray …``), without ``--restart`` (a train run continues by
+    being re-run) and with ``--resume`` for a sweep, compare or study."""
+    import os
+    import shlex
+    import shutil
+
+    args = [a for a in argv if a != "--restart"]
+    if command != "train" and "--resume" not in args:
+        args.append("--resume")
+    program = sys.argv[0]
+    if os.path.basename(program) == "__main__.py":
+        head = [sys.executable, "-m", "alphadpo_ray"]
+    else:
+        name = os.path.basename(program) or "alphadpo-ray"
+        head = [name if shutil.which(name) and os.path.realpath(shutil.which(name)) == os.path.realpath(program)
+                else program]
+    return shlex.join(head + args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     from .console import quiet_driver
 
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(given)
     quiet_driver()
+    resumable = args.command in RESUMABLE
+    if resumable and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except AlphaDPOError as err:
         print(f"error: {err}", file=sys.stderr)
+        from .launch import TrainingFailed
+
+        if resumable and isinstance(err, TrainingFailed):
+            print(f"to continue from its last checkpoint: {resume_command(args.command, given)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, SIGTERM (ours, or Ray's handler's sys.exit)
+        terminated = isinstance(err, Terminated) or (isinstance(err, SystemExit) and err.code == signal.SIGTERM)
+        word = "terminated" if terminated else "interrupted"
+        print(f"{word}; to resume: {resume_command(args.command, given)}" if resumable else word, file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 if __name__ == "__main__":

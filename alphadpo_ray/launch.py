@@ -240,9 +240,26 @@ def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
         f"{where}, ZeRO-{config.deepspeed.zero_stage}")
     run_id, logged_through = _start_tracking(config, uri, identity, log)
-    _record_identity(config, identity, uri, run_id)
-    result = _fit(config, plan, uri, run_id, logged_through, log, in_process)
-    summary = _write_summary(config, plan, result, uri, run_id, start, log)
+    try:
+        _record_identity(config, identity, uri, run_id)
+        result = _fit(config, plan, uri, run_id, logged_through, log, in_process)
+        summary = _write_summary(config, plan, result, uri, run_id, start, log)
+    except BaseException as err:  # Ctrl-C, SIGTERM, a full disk, a failed run: never leave it RUNNING
+        if run_id:
+            from . import tracking
+
+            tracking.close_on_exit(uri, run_id, err, pending=tracking.PendingMetrics(uri, _pending_path(config)),
+                                   log=log)
+        if isinstance(err, Exception) and not isinstance(err, AlphaDPOError):
+            raise TrainingFailed(f"training run {config.run_name} failed: {type(err).__name__}: {err}") from err
+        raise
+    if run_id:
+        from . import tracking
+
+        brief = {k: v for k, v in summary.items() if k not in ("history", "evals")}
+        tracking.finish_run(uri, run_id, "FINISHED" if summary["status"] == "finished" else "FAILED", brief,
+                            [config.run_dir / "config.json"], pending=tracking.PendingMetrics(uri, _pending_path(config)),
+                            log=log)
     if summary["status"] != "finished":
         raise TrainingFailed(summary["message"] or f"run ended with status {summary['status']}")
     return summary
@@ -365,7 +382,18 @@ def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIden
     if not uri:
         return None, -1
     pending = tracking.PendingMetrics(uri, _pending_path(config))
-    if not pending.flush():
+    waiting: dict[str, list[int]] = {}  # run id → steps an earlier start left on disk
+    for event in pending.events():
+        if "step" in event:
+            waiting.setdefault(event["run_id"], []).append(int(event["step"]))
+    held = {}  # what the store held of those runs before they are sent
+    for waiting_id in waiting:
+        try:
+            held[waiting_id] = tracking.last_logged_step(MlflowClient(uri), waiting_id)
+        except Exception:  # noqa: BLE001 - unreachable, or a run the store lost: said below / refused by flush
+            pass
+    sent = pending.flush()
+    if not sent:
         log(f"[mlflow] {len(pending.events())} earlier report(s) still wait for the tracking store "
             f"({pending.error}); kept in {pending.path}")
     previous = identity.previous or {}
@@ -377,8 +405,21 @@ def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIden
     )
     logged = tracking.last_logged_step(MlflowClient(uri), run_id) if resumed else -1
     log(f"[mlflow] {'resumed' if resumed else 'started'} run {run_id} in {tracking.redact(uri)}"
-        + (f" (steps up to {logged} already logged)" if logged >= 0 else ""))
-    return run_id, logged
+        + _logged_note(logged, held.get(run_id, logged), waiting.get(run_id, []) if resumed else [], sent,
+                       pending.path))
+    return run_id, max([logged, *(waiting.get(run_id, []) if resumed and not sent else [])])
+
+
+def _logged_note(logged: int, held_before: int, waiting: list[int], sent: bool, path: Path) -> str:
+    """What a resumed run's history holds: steps up to N in MLflow, and those an earlier start left on disk
+    (sent now, or still waiting for the store)."""
+    later = sorted(s for s in waiting if s > held_before)
+    if not later:
+        return f" (steps up to {logged} in MLflow)" if logged >= 0 else ""
+    span = f"{later[0]}–{later[-1]}" if later[-1] != later[0] else f"{later[0]}"
+    before = held_before if sent else logged
+    head = f"steps up to {before} in MLflow" if before >= 0 else "no steps in MLflow"
+    return f" ({head}, {span} pending on disk ({path}), {'sent now' if sent else 'sent when the store answers'})"
 
 
 def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, logged_through: int = -1, log=print,
@@ -397,16 +438,13 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
         if result.error is not None:
             raise result.error
         return result
-    except Exception as err:
-        if run_id:
-            tracking.finish_run(uri, run_id, "FAILED", pending=tracking.PendingMetrics(uri, _pending_path(config)),
-                                log=log)
+    except Exception as err:  # the MLflow run is closed as FAILED by `train`
         raise TrainingFailed(f"training run {config.run_name} failed: {err}") from err
 
 
 def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,
                    log=print) -> dict:
-    """Export the final policy, write ``summary.json`` and ``config.json``, and finish the MLflow run."""
+    """Export the final policy, write ``summary.json`` and ``config.json`` (`train` then finishes the MLflow run)."""
     from . import storage, tracking
 
     out = result.return_value or {}
@@ -443,9 +481,4 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
     summary["summary_path"] = str(run_dir / "summary.json")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "config.json").write_text(json.dumps(tracking.mask_secrets(config.to_dict()), indent=2))
-    if run_id:
-        brief = {k: v for k, v in summary.items() if k not in ("history", "evals")}
-        tracking.finish_run(uri, run_id, "FINISHED" if summary["status"] == "finished" else "FAILED", brief,
-                            [run_dir / "config.json"], pending=tracking.PendingMetrics(uri, _pending_path(config)),
-                            log=log)
     return summary

@@ -316,9 +316,37 @@ def run_key(storage_path: str, run_name: str) -> str:
     return hashlib.sha256(f"{storage_path}|{run_name}".encode()).hexdigest()[:16]
 
 
+def _already_exists(err: BaseException) -> bool:
+    """Whether creating an experiment failed because another process created it first: MLflow's
+    ``RESOURCE_ALREADY_EXISTS`` (its REST server and SQL store), or a unique-constraint violation the
+    SQL store lets through as another code (SQLAlchemy's `IntegrityError` at commit)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if getattr(err, "error_code", None) == "RESOURCE_ALREADY_EXISTS" or type(err).__name__ == "IntegrityError":
+            return True
+        text = str(err)
+        if "UNIQUE constraint failed" in text or "duplicate key value" in text or "Duplicate entry" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def get_or_create_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created if missing — the one place an experiment is created. Race-free:
+    runs, sweeps and compares started together may all find it missing; whichever creates it first wins
+    and the others, told it already exists, read it back."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception as err:  # noqa: BLE001 - narrowed by `_already_exists`
+        if not _already_exists(err):
+            raise
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:  # pragma: no cover - a store that refused a name it does not hold
+        raise TrackingUnavailable(f"MLflow said experiment {name!r} already exists but does not return it")
+    return experiment.experiment_id
 
 
 def start_or_resume_run(uri: str, experiment: str, run_name: str, key: str, params: dict[str, str],
@@ -535,8 +563,9 @@ def finish_run(uri: str, run_id: str, status: str, summary: dict | None = None, 
     deadline, waited = time.monotonic() + wait_s, False
     while not pending.flush():
         if time.monotonic() >= deadline:
-            log(f"[mlflow] could not close run {run_id} as {status} ({pending.error}); its remaining metrics and "
-                f"final status are kept in {pending.path} and sent at the next start of this run")
+            log(f"[mlflow] tracking store unreachable ({pending.error}): run {run_id} stays RUNNING in the store; "
+                f"its pending metrics and final status ({status}) are kept in {pending.path} and sent when this run "
+                "is resumed (its next start)")
             return False
         if not waited:
             log(f"[mlflow] tracking store unavailable ({pending.error}); waiting up to {wait_s:.0f} s to close "
@@ -546,6 +575,30 @@ def finish_run(uri: str, run_id: str, status: str, summary: dict | None = None, 
     if waited:
         log(f"[mlflow] tracking store is back: buffered metrics sent, run {run_id} closed as {status}")
     return True
+
+
+EXIT_WAIT_S = 10.0  # on the way out (Ctrl-C, an error): how long to wait for an unreachable store
+
+
+def exit_status(err: BaseException) -> str:
+    """The MLflow status of a run left by `err`: ``KILLED`` for an interrupt (Ctrl-C, SIGTERM, or the exit a
+    signal handler raises — Ray's SIGTERM and Ray Train's SIGINT handlers call `sys.exit`), else ``FAILED``."""
+    return "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def close_on_exit(uri: str, run_id: str, err: BaseException, *, pending: PendingMetrics | None = None,
+                  wait_s: float | None = None, log=print) -> bool:
+    """Mark `run_id` ``KILLED`` or ``FAILED`` (`exit_status`) as its command leaves by `err`, after its pending
+    metrics; an unreachable store is waited for `wait_s` (an interrupt: `EXIT_WAIT_S`, an error: `FINISH_WAIT_S`),
+    then `finish_run` says in one line that the run stays RUNNING and where its pending metrics wait. Never
+    raises (a second Ctrl-C ends the wait)."""
+    status = exit_status(err)
+    if wait_s is None:
+        wait_s = EXIT_WAIT_S if status == "KILLED" else FINISH_WAIT_S
+    try:
+        return finish_run(uri, run_id, status, pending=pending, wait_s=wait_s, log=log)
+    except BaseException:  # noqa: BLE001 - interrupted again while closing: leave as it is
+        return False
 
 
 try:

@@ -493,3 +493,33 @@ def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
         assert by_id["stop_lowkl"]["pareto"] is include and by_id["full_b"]["pareto"] and by_id["full_a"]["pareto"]
         assert rebuilt["methods"][0]["stopped"] == 2
         assert "stopped early" in (tmp_path / name / "trials.csv").read_text()
+
+
+def test_report_shows_a_stale_running_trial_as_stale(tmp_path):
+    """A trial run MLflow still holds RUNNING whose last activity (start, last metric) is older than
+    `report.STALE_AFTER_S` — its driver is gone — is shown as stale, not running; a live one as running."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.sweep import report as report_module
+    from alphadpo_ray.sweep.tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stale")
+    parent = client.create_run(experiment, run_name="sw-stale", tags={KIND_TAG: "sweep", SWEEP_TAG: "sw-stale",
+                                                                        METHOD_TAG: "alpha-dpo"}).info.run_id
+    now_ms = int(time.time() * 1000)
+    for trial_id, age_s in (("gone", 3 * 3600), ("live", 0)):
+        start = now_ms - int(age_s * 1000)
+        run = client.create_run(experiment, start_time=start, tags={
+            PARENT_TAG: parent, KIND_TAG: "trial", SWEEP_TAG: "sw-stale", TRIAL_TAG: trial_id,
+            METHOD_TAG: "alpha-dpo"}).info.run_id
+        client.log_batch(run, metrics=[Metric("eval/accuracy", 0.6, start + 1000, 2),
+                                       Metric("eval/kl", 0.1, start + 1000, 2)])
+    client.set_terminated(parent, "KILLED")
+    rows = {r["trial_id"]: r for r in report_module.report("sw-stale", tracking_uri=uri,
+                                                             output_dir=str(tmp_path / "out"))["rows"]}
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime((now_ms - 3 * 3600 * 1000 + 1000) / 1000))
+    assert rows["gone"]["status"] == f"stale (RUNNING in MLflow, no activity since {when})"
+    assert rows["live"]["status"] == "running"

@@ -8,6 +8,12 @@ tags. A compare's methods are summarised and ranked by the same `results.rank_me
 read from its ``alphadpo.status`` tag (with the step it stopped at) and kept off the Pareto set unless
 the sweep's logged config (its ``config.json`` artifact) set ``sweep.pareto_includes_stopped``. When that
 config has a ``study`` section, the study's tables and verdict (``study.md``) are rebuilt too.
+
+A trial run MLflow still holds as ``RUNNING`` is shown as running only while it is active: with no
+activity — its start, or any metric logged — for more than `STALE_AFTER_S` (30 min; every live trial
+reports at least once per step, and its driver closes it on the way out), it is shown as
+``stale (RUNNING in MLflow, no activity since …)``: its driver is gone (killed, its machine lost) and the
+run stays RUNNING until its sweep is resumed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import AlphaDPOError
@@ -22,6 +29,7 @@ from . import results as res
 from .tracking import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEED_TAG, SEEDS,
                        STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
 
+STALE_AFTER_S = float(os.environ.get("ALPHADPO_RAY_STALE_AFTER_S", 30 * 60))
 STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed", "RUNNING": "running", "SCHEDULED": "running"}
 
 
@@ -39,6 +47,19 @@ def _number(text: str):
 
 def _children(client, experiment_ids: list[str], parent_id: str):
     return client.search_runs(experiment_ids, filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10_000)
+
+
+def _stale(client, run, now: float | None = None) -> str | None:
+    """``stale (RUNNING in MLflow, no activity since …)`` for a RUNNING run whose latest activity (its start,
+    its latest metric) is more than `STALE_AFTER_S` old; None for a run that is not."""
+    if run.info.status != "RUNNING":
+        return None
+    latest = run.info.start_time or 0
+    for key in run.data.metrics:
+        latest = max([latest, *(m.timestamp for m in client.get_metric_history(run.info.run_id, key))])
+    if (now if now is not None else time.time()) - latest / 1000 <= STALE_AFTER_S:
+        return None
+    return f"stale (RUNNING in MLflow, no activity since {time.strftime('%Y-%m-%d %H:%M', time.localtime(latest / 1000))})"
 
 
 def _curve(client, run_id: str) -> dict:
@@ -59,7 +80,7 @@ def _trial_rows(client, experiment_ids: list[str], sweep_run) -> list[dict]:
         params = {k: _number(v) for k, v in run.data.params.items() if k != "method"}
         tags = run.data.tags
         curve = _curve(client, run.info.run_id)
-        status = STATUS.get(run.info.status, run.info.status.lower())
+        status = _stale(client, run) or STATUS.get(run.info.status, run.info.status.lower())
         if status == FINISHED:  # finished or stopped early (the tag of the trial's completion says which)
             status = tags.get(STATUS_TAG, FINISHED)
         steps = max(curve.get("step", []), default=None)

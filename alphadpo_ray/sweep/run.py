@@ -489,7 +489,11 @@ def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | 
     held (`sweep_lock`) while it runs; without `resume` an existing sweep of that name is refused."""
     name = sweep_settings(config).name or f"{config.name}-sweep"
     with sweep_lock(config.storage_path(), name):
-        return _run_sweep(config, resume=resume, address=address, log=log)
+        try:
+            return _run_sweep(config, resume=resume, address=address, log=log)
+        except BaseException as err:
+            close_open_runs(config, [name], err, log)
+            raise
 
 
 def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> SweepResult:
@@ -525,7 +529,48 @@ def run_compare(config: ExperimentConfig, *, resume: bool = False, address: str 
     (`sweep_lock`) while it runs; without `resume` an existing compare of that name is refused."""
     name = sweep_settings(config).name or f"{config.name}-compare"
     with sweep_lock(config.storage_path(), name):
-        return _run_compare(config, resume=resume, address=address, log=log)
+        try:
+            return _run_compare(config, resume=resume, address=address, log=log)
+        except BaseException as err:
+            sweep = sweep_settings(config)
+            methods = sweep.methods or list(method_names())
+            close_open_runs(config, [name, *(f"{name}-{m}" for m in methods), *(f"{name}-{m}-seeds" for m in methods)],
+                            err, log)
+            raise
+
+
+def close_open_runs(config: ExperimentConfig, names: list[str], err: BaseException, log=print) -> None:
+    """On the way out of a sweep or compare (Ctrl-C, SIGTERM, an error): its MLflow runs still RUNNING —
+    the compare run, the sweeps' parent runs and their trial runs, found by their ``alphadpo.sweep`` tag —
+    are marked KILLED (an interrupt) or FAILED (an error); `--resume` sets them RUNNING again. A store that
+    does not answer is one line: they stay RUNNING there. Never raises."""
+    from .. import tracking
+
+    if not config.tracking.enabled:
+        return
+    uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+    status = tracking.exit_status(err)
+    try:
+        if not tracking.server_reachable(uri):
+            raise OSError("does not answer")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(config.tracking.experiment_name)
+        if experiment is None:
+            return
+        closed = 0
+        for name in names:
+            for run in client.search_runs([experiment.experiment_id],
+                                          f"tags.`{SWEEP_TAG}` = '{name}' and attributes.status = 'RUNNING'",
+                                          max_results=10_000):
+                client.set_terminated(run.info.run_id, status)
+                closed += 1
+        if closed:
+            log(f"[mlflow] {closed} run(s) of {names[0]} marked {status}")
+    except BaseException as failure:  # noqa: BLE001 - unreachable store, or interrupted again while closing
+        log(f"[mlflow] tracking store {tracking.redact(uri)} unreachable ({tracking.redact(str(failure))[:200]}): "
+            f"the runs of {names[0]} stay RUNNING in the store until it is resumed")
 
 
 def seeds_settings(sweep: SweepConfig, method: str, point: dict, seeds: list[int]) -> SweepConfig:

@@ -1,0 +1,242 @@
+"""`alphadpo_ray.tracking` with real processes and a real store: several runs creating the same new
+experiment at the same moment (embedded SQLite and a real `mlflow server` on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from services import mlflow_server
+
+RACERS = 6
+
+RACE = """
+import sys, pathlib, time
+from mlflow.tracking import MlflowClient
+from alphadpo_ray import tracking
+uri, here, i = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+MlflowClient(uri).search_experiments(max_results=1)  # imported and connected before the start
+(here / f"ready-{i}").touch()
+while not (here / "go").exists():
+    time.sleep(0.001)
+run_id, _ = tracking.start_or_resume_run(uri, "shared-new", f"run{i}", f"key{i}", {"i": i})
+print("RUN", run_id, flush=True)
+"""
+
+
+def _race(uri: str, here: Path, deadline_s: float = 300) -> list[str]:
+    """RACERS processes that each start a run in the same new experiment, released at once; their outputs."""
+    here.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, uri, str(here), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(RACERS)]
+    try:
+        deadline = time.time() + deadline_s
+        while len(list(here.glob("ready-*"))) < RACERS and time.time() < deadline:
+            if any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.05)
+        (here / "go").touch()
+        return [p.communicate(timeout=deadline_s)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _check_race(uri: str, outputs: list[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    assert all("RUN " in o for o in outputs), "\n-----\n".join(o[-3000:] for o in outputs)
+    client = MlflowClient(uri)
+    shared = [e for e in client.search_experiments() if e.name == "shared-new"]
+    assert len(shared) == 1
+    runs = client.search_runs([shared[0].experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(f"run{i}" for i in range(RACERS))
+
+
+def test_same_new_experiment_created_by_several_processes_sqlite(tmp_path):
+    """Six processes start a run in the same new experiment of one embedded SQLite store at once: every
+    one gets its run, in the one experiment (before: all but one crashed with `already exists`)."""
+    from alphadpo_ray import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.create_sqlite_store(uri)
+    _check_race(uri, _race(uri, tmp_path / "race"))
+
+
+@pytest.mark.slow
+def test_same_new_experiment_created_by_several_processes_server(tmp_path):
+    """The same against a real `mlflow server` on 127.0.0.1 (its own SQLite store)."""
+    with mlflow_server(tmp_path / "server") as uri:
+        _check_race(uri, _race(uri, tmp_path / "race"))
+
+
+# ------------------------------------------------------------------------------------------------
+# A run's way out: Ctrl-C, an error, a resume after an outage
+
+
+HOLD_METHOD = """
+import time
+from pathlib import Path
+
+import torch
+
+from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
+
+HOLD = Path(__file__).with_name("hold")
+training_calls = 0
+
+
+def held_simpo(pc, pj, rc, rj, lc, lj, *, beta):
+    \"\"\"SimPO (gamma 0) that, while the file `hold` exists, waits at its 4th training step (taking the file,
+    so a resumed run goes on), after steps 1-3 were reported.\"\"\"
+    global training_calls
+    if torch.is_grad_enabled():
+        training_calls += 1
+        if training_calls == 4 and HOLD.exists():
+            HOLD.rename(HOLD.with_name("held"))
+            time.sleep(300)
+    nc, nj = pc / lc, pj / lj
+    losses = -torch.nn.functional.logsigmoid(beta * (nc - nj))
+    return LossOutput(losses.mean(), beta * nc.detach(), beta * nj.detach(), losses)
+
+
+register_method("METHOD", held_simpo, needs_reference=False, implicit_reward="β·π̄",
+                hyperparameters={"beta": Hyperparameter(2.0, low=0, low_open=True)})
+"""
+
+
+def _held_config(tmp_path: Path, name: str):
+    from conftest import small_config
+
+    plugin = tmp_path / "held_method.py"
+    plugin.write_text(HOLD_METHOD.replace("METHOD", name))
+    (tmp_path / "hold").touch()
+    return small_config(tmp_path, name=name, plugins=[str(plugin)], method={"name": name, "beta": 2.0},
+                        ray={"num_workers": 1}, deepspeed={"zero_stage": 0},
+                        training={"max_steps": 6, "save_steps": 2, "logging_steps": 1, "eval_steps": 100,
+                                  "per_device_train_batch_size": 8})
+
+
+def _train_steps(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed_and_prints_the_resume_command(builtin_task, tmp_path):
+    """A real SIGINT to a real `train` once step 3 is in MLflow (and the run waits at step 4): the MLflow
+    run is KILLED (before: left RUNNING), the console has one line with the command that resumes, and that
+    command, run as printed, continues the same MLflow run to FINISHED."""
+    import shlex
+    import signal
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from services import stop_tree
+
+    name = f"sigint-{tmp_path.name[-6:]}"
+    config = _held_config(tmp_path, name)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    client = MlflowClient(config.tracking.tracking_uri)
+    log = tmp_path / "cli.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "alphadpo_ray", "train", str(path)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path)
+    run_id = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+                run_id = runs[0].info.run_id if runs else None
+                if run_id and 3 in _train_steps(client, run_id) and (tmp_path / "held").exists():
+                    break
+            except Exception:  # noqa: BLE001 - the store, experiment or run may not exist yet
+                pass
+            time.sleep(0.2)
+        assert run_id and (tmp_path / "held").exists(), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        stop_tree(proc, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert client.get_run(run_id).info.status == "KILLED", text[-3000:]
+    hints = [line for line in text.splitlines() if line.startswith("interrupted; to resume: ")]
+    assert hints == [f"interrupted; to resume: {shlex.join([sys.executable, '-m', 'alphadpo_ray', 'train', str(path)])}"], \
+        text[-3000:]
+    again = subprocess.run(shlex.split(hints[0].removeprefix("interrupted; to resume: ")), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert _train_steps(client, run_id) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_error_after_training_marks_the_run_failed(builtin_task, tmp_path):
+    """An error on the way to the end (here `summary.json` cannot be written, as on a full disk): the MLflow
+    run is FAILED (before: left RUNNING, and the OSError came out as a bare traceback)."""
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.launch import TrainingFailed, train
+
+    name = f"fail-{tmp_path.name[-6:]}"
+    config = _held_config(tmp_path, name)
+    (tmp_path / "hold").unlink()
+    (config.run_dir / "summary.json").mkdir(parents=True)  # writing it fails, as a full disk would
+    lines: list[str] = []
+    with pytest.raises(TrainingFailed, match="IsADirectoryError"):
+        train(config, log=lambda *a: lines.append(" ".join(map(str, a))))
+    client = MlflowClient(config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], lines
+
+
+def test_resume_line_says_which_steps_mlflow_holds_and_which_were_pending(tmp_path):
+    """A run resumed after an outage: MLflow holds steps 1-3, steps 4-6 wait in the run's pending file.
+    The resume line says so and sends them (before: "steps up to 6 already logged")."""
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray import launch, tracking
+    from conftest import small_config
+
+    config = small_config(tmp_path, name="resumed")
+    uri = config.tracking.tracking_uri
+    tracking.create_sqlite_store(uri)
+    key = tracking.run_key(config.storage_path(), config.run_name)
+    run_id, _ = tracking.start_or_resume_run(uri, "tests", config.run_name, key, {})
+    client = MlflowClient(uri)
+    for step in (1, 2, 3):
+        tracking.log_metrics(client, run_id, {"train/loss": 1.0 / step}, step)
+    path = launch._pending_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pending = tracking.PendingMetrics(uri, path)
+    for step in (4, 5, 6):
+        pending.add({"run_id": run_id, "step": step, "ts": int(time.time() * 1000), "metrics": {"train/loss": 0.1}})
+    identity = launch.RunIdentity(uri="x", fingerprint="f", settings={}, fresh=False,
+                                  previous={"mlflow_run_id": run_id, "tracking_uri": tracking.redact(uri)})
+    lines: list[str] = []
+    assert launch._start_tracking(config, uri, identity, lines.append) == (run_id, 6)
+    assert f"steps up to 3 in MLflow, 4–6 pending on disk ({path}), sent now" in lines[-1], lines
+    assert "already logged" not in lines[-1]
+    assert _train_steps(client, run_id) == [1, 2, 3, 4, 5, 6] and not path.exists()
+
+
+def test_finish_with_store_gone_says_the_run_stays_running(tmp_path):
+    """The end of a run (or its way out) with the store unreachable: one line saying the run stays RUNNING
+    in the store and where its pending metrics wait."""
+    from services import free_port
+
+    from alphadpo_ray import tracking
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    lines: list[str] = []
+    pending = tracking.PendingMetrics(uri, tmp_path / "pending.jsonl")
+    assert tracking.close_on_exit(uri, "abc", KeyboardInterrupt(), pending=pending, wait_s=0, log=lines.append) is False
+    assert any("stays RUNNING in the store" in line and str(pending.path) in line and "(KILLED)" in line
+               for line in lines), lines
