@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of PyTorch that lies on this machine's disk; on a GPU machine see README "Installing on GPUs".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-quick clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ PYTEST_ARGS ?=
 test: setup
 	timeout --signal=INT --kill-after=120 $(SUITE_LIMIT) \
 	  $(BIN)/python -m pytest -q -rfE --durations=25 --timeout=$(PER_TEST_TIMEOUT) $(PYTEST_ARGS) tests
+
+# The inner loop: no Ray, cluster, server or training run (tests/conftest.py --quick).
+test-quick: setup
+	$(BIN)/python -m pytest -q -rfE --durations=10 --quick tests
 
 clean:
 	rm -rf outputs mlruns mlflow.db ray_results .pytest_cache

@@ -104,3 +104,32 @@ def small_config(tmp_path, **sections):
         else:
             base[key] = value
     return config_from_dict(base)
+
+
+# --- the quick tier (`make test-quick`) ------------------------------------------------------------
+# Everything that needs no Ray, no cluster, no server and no built-in task run: the inner loop's tests.
+# Chosen from what a test uses (marks, fixtures) and, for the scenario files that drive the CLI in
+# subprocesses, by module.
+HEAVY_FIXTURES = {"ray_session", "builtin_task", "cluster", "s3", "driver", "server", "shared"}
+HEAVY_MODULES = {"test_multinode", "test_preemption", "test_autoscaler", "test_team_tracking", "test_own_data",
+                 "test_secrets", "test_tracking", "test_run_identity", "test_training", "test_checkpoints",
+                 "test_model_families", "test_sweep", "test_compare_seeds", "test_study", "test_sft",
+                 "test_tracking_outage", "test_object_storage", "test_preference_training"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="the quick tier: no Ray, cluster, server or training run (make test-quick)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--quick"):
+        return
+    keep, drop = [], []
+    for item in items:
+        heavy = (item.get_closest_marker("slow") is not None
+                 or HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+                 or item.module.__name__.rpartition(".")[2] in HEAVY_MODULES)
+        (drop if heavy else keep).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
