@@ -11,3 +11,8 @@ class ConfigError(AlphaDPOError, ValueError):
 
 class DataError(AlphaDPOError, ValueError):
     """A preference dataset cannot be used (missing file, malformed rows, nothing usable left)."""
+
+
+class StorageFull(AlphaDPOError, OSError):
+    """The disk that holds a run's checkpoints has (or had, mid-save) too little room; the message names
+    the path and, before a run, the space free and needed."""

@@ -17,12 +17,17 @@ Train's worker-group restart would. There is no preemption notice without a clus
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from .config import ExperimentConfig
+from .errors import StorageFull
+from .storage import uri_of
 
 
 def runs_in_process(config: ExperimentConfig) -> bool:
@@ -50,12 +55,11 @@ class InProcessSession:
 
     def __init__(self, config: ExperimentConfig, callbacks: list):
         from ray.train import CheckpointConfig
-        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
         from ray.train.v2._internal.execution.storage import StorageContext
 
         self.callbacks = callbacks
         self.storage = StorageContext(config.storage_path(), config.run_name)
-        self.manager = CheckpointManager(CheckpointConfig(num_to_keep=config.ray.num_to_keep), self.storage)
+        self.manager = _manager_class()(CheckpointConfig(num_to_keep=config.ray.num_to_keep), self.storage)
 
     def latest_checkpoint(self):
         result = self.manager.latest_checkpoint_result
@@ -72,15 +76,50 @@ class InProcessSession:
             from ray.train import Checkpoint
             from ray.train.v2._internal.execution.training_report import _TrainingReport
 
-            checkpoint = self.storage.persist_current_checkpoint(
-                Checkpoint.from_directory(checkpoint_dir), self.storage.make_default_checkpoint_dir_name())
-            _register(self.manager, _TrainingReport(checkpoint, dict(metrics), validation=False))
+            name = self.storage.make_default_checkpoint_dir_name()
+            destination = self.storage.build_checkpoint_path_from_name(name)
+            try:
+                checkpoint = self.storage.persist_current_checkpoint(Checkpoint.from_directory(checkpoint_dir), name)
+                _register(self.manager, _TrainingReport(checkpoint, dict(metrics), validation=False))
+            except OSError as err:  # nothing registered it: what the save left must not look like a checkpoint
+                fs = self.storage.storage_filesystem
+                with contextlib.suppress(OSError):
+                    fs.delete_dir(destination)
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise StorageFull(f"no space left on device saving the checkpoint of step {metrics.get('step')} to "
+                                  f"{uri_of(destination, fs)} (ray.storage_path); that incomplete checkpoint was "
+                                  "removed, the earlier ones are kept. Free space, lower ray.num_to_keep, or use a "
+                                  "larger disk") from err
         for callback in self.callbacks:
             callback.after_report(None, [metrics], checkpoint)
 
     def preemption_notice(self):
         """Always None: preemption notices come from a cluster's nodes; in-process runs have none."""
         return None
+
+
+def _manager_class():
+    """Ray Train's `CheckpointManager`, its snapshot written to a temporary name and then moved into place:
+    a write cut short (a full disk) leaves the previous snapshot — and so every earlier checkpoint — usable,
+    where Ray's own write truncates the snapshot first."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+
+    class AtomicSnapshotCheckpointManager(CheckpointManager):
+        def _write_state_to_storage(self):
+            fs = self._storage_context.storage_filesystem
+            path = self._storage_context.checkpoint_manager_snapshot_path
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with fs.open_output_stream(tmp) as out:
+                    out.write(self._save_state().encode("utf-8"))
+                fs.move(tmp, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    fs.delete_file(tmp)
+                raise
+
+    return AtomicSnapshotCheckpointManager
 
 
 def _register(manager, report) -> None:

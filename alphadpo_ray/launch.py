@@ -22,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from .config import ExperimentConfig
 from .errors import AlphaDPOError
@@ -45,6 +48,7 @@ class RunConfigChanged(AlphaDPOError):
 
 IDENTITY_FILE = "alphadpo_run.json"  # in {storage_path}/{run_name}, beside Ray Train's checkpoints
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
+QUARANTINE_DIR = "quarantined_checkpoints"  # beside them: checkpoints found bad, out of Ray's checkpoint_* names
 PENDING_FILE = "mlflow-pending.jsonl"  # in the run's output dir: reports the tracking store has not taken yet
 # Settings that do not change what a run computes: names and places, tracking, scheduling, logging and
 # checkpoint cadence, and how the global batch is split (2 workers × b = 1 worker × 2b, see recipe.py).
@@ -229,6 +233,8 @@ def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
     preflight(config, log)  # paths, disk, DeepSpeed config, hub ids: before anything starts
     uri = _check_tracking(config)
     identity = _check_identity(config, restart, log)
+    if not identity.fresh:
+        screen_checkpoints(identity.uri, log)
     in_process = runs_in_process(config)
     if in_process:
         apply_worker_env(config)
@@ -350,6 +356,112 @@ def _check_identity(config: ExperimentConfig, restart: bool, log) -> RunIdentity
     return RunIdentity(run_uri, fingerprint, settings, fresh, previous)
 
 
+def _registered(snapshot: dict) -> list[str]:
+    """The checkpoint directory names a Ray Train snapshot lists (kept ones and the latest)."""
+    entries = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result") or {}]
+    return [e["checkpoint_dir_name"] for e in entries if e.get("checkpoint_dir_name")]
+
+
+def _without(snapshot: dict, drop: set[str], latest: str) -> dict:
+    """`snapshot` without the checkpoints named in `drop`, `latest` its latest checkpoint."""
+    def kept(entries, *aligned):
+        rows = [row for row in zip(entries, *aligned) if row[0]["checkpoint_dir_name"] not in drop]
+        return [list(column) for column in zip(*rows)] if rows else [[] for _ in (entries, *aligned)]
+
+    out = dict(snapshot)
+    out["checkpoint_results"], out["checkpoint_report_indices"] = kept(
+        snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"])
+    out["pending_training_results"], out["pending_validation_specs"] = kept(
+        snapshot.get("pending_training_results") or [], snapshot.get("pending_validation_specs") or [])
+    out["latest_checkpoint_result"] = next(e for e in snapshot["checkpoint_results"]
+                                           if e["checkpoint_dir_name"] == latest)
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        out[key] = [name for name in snapshot.get(key) or [] if name not in drop]
+    return out
+
+
+def screen_checkpoints(run_uri: str, log=print) -> None:
+    """Before Ray Train's checkpoint manager loads the run: verify the checkpoint it would hand over (the
+    latest registered) in full (`recipe.checkpoint_problem`: manifests, sizes, sha256), then older
+    registered ones, newest first, until one is intact. Each bad one is taken off Ray's snapshot (written
+    first, atomically) and then moved to ``QUARANTINE_DIR`` beside it (deleted on an object store), with
+    one line naming it — so Ray resumes from the intact one and ``ray.num_to_keep`` never counts a bad
+    checkpoint as kept (it would delete a good one to keep the bad one). None intact: `CheckpointUnusable`
+    naming each and what is wrong, nothing moved (the files can still be restored)."""
+    from . import storage
+    from .recipe import CheckpointUnusable, checkpoint_problem
+    from .tracking import redact
+
+    snapshot = _read_json(storage.join(run_uri, RAY_SNAPSHOT_FILE))
+    if not snapshot or not snapshot.get("latest_checkpoint_result"):
+        return
+    fs, run_path = storage.resolve(run_uri)
+    latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    order = [latest] + sorted(set(_registered(snapshot)) - {latest}, reverse=True)  # names sort by time
+    bad: list[tuple[str, str]] = []
+    for name in order:
+        problem = checkpoint_problem(fs, posixpath.join(run_path, name))
+        if problem is None:
+            break
+        bad.append((name, problem))
+    else:
+        raise CheckpointUnusable(
+            f"cannot resume from {redact(run_uri)}: no checkpoint passes its manifest check (restore the files, "
+            "or delete that directory or pick a new run name to start over) — "
+            + "; ".join(f"{n}: {why}" for n, why in bad))
+    if not bad:
+        return
+    storage.write_json(storage.join(run_uri, RAY_SNAPSHOT_FILE), _without(snapshot, {n for n, _ in bad}, name))
+    for bad_name, why in bad:
+        source = posixpath.join(run_path, bad_name)
+        if isinstance(fs, pafs.LocalFileSystem):
+            destination = posixpath.join(run_path, QUARANTINE_DIR, bad_name)
+            fs.create_dir(posixpath.dirname(destination))
+            fs.move(source, destination)
+            done = f"moved to {destination}"
+        else:
+            fs.delete_dir(source)
+            done = "deleted"
+        log(f"[checkpoint] {redact(storage.uri_of(source, fs))} is not usable ({why}): {done}; resuming from "
+            f"{name} (a bad checkpoint is never counted toward ray.num_to_keep)")
+
+
+def _checkpoint_dirs(run_uri: str) -> set[str]:
+    """Names of the ``checkpoint_*`` directories in a run's storage."""
+    from . import storage
+
+    fs, path = storage.resolve(run_uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return set()
+    return {i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
+
+
+def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
+    """Delete the ``checkpoint_*`` directories this fit created (not in `before`) that Ray Train never
+    registered: saves that failed part-way (a full disk, a worker lost mid-upload). They would otherwise
+    stay for good, looking like checkpoints. Registered ones — every checkpoint Ray can resume from —
+    are never touched. Returns their URIs."""
+    from . import storage
+    from .tracking import redact
+
+    snapshot = _read_json(storage.join(run_uri, RAY_SNAPSHOT_FILE)) or {}
+    fs, path = storage.resolve(run_uri)
+    removed = []
+    for name in sorted(_checkpoint_dirs(run_uri) - before - set(_registered(snapshot))):
+        target = posixpath.join(path, name)
+        try:
+            fs.delete_dir(target)
+        except OSError as err:
+            log(f"[checkpoint] could not remove the incomplete checkpoint {redact(storage.uri_of(target, fs))}: {err}")
+            continue
+        removed.append(redact(storage.uri_of(target, fs)))
+        log(f"[checkpoint] removed {removed[-1]}: its save did not complete (never registered by Ray Train)")
+    return removed
+
+
 def _record_identity(config: ExperimentConfig, identity: RunIdentity, uri: str | None, run_id: str | None) -> None:
     """Write ``alphadpo_run.json`` (fingerprint, settings, MLflow run) with the run, before it trains."""
     from . import storage, tracking
@@ -431,15 +543,23 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
     callbacks: list = [tracking.ConsoleProgress()]
     if run_id:
         callbacks.append(tracking.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
+    from . import storage
+
+    run_uri = storage.join(config.storage_path(), config.run_name)
+    before = _checkpoint_dirs(run_uri)
     try:
         if not in_process:
-            return build_trainer(config, plan, callbacks).fit()
-        result = fit_in_process(config, plan, callbacks, log)
-        if result.error is not None:
-            raise result.error
-        return result
+            result = build_trainer(config, plan, callbacks).fit()
+        else:
+            result = fit_in_process(config, plan, callbacks, log)
+            if result.error is not None:
+                raise result.error
     except Exception as err:  # the MLflow run is closed as FAILED by `train`
-        raise TrainingFailed(f"training run {config.run_name} failed: {err}") from err
+        removed = remove_failed_saves(run_uri, before, log)
+        cleaned = f" (removed the incomplete checkpoint {', '.join(removed)})" if removed else ""
+        raise TrainingFailed(f"training run {config.run_name} failed: {err}{cleaned}") from err
+    remove_failed_saves(run_uri, before, log)  # a save that failed before a retry succeeded
+    return result
 
 
 def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,

@@ -7,7 +7,7 @@
   missing is named, instead of a transformers traceback); a path that looks local exists.
 * `check_paths` — ``output_dir``, a local ``ray.storage_path`` and a ``sqlite:///`` MLflow store can
   be created and written (a probe file is written and removed), and the disk holding the checkpoints
-  has room for them (a warning with the estimate when it may not).
+  has room for them (`check_disk_space`: else a refusal naming the path, MiB free and needed).
 * `check_hub` — a model or dataset named by hub id can be had: offline (``HF_HUB_OFFLINE=1``) it must be
   in the local cache; online the hub must answer within a few seconds. Otherwise the message says what
   to do (a local directory, or ``HF_HUB_OFFLINE=1`` with a filled cache).
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from .config import BUILTIN, ExperimentConfig
-from .errors import AlphaDPOError, ConfigError
+from .errors import AlphaDPOError, ConfigError, StorageFull
 
 # DeepSpeed's pydantic config classes → the config section they parse.
 _DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
@@ -151,6 +151,35 @@ def _estimated_checkpoint_bytes(config: ExperimentConfig) -> int | None:
     return params * per_param * kept
 
 
+def _bytes_under(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def check_disk_space(config: ExperimentConfig) -> None:
+    """Refuse (`StorageFull`, before Ray starts) a run whose checkpoints do not fit the disk holding a local
+    ``ray.storage_path``: free space below the estimate (`_estimated_checkpoint_bytes`: ``num_to_keep`` + 1
+    checkpoints) less what this run's ``checkpoint_*`` directories already hold — at least one checkpoint."""
+    storage = config.storage_path()
+    need = _estimated_checkpoint_bytes(config)
+    if need is None:
+        return
+    kept = (config.ray.num_to_keep or 2) + 1
+    run_dir = Path(storage) / config.run_name
+    held = sum(_bytes_under(p) for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.is_dir() else 0
+    more = max(need - held, need // kept)
+    disk = _nearest_existing(Path(storage))
+    free = shutil.disk_usage(disk).free
+    if free >= more:
+        return
+    mib = 2**20
+    already = f", less {held / mib:.1f} MiB this run's checkpoints already hold" if held else ""
+    raise StorageFull(
+        f"ray.storage_path {storage}: {free / mib:.1f} MiB free on the disk holding {disk}, but the checkpoints this "
+        f"run keeps need about {more / mib:.1f} MiB more ({kept} checkpoints of about {need / kept / mib:.1f} MiB: "
+        f"ray.num_to_keep = {config.ray.num_to_keep} plus the one being written{already}). Nothing was started. Free "
+        "space there, lower ray.num_to_keep, or point ray.storage_path at a larger disk.")
+
+
 def check_storage_uri(storage: str) -> None:
     """No credentials in ``ray.storage_path`` (``s3://bucket/x?secret_key=…``, ``user:password@``): it is
     printed, logged and stored with every run and trial, and handed to every worker."""
@@ -165,7 +194,7 @@ def check_storage_uri(storage: str) -> None:
 
 
 def check_paths(config: ExperimentConfig, log=print) -> None:
-    """Writable output dir, local storage and SQLite store; warn when checkpoints may not fit the disk."""
+    """Writable output dir, local storage and SQLite store; refuse when the checkpoints do not fit the disk."""
     from .tracking import resolve_tracking_uri
 
     _probe_dir("output_dir", Path(config.output_dir).expanduser().resolve())
@@ -175,12 +204,7 @@ def check_paths(config: ExperimentConfig, log=print) -> None:
     check_storage_uri(storage)
     if "://" not in storage:
         _probe_dir("ray.storage_path", Path(storage))
-        need = _estimated_checkpoint_bytes(config)
-        free = shutil.disk_usage(_nearest_existing(Path(storage))).free
-        if need is not None and free < need:
-            log(f"[warning] ray.storage_path {storage}: {free / 2**30:.1f} GiB free, but the checkpoints this run keeps "
-                f"need about {need / 2**30:.1f} GiB (ray.num_to_keep = {config.ray.num_to_keep}); free space or "
-                "lower ray.num_to_keep")
+        check_disk_space(config)
     if config.tracking.enabled:
         uri = resolve_tracking_uri(config.tracking.tracking_uri)
         if uri.startswith("sqlite:///"):

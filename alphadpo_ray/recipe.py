@@ -23,6 +23,7 @@ checkpointed, so a resumed run — or one with a different number of workers and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .errors import AlphaDPOError
+from .errors import AlphaDPOError, StorageFull
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "state"
@@ -106,7 +107,16 @@ class TrainSession:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            where = ray.train.get_context().get_storage().experiment_fs_path
+            raise StorageFull(f"no space left on device uploading the checkpoint of step {metrics.get('step')} into "
+                              f"{_redact(where)} (ray.storage_path); the incomplete checkpoint_* directory it left is "
+                              "removed when the run ends. Free space, lower ray.num_to_keep, or use a larger disk"
+                              ) from err
 
     def preemption_notice(self):
         """Ray Train's `PreemptionInfo` (nodes being reclaimed, their ranks, the deadline) once a node
@@ -283,7 +293,9 @@ def resume(w: _Worker) -> dict:
     `verify_checkpoint`). Otherwise the run falls back to the newest intact older one among the
     run's ``checkpoint_*`` directories (Ray keeps ``ray.num_to_keep``), with a warning naming the bad
     one; every worker agrees on each verdict (collective), so all load the same checkpoint. With
-    none intact it fails naming each checkpoint and what is wrong with it."""
+    none intact it fails naming each checkpoint and what is wrong with it. A `train` run's driver has
+    already set bad registered checkpoints aside (`launch.screen_checkpoints`), so Ray Train never
+    counts them as kept; this fallback covers damage after that check and Tune trials."""
     state = {"step": 0, "history": [], "evals": [], "best_eval": None, "loss_state": w.loss_fn.state_dict(),
              "preemptions": {"recovered": 0, "pending": None}}
     checkpoint = w.session.get_checkpoint()
@@ -469,15 +481,22 @@ def save_checkpoint(w: _Worker, state: dict, metrics: dict, final: bool) -> None
 
     tmp = tempfile.mkdtemp(prefix=f"alphadpo-ckpt-r{w.rank}-")
     try:
-        w.engine.save_checkpoint(tmp, tag=DS_TAG)
-        torch.save(_rng_state(), Path(tmp) / f"rng_rank{w.rank}.pt")
-        weights = consolidated_state_dict(w.engine, w.config) if final else None
-        if w.rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-            if final:
-                w.engine.module.save_pretrained(Path(tmp) / "policy", state_dict=weights, safe_serialization=True)
-                w.tokenizer.save_pretrained(Path(tmp) / "policy")
-        write_manifest(tmp, w.rank, w.world, state["step"])
+        try:
+            w.engine.save_checkpoint(tmp, tag=DS_TAG)
+            torch.save(_rng_state(), Path(tmp) / f"rng_rank{w.rank}.pt")
+            weights = consolidated_state_dict(w.engine, w.config) if final else None
+            if w.rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+                if final:
+                    w.engine.module.save_pretrained(Path(tmp) / "policy", state_dict=weights, safe_serialization=True)
+                    w.tokenizer.save_pretrained(Path(tmp) / "policy")
+            write_manifest(tmp, w.rank, w.world, state["step"])
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise StorageFull(f"no space left on device writing worker {w.rank}'s checkpoint of step {state['step']} "
+                              f"to the temporary directory {tmp} (TMPDIR); free space there or point TMPDIR at a "
+                              "larger disk") from err
         w.session.report(metrics, checkpoint_dir=tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -583,6 +602,15 @@ def checkpoint_candidates(fs, path: str) -> list[str]:
     older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                     and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
     return [path] + [posixpath.join(parent, n) for n in older]
+
+
+def checkpoint_problem(fs, path: str) -> str | None:
+    """What is wrong with the checkpoint at `path` on `fs`, or None when it is intact: `verify_checkpoint`
+    as one worker checking everything (every manifest, every file's size and sha256). The driver runs it
+    before Ray Train's checkpoint manager loads the run (`launch`), so a bad checkpoint is never handed
+    over or counted."""
+    with _local_view(fs, path) as (ckpt_dir, problem):
+        return problem or verify_checkpoint(ckpt_dir)
 
 
 @contextlib.contextmanager

@@ -106,6 +106,29 @@ def small_config(tmp_path, **sections):
     return config_from_dict(base)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tiny real filesystem: `small_disk(size)` mounts a tmpfs of `size` (e.g. "8m") under tmp_path and returns
+    its path; unmounted at teardown. Skips where mounting needs privileges this process lacks."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 # --- the quick tier (`make test-quick`) ------------------------------------------------------------
 # Everything that needs no Ray, no cluster, no server and no built-in task run: the inner loop's tests.
 # Chosen from what a test uses (marks, fixtures) and, for the scenario files that drive the CLI in

@@ -8,6 +8,8 @@ and re-run three times, so the whole module costs four short runs.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -68,7 +70,8 @@ def _output(capfd, expected: str, wait: float = 15.0) -> str:
 
 
 def test_bad_latest_checkpoint_falls_back_to_the_newest_intact_one(ray_session, builtin_task, tmp_path, capfd):
-    from alphadpo_ray.launch import TrainingFailed, train
+    from alphadpo_ray.launch import train
+    from alphadpo_ray.recipe import CheckpointUnusable
 
     config = small_config(tmp_path, name=f"ckpt-fallback-{tmp_path.name[-6:]}", training=TRAINING,
                           ray={"num_to_keep": 3, "max_failures": 0})
@@ -86,34 +89,148 @@ def test_bad_latest_checkpoint_falls_back_to_the_newest_intact_one(ray_session, 
     # 1. a truncated file of worker 1 in the latest checkpoint (was: PytorchStreamReader failed reading zip archive)
     optim = next(at_6.glob("state/*rank_1*optim_states.pt"))
     optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
-    second = train(config, log=lambda *_: None)
-    text = _output(capfd, f"checkpoint {at_6.name} is not usable")
-    assert f"checkpoint {at_6.name} is not usable: {optim.relative_to(at_6).as_posix()} truncated" in text
-    assert f"[resume] continuing from step 4 of 6 (checkpoint {at_4.name}, skipped {at_6.name})" in _output(
-        capfd, "[resume]", wait=5) + text
+    lines: list[str] = []
+    second = train(config, log=lines.append)
+    assert _quarantined(config, at_6, f"{optim.relative_to(at_6).as_posix()} truncated", lines)
+    assert "[resume] continuing from step 4 of 6" in _output(capfd, "[resume]")
     assert _final(second) == pytest.approx(_final(first), rel=1e-4, abs=1e-6)
     assert [h["train/loss"] for h in second["history"]] == pytest.approx(
         [h["train/loss"] for h in first["history"]], rel=2e-4, abs=2e-5)
-
-    # 2. an empty trainer_state.json in the (new) latest one (was: JSONDecodeError); the truncated one is skipped too
     new_6 = _checkpoints(config)[-1]
-    assert new_6.name > at_6.name and not at_2.exists()  # num_to_keep: 3
-    (new_6 / "trainer_state.json").write_text("")
-    third = train(config, log=lambda *_: None)
-    text = _output(capfd, "[resume] continuing")
-    assert f"checkpoint {new_6.name} is not usable: trainer_state.json truncated: 0 of" in text
-    assert f"checkpoint {at_6.name} is not usable" in text
-    assert f"continuing from step 4 of 6 (checkpoint {at_4.name}, skipped {new_6.name}, {at_6.name})" in text
-    assert _final(third) == pytest.approx(_final(first), rel=1e-4, abs=1e-6)
+    assert _intact(config) == [at_2.name, at_4.name, new_6.name]  # num_to_keep: 3, none of them bad
 
-    # 3. every checkpoint bad: the newest one lost a worker's manifest (a save cut short) → a clear error
-    newest = _checkpoints(config)[-1]
-    assert not at_4.exists()
+    # 2. an empty trainer_state.json in the (new) latest one (was: JSONDecodeError)
+    (new_6 / "trainer_state.json").write_text("")
+    lines = []
+    third = train(config, log=lines.append)
+    assert _quarantined(config, new_6, "trainer_state.json truncated: 0 of", lines)
+    assert "[resume] continuing from step 4 of 6" in _output(capfd, "[resume] continuing")
+    assert _final(third) == pytest.approx(_final(first), rel=1e-4, abs=1e-6)
+    assert _intact(config)[:2] == [at_2.name, at_4.name] and len(_intact(config)) == 3
+
+    # 3. every checkpoint bad (the newest lost a worker's manifest: a save cut short) → a clear error before Ray
+    # starts, naming each; nothing is moved, so the files can still be restored
+    newest, older = _checkpoints(config)[-1], _checkpoints(config)[:-1]
     (newest / "manifest_rank1.json").unlink()
-    with pytest.raises(TrainingFailed) as failed:
+    for path in older:
+        (path / "trainer_state.json").write_text("")
+    with pytest.raises(CheckpointUnusable) as failed:
         train(config, log=lambda *_: None)
     message = str(failed.value)
     assert "no checkpoint passes its manifest check" in message
     assert f"{newest.name}: manifest_rank1.json missing (save cut short)" in message
-    assert f"{new_6.name}: trainer_state.json truncated: 0 of" in message
-    assert f"{at_6.name}: {optim.relative_to(at_6).as_posix()} truncated" in message
+    assert all(f"{path.name}: trainer_state.json truncated: 0 of" in message for path in older)
+    assert _checkpoints(config) == [*older, newest]
+
+
+def _run_dir(config) -> Path:
+    return Path(config.storage_path(), config.run_name)
+
+
+def _intact(config) -> list[str]:
+    """The run's checkpoint_* directories, each checked intact, and exactly what Ray Train's snapshot lists."""
+    from alphadpo_ray.launch import RAY_SNAPSHOT_FILE
+    from alphadpo_ray.recipe import verify_checkpoint
+
+    names = [p.name for p in _checkpoints(config)]
+    assert all(verify_checkpoint(_run_dir(config) / name) is None for name in names)
+    snapshot = json.loads((_run_dir(config) / RAY_SNAPSHOT_FILE).read_text())
+    assert sorted(e["checkpoint_dir_name"] for e in snapshot["checkpoint_results"]) == names
+    assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == names[-1]
+    return names
+
+
+def _quarantined(config, bad: Path, why: str, lines: list[str]) -> bool:
+    """`bad` left Ray Train's checkpoint_* names for the quarantine folder, with one line naming it."""
+    from alphadpo_ray.launch import QUARANTINE_DIR
+
+    said = [line for line in lines if str(bad) in line]
+    moved = _run_dir(config) / QUARANTINE_DIR / bad.name
+    assert len(said) == 1 and "is not usable" in said[0] and why in said[0] and str(moved) in said[0], lines
+    return not bad.exists() and moved.is_dir()
+
+
+def test_in_process_run_quarantines_a_truncated_checkpoint_and_keeps_two_intact(builtin_task, tmp_path):
+    """The one-worker path (Ray Train's CheckpointManager in this process), `ray.num_to_keep: 2`: a truncated
+    newest checkpoint is set aside before the resume, so retention keeps two intact ones (was: it kept the
+    truncated one and deleted the intact one the run had resumed from)."""
+    from alphadpo_ray.launch import train
+
+    config = small_config(tmp_path, name=f"ckpt-inproc-{tmp_path.name[-6:]}", training=TRAINING,
+                          ray={"num_workers": 1, "num_to_keep": 2, "max_failures": 0})
+    first = train(config, log=lambda *_: None)
+    at_4, at_6 = _checkpoints(config)
+    model = next(at_6.glob("state/*model_states.pt"))
+    os.truncate(model, 100)
+    lines: list[str] = []
+    second = train(config, log=lines.append)
+    assert second["status"] == "finished"
+    assert _quarantined(config, at_6, f"{model.relative_to(at_6).as_posix()} truncated: 100 of", lines)
+    kept = _intact(config)
+    assert len(kept) == 2 and kept[0] == at_4.name and kept[1] > at_6.name
+    assert _final(second) == pytest.approx(_final(first), rel=1e-4, abs=1e-6)
+
+
+def _fill_when_registered(run_dir: Path, ballast: Path, stop: threading.Event) -> threading.Thread:
+    """Fill the disk under `run_dir` once Ray Train's snapshot lists a checkpoint (another process taking the
+    space mid-run): `ballast` grows until the disk has no room left."""
+    from alphadpo_ray.launch import RAY_SNAPSHOT_FILE
+
+    def fill():
+        snapshot = run_dir / RAY_SNAPSHOT_FILE
+        while not stop.is_set():
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    break
+            except (OSError, ValueError):
+                pass
+            stop.wait(0.01)
+        else:
+            return
+        with open(ballast, "wb") as out:
+            try:
+                while True:
+                    out.write(b"\0" * (1 << 16))
+                    out.flush()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disk_full_at_a_save_names_the_path_removes_the_partial_checkpoint_and_keeps_the_earlier_one(
+        builtin_task, tmp_path, small_disk, workers, request):
+    """A real 64 MiB filesystem for ray.storage_path, filled by another writer once the first checkpoint is
+    registered: the next save fails with ENOSPC. The error names the path, the incomplete checkpoint_* directory
+    is removed (was: left for good), the earlier checkpoint stays intact and listed, and the run resumes from it
+    once there is room again. In-process (1 worker) and through Ray Train's TorchTrainer (2 workers)."""
+    from alphadpo_ray.launch import TrainingFailed, train
+
+    if workers > 1:
+        request.getfixturevalue("ray_session")
+    disk = small_disk("64m")
+    config = small_config(tmp_path, name=f"ckpt-full-{workers}-{tmp_path.name[-6:]}",
+                          training={"max_steps": 6, "save_steps": 3, "eval_steps": 100, "logging_steps": 3},
+                          ray={"num_workers": workers, "num_to_keep": 2, "max_failures": 0,
+                               "storage_path": str(disk / "ray")})
+    run_dir, ballast, stop = _run_dir(config), disk / "ballast", threading.Event()
+    filler = _fill_when_registered(run_dir, ballast, stop)
+    try:
+        with pytest.raises(TrainingFailed) as failed:
+            train(config, log=lambda *_: None)
+    finally:
+        stop.set()
+        filler.join()
+    message = str(failed.value)
+    assert "no space left on device" in message and str(run_dir) in message, message
+    assert "removed the incomplete checkpoint" in message or "that incomplete checkpoint was removed" in message
+    (first,) = _intact(config)  # only the step-3 checkpoint: intact, listed; the failed save left nothing
+    assert json.loads((run_dir / first / "trainer_state.json").read_text())["step"] == 3
+
+    ballast.unlink()
+    resumed = train(config, log=lambda *_: None)
+    assert resumed["status"] == "finished" and resumed["steps"] == 6
+    assert len(_intact(config)) == 2

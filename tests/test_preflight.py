@@ -1,10 +1,12 @@
 """Problems with the data's size fail before any model is loaded (and, for the built-in task, at
 validation), never inside a worker: a training set smaller than one global batch with max_steps set,
-fewer held-out pairs than workers, no usable rows."""
+fewer held-out pairs than workers, no usable rows. A disk too small for the run's checkpoints is
+refused before Ray starts."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -82,3 +84,24 @@ def test_builtin_sizes_are_checked_at_validation():
     with pytest.raises(ConfigError, match=r"data\.builtin\.held_out_size: 2 held-out pairs for ray\.num_workers = 4"):
         config_from_dict({"data": {"builtin": {"held_out_size": 2}},
                           "ray": {"num_workers": 4}, "training": {"total_batch_size": 32}})
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_anything_starts(tmp_path, small_disk):
+    """A real 8 MiB filesystem for ray.storage_path; the built-in model's checkpoints (ray.num_to_keep 2, plus the
+    one being written) need about 14.6 MiB. Was: a warning in GiB ("0.0 GiB free … need about 0.0 GiB") and a run
+    that died at its first checkpoint with ENOSPC naming no path."""
+    from alphadpo_ray.errors import StorageFull
+    from alphadpo_ray.launch import train
+
+    disk = small_disk("8m")
+    config = config_from_dict({"name": "too-small", "output_dir": str(tmp_path / "out"),
+                               "ray": {"num_workers": 1, "storage_path": str(disk / "ray")},
+                               "tracking": {"enabled": False}})
+    with pytest.raises(StorageFull) as refused:
+        train(config, log=lambda *_: None)
+    message = str(refused.value)
+    assert f"ray.storage_path {disk / 'ray'}: " in message and "Nothing was started" in message
+    free, need = (float(x) for x in re.search(r"([\d.]+) MiB free .* need about ([\d.]+) MiB more", message).groups())
+    assert 7 < free <= 8 and 14 < need < 16
+    assert "ray.num_to_keep = 2" in message
+    assert not any(disk.iterdir())  # not even the run's storage or prepared data
