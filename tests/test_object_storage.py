@@ -17,38 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import small_config
+from held import held_plugin
 from services import BIN, s3_server, stop_tree
 
 STORAGE = "ray"  # the bucket's prefix both tests use as ray.storage_path (data and reference cache shared)
-
-HELD_DPO = """
-import time
-from pathlib import Path
-
-import torch
-
-from alphadpo_ray.losses import Hyperparameter, dpo_loss, register_method
-
-HOLD = Path(__file__).with_name("hold")
-training_calls = 0
-
-
-def held_dpo(pc, pj, rc, rj, lc, lj, *, beta):
-    \"\"\"DPO that, while the file `hold` exists, stops this process at its 6th training step (taking
-    the file, so the run that resumes does not stop) until the test kills the driver.\"\"\"
-    global training_calls
-    if torch.is_grad_enabled():
-        training_calls += 1
-        if training_calls == 6 and HOLD.exists():
-            HOLD.rename(HOLD.with_name("held"))
-            time.sleep(300)
-    return dpo_loss(pc, pj, rc, rj, lc, lj, beta=beta)
-
-
-register_method("held-dpo", held_dpo, needs_reference=True, implicit_reward="β·log π/π_ref",
-                hyperparameters={"beta": Hyperparameter(0.1, low=0, low_open=True)})
-"""
-
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
@@ -144,11 +116,8 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
     """Prepared data, the reference cache, checkpoints and the run's identity land in the bucket; the
     driver (and its Ray) is killed at step 6, after the step-4 checkpoint; the same command continues
     from that checkpoint in the bucket and finishes, exporting the policy from there."""
-    folder = tmp_path / "plugin"
-    folder.mkdir()
-    (folder / "held_dpo.py").write_text(HELD_DPO)
-    (folder / "hold").touch()
-    config = small_config(tmp_path, name="s3train", plugins=[str(folder / "held_dpo.py")],
+    plugin = held_plugin(tmp_path / "plugin", "held-dpo", loss="dpo")  # the driver is killed at step 6
+    config = small_config(tmp_path, name="s3train", plugins=[str(plugin)],
                           method={"name": "held-dpo", "beta": 0.1}, ray={"storage_path": s3.uri(STORAGE)},
                           training={"max_steps": 8, "save_steps": 4, "logging_steps": 2, "eval_steps": 100})
     path = tmp_path / "train.yaml"
@@ -158,7 +127,7 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
 
     def checkpointed_and_held() -> bool:
         snapshot = f"{run}/checkpoint_manager_snapshot.json"
-        return (folder / "held").exists() and snapshot in s3.keys(run) and \
+        return plugin.with_name("held").exists() and snapshot in s3.keys(run) and \
             "checkpoint_" in s3.read(snapshot).decode()
 
     first = driver(["train", str(path)], tmp_path / "work", env, tmp_path / "first.log")

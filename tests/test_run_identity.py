@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import small_config
+from held import held_plugin
 
 pytestmark = pytest.mark.slow
 
@@ -106,45 +107,11 @@ def _actor_pids(class_name: str) -> list[int]:
     return found
 
 
-HELD_METHOD = """
-import time
-from pathlib import Path
-
-import torch
-
-from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
-
-HOLD = Path(__file__).with_name("hold")
-training_calls = 0
-
-
-def held_simpo(pc, pj, rc, rj, lc, lj, *, beta):
-    \"\"\"SimPO (gamma 0) that, while the file `hold` exists, stops this process at its 6th training step
-    (taking the file, so the process that resumes does not stop) until the test kills it.\"\"\"
-    global training_calls
-    if torch.is_grad_enabled():
-        training_calls += 1
-        if training_calls == 6 and HOLD.exists():
-            HOLD.rename(HOLD.with_name("held"))
-            time.sleep(300)
-    nc, nj = pc / lc, pj / lj
-    losses = -torch.nn.functional.logsigmoid(beta * (nc - nj))
-    return LossOutput(losses.mean(), beta * nc.detach(), beta * nj.detach(), losses)
-
-
-register_method("METHOD", held_simpo, needs_reference=False, implicit_reward="β·π̄",
-                hyperparameters={"beta": Hyperparameter(2.0, low=0, low_open=True)})
-"""
-
-
-def _held_run(tmp_path: Path, name: str, hold: str = "time.sleep(300)", **sections):
-    """A run (8 steps, checkpoints every 4) whose worker stops at step 6 until killed (or does `hold`
-    there instead): step 5 is logged, so a restart from the step-4 checkpoint replays a logged step."""
+def _held_run(tmp_path: Path, name: str, action: str = "sleep", **sections):
+    """A run (8 steps, checkpoints every 4) whose worker stops at step 6 until killed (or fails there once,
+    ``action="fail"``): step 5 is logged, so a restart from the step-4 checkpoint replays a logged step."""
     folder = tmp_path / name
-    folder.mkdir()
-    plugin = folder / "held_method.py"
-    plugin.write_text(HELD_METHOD.replace("METHOD", name).replace("time.sleep(300)", hold))
-    (folder / "hold").touch()
+    plugin = held_plugin(folder, name, step=6, action=action)
     return small_config(folder, name=name, plugins=[str(plugin)], method={"name": name, "beta": 2.0},
                         training={"max_steps": 8, "save_steps": 4, "logging_steps": 1, "eval_steps": 100,
                                   "per_device_train_batch_size": 8}, **sections)
@@ -283,8 +250,7 @@ def test_in_process_run_retries_from_its_checkpoint(ray_session, builtin_task, t
     from alphadpo_ray.launch import TrainingFailed, train
 
     suffix = tmp_path.name[-6:]
-    failing = 'raise RuntimeError("injected failure at step 6")'
-    config = _held_run(tmp_path, f"retry-{suffix}", hold=failing, ray={"num_workers": 1, "max_failures": 1},
+    config = _held_run(tmp_path, f"retry-{suffix}", action="fail", ray={"num_workers": 1, "max_failures": 1},
                        deepspeed={"zero_stage": 0})
     lines = []
     summary = train(config, log=lines.append)
@@ -293,7 +259,7 @@ def test_in_process_run_retries_from_its_checkpoint(ray_session, builtin_task, t
     client = MlflowClient(config.tracking.tracking_uri)
     assert _steps(client, summary["mlflow_run_id"]) == list(range(1, 9))
 
-    no_retry = _held_run(tmp_path, f"noretry-{suffix}", hold=failing, **ONE_WORKER)
+    no_retry = _held_run(tmp_path, f"noretry-{suffix}", action="fail", **ONE_WORKER)
     with pytest.raises(TrainingFailed, match="injected failure"):
         train(no_retry, log=_quiet)
     client = MlflowClient(no_retry.tracking.tracking_uri)

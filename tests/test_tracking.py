@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from held import held_plugin
 from services import mlflow_server
 
 RACERS = 6
@@ -79,43 +80,10 @@ def test_same_new_experiment_created_by_several_processes_server(tmp_path):
 # A run's way out: Ctrl-C, an error, a resume after an outage
 
 
-HOLD_METHOD = """
-import time
-from pathlib import Path
-
-import torch
-
-from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
-
-HOLD = Path(__file__).with_name("hold")
-training_calls = 0
-
-
-def held_simpo(pc, pj, rc, rj, lc, lj, *, beta):
-    \"\"\"SimPO (gamma 0) that, while the file `hold` exists, waits at its 4th training step (taking the file,
-    so a resumed run goes on), after steps 1-3 were reported.\"\"\"
-    global training_calls
-    if torch.is_grad_enabled():
-        training_calls += 1
-        if training_calls == 4 and HOLD.exists():
-            HOLD.rename(HOLD.with_name("held"))
-            time.sleep(300)
-    nc, nj = pc / lc, pj / lj
-    losses = -torch.nn.functional.logsigmoid(beta * (nc - nj))
-    return LossOutput(losses.mean(), beta * nc.detach(), beta * nj.detach(), losses)
-
-
-register_method("METHOD", held_simpo, needs_reference=False, implicit_reward="β·π̄",
-                hyperparameters={"beta": Hyperparameter(2.0, low=0, low_open=True)})
-"""
-
-
 def _held_config(tmp_path: Path, name: str):
     from conftest import small_config
 
-    plugin = tmp_path / "held_method.py"
-    plugin.write_text(HOLD_METHOD.replace("METHOD", name))
-    (tmp_path / "hold").touch()
+    plugin = held_plugin(tmp_path, name, step=4)  # waits at step 4 until killed
     return small_config(tmp_path, name=name, plugins=[str(plugin)], method={"name": name, "beta": 2.0},
                         ray={"num_workers": 1}, deepspeed={"zero_stage": 0},
                         training={"max_steps": 6, "save_steps": 2, "logging_steps": 1, "eval_steps": 100,

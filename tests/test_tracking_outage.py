@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import small_config
+from held import held_plugin
 
 pytestmark = pytest.mark.slow
 
@@ -71,38 +72,6 @@ def _steps(client, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
 
 
-HELD_METHOD = """
-import time
-from pathlib import Path
-
-import torch
-
-from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
-
-HERE = Path(__file__).parent
-training_calls = 0
-
-
-def held_simpo(pc, pj, rc, rj, lc, lj, *, beta):
-    \"\"\"SimPO (gamma 0) whose 6th training step waits for the file `release` (steps 1-5 are reported first).\"\"\"
-    global training_calls
-    if torch.is_grad_enabled():
-        training_calls += 1
-        if training_calls == 6:
-            (HERE / "waiting").touch()
-            deadline = time.time() + 300
-            while not (HERE / "release").exists() and time.time() < deadline:
-                time.sleep(0.05)
-    nc, nj = pc / lc, pj / lj
-    losses = -torch.nn.functional.logsigmoid(beta * (nc - nj))
-    return LossOutput(losses.mean(), beta * nc.detach(), beta * nj.detach(), losses)
-
-
-register_method("METHOD", held_simpo, needs_reference=False, implicit_reward="β·π̄",
-                hyperparameters={"beta": Hyperparameter(2.0, low=0, low_open=True)})
-"""
-
-
 def test_server_killed_mid_run_loses_nothing(ray_session, builtin_task, tmp_path, server, capfd):
     """Steps 1-5 reach the server, then it is killed (by PID) and steps 6-8 are trained and reported
     while it is gone; it comes back on the same port and store: training never stopped, the outage was
@@ -112,8 +81,7 @@ def test_server_killed_mid_run_loses_nothing(ray_session, builtin_task, tmp_path
     from alphadpo_ray.launch import train
 
     name = f"outage-{tmp_path.name[-6:]}"
-    plugin = tmp_path / "held_method.py"
-    plugin.write_text(HELD_METHOD.replace("METHOD", name))
+    plugin = held_plugin(tmp_path, name, step=6, action="wait")  # step 6 waits for `release`
     config = small_config(tmp_path, name=name, plugins=[str(plugin)], method={"name": name, "beta": 2.0},
                           ray={"num_workers": 1}, deepspeed={"zero_stage": 0},
                           training={"max_steps": 8, "save_steps": 8, "logging_steps": 1, "eval_steps": 100,

@@ -1,0 +1,22 @@
+"""Runs held at one training step (the scenario tests' shared plugin, `tests/plugins/held_method.py`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PLUGIN = Path(__file__).parent / "plugins" / "held_method.py"
+
+
+def held_plugin(folder: Path, name: str, *, step: int = 6, action: str = "sleep", loss: str = "simpo") -> Path:
+    """Write the held method into `folder` (registered as `name`) and arm it: the `hold` file for
+    ``sleep``/``fail``. Returns the plugin's path for the config's ``plugins``."""
+    assert action in ("sleep", "wait", "fail") and loss in ("simpo", "dpo")
+    folder.mkdir(parents=True, exist_ok=True)
+    plugin = folder / "held_method.py"
+    shutil.copyfile(PLUGIN, plugin)
+    plugin.with_suffix(".json").write_text(json.dumps({"name": name, "step": step, "action": action, "loss": loss}))
+    if action != "wait":
+        (folder / "hold").touch()
+    return plugin
