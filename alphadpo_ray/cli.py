@@ -50,7 +50,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     from .launch import train
 
-    summary = train(_config(args), restart=args.restart)
+    summary = train(_config(args), restart=args.restart, address=args.address)
     final = summary.get("final_eval") or {}
     print(f"\nfinished {summary['run_name']}: " + ", ".join(
         f"{k.removeprefix('eval/')} {final[k]:.4f}" for k in
@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alphadpo-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_cluster(p):
+        """The cluster options, the same on every command that runs on a cluster (train, sweep, compare, study)."""
+        p.add_argument("--address", default=None,
+                       help="existing Ray cluster: HOST:PORT of the head's GCS, ray://HOST:PORT, auto or local "
+                            "(default: ray.address, else RAY_ADDRESS, else a local Ray; a one-worker train without "
+                            "one trains in this process)")
+        return p
+
     def with_config(p, required=False):
         if required:
             p.add_argument("config", help="experiment YAML")
@@ -139,22 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate experiment configs without running anything")
     p.add_argument("configs", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p = with_config(sub.add_parser("train", help="one training run (Ray Train × DeepSpeed)"))
+    p = with_cluster(with_config(sub.add_parser("train", help="one training run (Ray Train × DeepSpeed)")))
     p.add_argument("--restart", action="store_true",
                    help="start over: set the run's old storage aside and start a new MLflow run (a re-run with "
                         "changed settings refuses without it)")
     for name, text in (("sweep", "Ray Tune + Optuna sweep of one method (default: the built-in quickstart sweep)"),
                        ("compare", "the same sweep budget for several methods, side by side")):
-        p = with_config(sub.add_parser(name, help=text))
+        p = with_cluster(with_config(sub.add_parser(name, help=text)))
         p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
-        p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
     p = sub.add_parser("study", help="a ready study (experiments/studies/NAME.yaml, or a YAML file): its sweep or "
                        "compare, then its tables, plots and verdict")
     p.add_argument("name", help="alpha-sensitivity, alphadpo-vs-simpo, methods-harder, methods-length-biased, "
                    "methods-label-noise, or a study YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage")
-    p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
+    with_cluster(p)
     p = sub.add_parser("init-model", help="a tokenizer and a small model for your own data, SFT on its chosen responses")
     p.add_argument("data", help="your preference data (.jsonl/.json/.jsonl.gz/.parquet)")
     p.add_argument("out", help="directory to write the model and tokenizer to (then model.name_or_path: OUT)")

@@ -219,9 +219,11 @@ def export_policy(checkpoint, destination: Path) -> Path | None:
     return destination
 
 
-def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
+def train(config: ExperimentConfig, log=print, restart: bool = False, address: str | None = None) -> dict:
     """Run (or resume) one training run; returns the summary also written to ``summary.json``.
-    ``restart``: set the run's old storage aside and start over (a new MLflow run)."""
+    ``restart``: set the run's old storage aside and start over (a new MLflow run). ``address``
+    (``--address``): the cluster to run on, over ``ray.address`` / RAY_ADDRESS; given, the run always
+    uses Ray Train (never in this process)."""
     from .preflight import preflight
     from .prepare import prepare_run
 
@@ -229,11 +231,11 @@ def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
     preflight(config, log)  # paths, disk, DeepSpeed config, hub ids: before anything starts
     uri = _check_tracking(config)
     identity = _check_identity(config, restart, log)
-    in_process = runs_in_process(config)
+    in_process = runs_in_process(config) and not address
     if in_process:
         apply_worker_env(config)
     else:
-        init_ray(config)
+        init_ray(config, address)
     plan = prepare_run(config, log=log, in_process=in_process)
     where = "1 worker in this process" if in_process else f"{config.ray.num_workers} workers"
     log(f"[run] {config.run_name}: {config.method.name} {config.method.resolved()} | {plan.train_pairs} train / "
