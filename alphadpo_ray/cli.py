@@ -36,15 +36,26 @@ def cmd_reference(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """Check every file given: one ``ok`` line per good one, one ``error:`` line per bad one (naming the
+    file); exit 2 when any is bad."""
     from .config import load_config
     from .preflight import check_deepspeed, check_models
 
+    bad = 0
     for path in args.configs:
-        config = load_config(path, args.set)
-        check_deepspeed(config)
-        check_models(config)
+        try:
+            config = load_config(path, args.set)
+            check_deepspeed(config)
+            check_models(config)
+        except AlphaDPOError as err:
+            bad += 1
+            message = str(err)
+            print(f"error: {message if path in message else f'{path}: {message}'}", file=sys.stderr)
+            continue
         print(f"ok  {path}  ({config.method.name}, {config.ray.num_workers} workers, ZeRO-{config.deepspeed.zero_stage})")
-    return 0
+    if bad and len(args.configs) > 1:
+        print(f"{bad} of {len(args.configs)} configs invalid", file=sys.stderr)
+    return 2 if bad else 0
 
 
 def cmd_train(args) -> int:

@@ -50,3 +50,20 @@ def test_train_address_goes_to_the_cluster(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"No Ray cluster answered at 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_validate_reports_every_bad_file(tmp_path):
+    """Several files: each bad one gets its own line naming it (not just the first), the good ones `ok`, exit 2."""
+    files = {"bad-lr.yaml": {"training": {"learning_rate": -1}}, "good.yaml": {},
+             "bad-method.yaml": {"method": {"name": "dpoo"}}}
+    for name, data in files.items():
+        (tmp_path / name).write_text(yaml.safe_dump({"name": name.removesuffix(".yaml"), **data}))
+    proc = _cli("validate", *files, "missing.yaml", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, proc.stderr
+    for name, line in zip(["bad-lr.yaml", "bad-method.yaml", "missing.yaml"], errors):
+        assert name in line, errors
+    assert "training.learning_rate" in errors[0] and "method.name" in errors[1]
+    assert proc.stdout.splitlines() == [l for l in proc.stdout.splitlines() if l.startswith("ok  good.yaml")]
+    assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr
