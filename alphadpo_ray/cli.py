@@ -62,6 +62,11 @@ def cmd_train(args) -> int:
     from .launch import train
 
     summary = train(_config(args), restart=args.restart, address=args.address)
+    if summary.get("already_finished"):
+        print(f"[resume] run {summary['run_name']} already finished at step {summary.get('steps')} of "
+              f"{summary.get('total_steps')} (summary: {summary['summary_path']}); nothing to do — "
+              f"{invoked_command([*args.argv, '--restart'])} to train again")
+        return 0
     final = summary.get("final_eval") or {}
     print(f"\nfinished {summary['run_name']}: " + ", ".join(
         f"{k.removeprefix('eval/')} {final[k]:.4f}" for k in
@@ -212,15 +217,22 @@ def _terminate(signum, frame):
 
 def resume_command(command: str, argv: list[str]) -> str:
     """The command line that continues this one, runnable as printed: the same arguments, run the same way
-    (``alphadpo-ray …``, or ``python -m alphadpo_ray …``), without ``--restart`` (a train run continues by
-    being re-run) and with ``--resume`` for a sweep, compare or study."""
+    (`invoked_command`), without ``--restart`` (a train run continues by being re-run) and with
+    ``--resume`` for a sweep, compare or study."""
+    args = [a for a in argv if a != "--restart"]
+    if command != "train" and "--resume" not in args:
+        args.append("--resume")
+    return invoked_command(args)
+
+
+def invoked_command(args: list[str]) -> str:
+    """``alphadpo-ray ARGS`` as this process was run, runnable as printed: ``alphadpo-ray`` when that name on
+    PATH is this program, else the program as given (``.venv/bin/alphadpo-ray``), or
+    ``python -m alphadpo_ray`` for a module run."""
     import os
     import shlex
     import shutil
 
-    args = [a for a in argv if a != "--restart"]
-    if command != "train" and "--resume" not in args:
-        args.append("--resume")
     program = sys.argv[0]
     if os.path.basename(program) == "__main__.py":
         head = [sys.executable, "-m", "alphadpo_ray"]
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     given = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(given)
+    args.argv = given  # for hints that repeat the command
     quiet_driver()
     resumable = args.command in RESUMABLE
     if resumable and threading.current_thread() is threading.main_thread():

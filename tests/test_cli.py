@@ -67,3 +67,45 @@ def test_validate_reports_every_bad_file(tmp_path):
     assert "training.learning_rate" in errors[0] and "method.name" in errors[1]
     assert proc.stdout.splitlines() == [l for l in proc.stdout.splitlines() if l.startswith("ok  good.yaml")]
     assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def _run_config(tmp_path: Path, **ray) -> Path:
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "again", "output_dir": str(tmp_path / "out"),
+        "data": {"source": "builtin", "max_eval_samples": 24},
+        "training": {"learning_rate": 2e-4, "per_device_train_batch_size": 4, "total_batch_size": 8, "max_steps": 4,
+                     "eval_steps": 100, "logging_steps": 2, "save_steps": 4, "generation_eval_samples": 0,
+                     "per_device_eval_batch_size": 24},
+        "deepspeed": {"zero_stage": 2},
+        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "ray"), **ray},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "tests"}}))
+    return config
+
+
+def test_rerunning_a_finished_train_answers_from_its_summary(tmp_path, builtin_task):
+    """A finished run re-run as is: one line from its stored summary, no Ray, no data preparation. Changed
+    settings still refuse. With its outputs gone it resumes through Ray Train, and says so once."""
+    import shutil
+
+    config = _run_config(tmp_path)
+    first = _cli("train", str(config), "--address", "local", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    again = _cli("train", str(config), "--address", "local", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = [l for l in (again.stdout + again.stderr).splitlines() if l.strip()]
+    summary = tmp_path / "out" / "again" / "summary.json"
+    assert len(lines) == 1 and lines[0].startswith("[resume] run again already finished at step 4 of 4 "), lines
+    assert f"(summary: {summary})" in lines[0] and f"{config} --address local --restart to train again" in lines[0]
+
+    changed = _cli("train", str(config), "--address", "local", "--set", "training.learning_rate=3e-4", cwd=tmp_path)
+    assert changed.returncode == 2 and "from a different config" in changed.stderr, changed.stderr[-3000:]
+    assert "training.learning_rate: 0.0002 → 0.0003" in changed.stderr
+
+    shutil.rmtree(tmp_path / "out")  # outputs gone, storage kept: Ray Train resumes the final checkpoint
+    resumed = _cli("train", str(config), "--address", "local", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [l for l in (resumed.stdout + resumed.stderr).splitlines() if "[resume] continuing from step 4 of 4" in l]
+    assert len(said) == 1, resumed.stdout + resumed.stderr
+    assert summary.exists()
