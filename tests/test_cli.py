@@ -109,3 +109,30 @@ def test_rerunning_a_finished_train_answers_from_its_summary(tmp_path, builtin_t
     said = [l for l in (resumed.stdout + resumed.stderr).splitlines() if "[resume] continuing from step 4 of 4" in l]
     assert len(said) == 1, resumed.stdout + resumed.stderr
     assert summary.exists()
+
+
+def test_trials_table_fits_80_columns_with_unique_ids_and_distinct_headers(tmp_path):
+    """COLUMNS=80: Tune-like ids sharing their prefix are shown by their unique rest, long metric names by
+    distinct abbreviations named in a legend line, no value cut (no "…"), no line wider than 80."""
+    script = """
+from alphadpo_ray.sweep import results as res
+rows = [{"trial_id": f"174de_{i:05d}", "method": "alpha-dpo", "status": "finished", "seed": 42, "alpha": 0.03 * i,
+         "beta": 2.5 + i, "gamma_beta_ratio": 0.3, **{m: 0.1 * i + 0.01 for m in res.METRIC_COLUMNS}} for i in range(12)]
+res.print_trials(res.mark_pareto(rows, "accuracy"), "accuracy", "quickstart: trials")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "COLUMNS": "80"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(len(l) <= 80 for l in lines) and "…" not in proc.stdout, proc.stdout
+    shown = [l.split()[0] for l in lines if l.strip()[:5].isdigit()]
+    assert sorted(shown) == [f"{i:05d}" for i in range(12)], proc.stdout  # every row, each id unique
+    assert "trial = id after 174de_" in proc.stdout
+    from alphadpo_ray.sweep.results import METRIC_COLUMNS, SHORT_HEADERS
+
+    legend = next(i for i, l in enumerate(lines) if "acc_lr = accuracy_logratio" in l)
+    text = " ".join(" ".join(lines[legend:]).split())
+    for name in ("kl_sampled", "kl_sampled_se", "generation_accuracy", "generated_length"):
+        assert f"{SHORT_HEADERS[name]} = {name}" in text, text
+    headers = [SHORT_HEADERS.get(m, m) for m in METRIC_COLUMNS]
+    assert len(set(headers)) == len(headers)
