@@ -136,3 +136,15 @@ res.print_trials(res.mark_pareto(rows, "accuracy"), "accuracy", "quickstart: tri
         assert f"{SHORT_HEADERS[name]} = {name}" in text, text
     headers = [SHORT_HEADERS.get(m, m) for m in METRIC_COLUMNS]
     assert len(set(headers)) == len(headers)
+
+
+def test_init_model_help_describes_each_option_with_its_default(tmp_path):
+    proc = _cli("init-model", "--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split("options:", 1)[1].split())
+    for option, default in (("--vocab-size", "512"), ("--hidden-size", "96"), ("--layers", "2"), ("--heads", "4"),
+                            ("--sft-steps", "300"), ("--max-length", "256"), ("--max-prompt-length", "128"),
+                            ("--seed", "0"), ("--family", "llama")):
+        after = text.split(f"{option} {option.removeprefix('--').replace('-', '_').upper()}", 1)[1]
+        described, _, _ = after.partition("(default:")
+        assert described.strip() and after.split("(default: ", 1)[1].startswith(default + ")"), (option, after[:120])
