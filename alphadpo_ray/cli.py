@@ -36,21 +36,37 @@ def cmd_reference(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """Check every file given: one ``ok`` line per good one, one ``error:`` line per bad one (naming the
+    file); exit 2 when any is bad."""
     from .config import load_config
     from .preflight import check_deepspeed, check_models
 
+    bad = 0
     for path in args.configs:
-        config = load_config(path, args.set)
-        check_deepspeed(config)
-        check_models(config)
+        try:
+            config = load_config(path, args.set)
+            check_deepspeed(config)
+            check_models(config)
+        except AlphaDPOError as err:
+            bad += 1
+            message = str(err)
+            print(f"error: {message if path in message else f'{path}: {message}'}", file=sys.stderr)
+            continue
         print(f"ok  {path}  ({config.method.name}, {config.ray.num_workers} workers, ZeRO-{config.deepspeed.zero_stage})")
-    return 0
+    if bad and len(args.configs) > 1:
+        print(f"{bad} of {len(args.configs)} configs invalid", file=sys.stderr)
+    return 2 if bad else 0
 
 
 def cmd_train(args) -> int:
     from .launch import train
 
-    summary = train(_config(args), restart=args.restart)
+    summary = train(_config(args), restart=args.restart, address=args.address)
+    if summary.get("already_finished"):
+        print(f"[resume] run {summary['run_name']} already finished at step {summary.get('steps')} of "
+              f"{summary.get('total_steps')} (summary: {summary['summary_path']}); nothing to do — "
+              f"{invoked_command([*args.argv, '--restart'])} to train again")
+        return 0
     final = summary.get("final_eval") or {}
     print(f"\nfinished {summary['run_name']}: " + ", ".join(
         f"{k.removeprefix('eval/')} {final[k]:.4f}" for k in
@@ -126,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alphadpo-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_cluster(p):
+        """The cluster options, the same on every command that runs on a cluster (train, sweep, compare, study)."""
+        p.add_argument("--address", default=None,
+                       help="existing Ray cluster: HOST:PORT of the head's GCS, ray://HOST:PORT, auto or local "
+                            "(default: ray.address, else RAY_ADDRESS, else a local Ray; a one-worker train without "
+                            "one trains in this process)")
+        return p
+
     def with_config(p, required=False):
         if required:
             p.add_argument("config", help="experiment YAML")
@@ -139,36 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate experiment configs without running anything")
     p.add_argument("configs", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p = with_config(sub.add_parser("train", help="one training run (Ray Train × DeepSpeed)"))
+    p = with_cluster(with_config(sub.add_parser("train", help="one training run (Ray Train × DeepSpeed)")))
     p.add_argument("--restart", action="store_true",
                    help="start over: set the run's old storage aside and start a new MLflow run (a re-run with "
                         "changed settings refuses without it)")
     for name, text in (("sweep", "Ray Tune + Optuna sweep of one method (default: the built-in quickstart sweep)"),
                        ("compare", "the same sweep budget for several methods, side by side")):
-        p = with_config(sub.add_parser(name, help=text))
+        p = with_cluster(with_config(sub.add_parser(name, help=text)))
         p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
-        p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
     p = sub.add_parser("study", help="a ready study (experiments/studies/NAME.yaml, or a YAML file): its sweep or "
                        "compare, then its tables, plots and verdict")
     p.add_argument("name", help="alpha-sensitivity, alphadpo-vs-simpo, methods-harder, methods-length-biased, "
                    "methods-label-noise, or a study YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage")
-    p.add_argument("--address", default=None, help="existing Ray cluster (default: RAY_ADDRESS, else local)")
-    p = sub.add_parser("init-model", help="a tokenizer and a small model for your own data, SFT on its chosen responses")
+    with_cluster(p)
+    p = sub.add_parser("init-model", help="a tokenizer and a small model for your own data, SFT on its chosen responses",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", help="your preference data (.jsonl/.json/.jsonl.gz/.parquet)")
     p.add_argument("out", help="directory to write the model and tokenizer to (then model.name_or_path: OUT)")
     p.add_argument("--family", default="llama", help="llama, mistral, llama3, gemma2 or qwen2 (architecture and chat template)")
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--hidden-size", type=int, default=96)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--sft-steps", type=int, default=300)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-prompt-length", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=512, help="byte-level BPE vocabulary trained on your data")
+    p.add_argument("--hidden-size", type=int, default=96, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --hidden-size)")
+    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps on the chosen responses")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per prompt + response (as data.max_length)")
+    p.add_argument("--max-prompt-length", type=int, default=128, help="prompt tokens kept (as data.max_prompt_length)")
     p.add_argument("--format", default="auto", help="auto, strings, messages or hh (as data.format)")
     p.add_argument("--chat-template", action="store_true", help="render string prompts with the chat template")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for the model's initialisation and SFT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p = sub.add_parser("report", help="rebuild a sweep's or compare's table and plots from MLflow alone")
     p.add_argument("target", help="sweep/compare name, MLflow run id, or experiment name")
@@ -194,15 +218,22 @@ def _terminate(signum, frame):
 
 def resume_command(command: str, argv: list[str]) -> str:
     """The command line that continues this one, runnable as printed: the same arguments, run the same way
-    (``alphadpo-ray …``, or ``python -m alphadpo_ray …``), without ``--restart`` (a train run continues by
-    being re-run) and with ``--resume`` for a sweep, compare or study."""
+    (`invoked_command`), without ``--restart`` (a train run continues by being re-run) and with
+    ``--resume`` for a sweep, compare or study."""
+    args = [a for a in argv if a != "--restart"]
+    if command != "train" and "--resume" not in args:
+        args.append("--resume")
+    return invoked_command(args)
+
+
+def invoked_command(args: list[str]) -> str:
+    """``alphadpo-ray ARGS`` as this process was run, runnable as printed: ``alphadpo-ray`` when that name on
+    PATH is this program, else the program as given (``.venv/bin/alphadpo-ray``), or
+    ``python -m alphadpo_ray`` for a module run."""
     import os
     import shlex
     import shutil
 
-    args = [a for a in argv if a != "--restart"]
-    if command != "train" and "--resume" not in args:
-        args.append("--resume")
     program = sys.argv[0]
     if os.path.basename(program) == "__main__.py":
         head = [sys.executable, "-m", "alphadpo_ray"]
@@ -221,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     given = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(given)
+    args.argv = given  # for hints that repeat the command
     quiet_driver()
     resumable = args.command in RESUMABLE
     if resumable and threading.current_thread() is threading.main_thread():

@@ -79,10 +79,13 @@ def drop_benign_worker_lines() -> None:
 
 
 def table_console():
-    """A rich console for result tables: the terminal's width, or 180 columns when output is piped (logs,
-    `ray job logs`), so tables are not squeezed to 80."""
+    """A rich console for result tables: COLUMNS when set, else the terminal's width, or 180 columns when
+    output is piped (logs, `ray job logs`), so tables are not squeezed to 80."""
+    import os
     import sys
 
     from rich.console import Console
 
+    if os.environ.get("COLUMNS", "").isdigit():
+        return Console(width=int(os.environ["COLUMNS"]))
     return Console() if sys.stdout.isatty() else Console(width=180)

@@ -117,6 +117,10 @@ def worker_env(config: ExperimentConfig) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "0"),
+        # Ray Train's print patch in its workers tees a print to the (wrapped) stdout *and* logs it through
+        # the root logger, so each worker console line ([resume], [warning], [preemption]) reached the
+        # driver twice; unpatched, a worker's print reaches it once through Ray's log forwarding.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' per-file loading/saving bars in workers and tasks
         **({} if config.ray.use_gpu else {"DS_ACCELERATOR": "cpu"}),  # no "unable to detect" warning per process
     }
@@ -223,9 +227,11 @@ def export_policy(checkpoint, destination: Path) -> Path | None:
     return destination
 
 
-def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
+def train(config: ExperimentConfig, log=print, restart: bool = False, address: str | None = None) -> dict:
     """Run (or resume) one training run; returns the summary also written to ``summary.json``.
-    ``restart``: set the run's old storage aside and start over (a new MLflow run)."""
+    ``restart``: set the run's old storage aside and start over (a new MLflow run). ``address``
+    (``--address``): the cluster to run on, over ``ray.address`` / RAY_ADDRESS; given, the run always
+    uses Ray Train (never in this process)."""
     from .preflight import preflight
     from .prepare import prepare_run
 
@@ -233,13 +239,16 @@ def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
     preflight(config, log)  # paths, disk, DeepSpeed config, hub ids: before anything starts
     uri = _check_tracking(config)
     identity = _check_identity(config, restart, log)
+    stored = _finished_summary(identity)
+    if stored is not None:  # nothing to do: answered from storage, no Ray, no data
+        return {**stored, "already_finished": True}
     if not identity.fresh:
         screen_checkpoints(identity.uri, log)
-    in_process = runs_in_process(config)
+    in_process = runs_in_process(config) and not address
     if in_process:
         apply_worker_env(config)
     else:
-        init_ray(config)
+        init_ray(config, address)
     plan = prepare_run(config, log=log, in_process=in_process)
     where = "1 worker in this process" if in_process else f"{config.ray.num_workers} workers"
     log(f"[run] {config.run_name}: {config.method.name} {config.method.resolved()} | {plan.train_pairs} train / "
@@ -268,6 +277,33 @@ def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
                             log=log)
     if summary["status"] != "finished":
         raise TrainingFailed(summary["message"] or f"run ended with status {summary['status']}")
+    _record_finished(identity, summary)
+    return summary
+
+
+def _record_finished(identity: RunIdentity, summary: dict) -> None:
+    """Mark the run finished in ``alphadpo_run.json`` (its step, its summary) so a re-run of the same
+    command answers from it (`_finished_summary`). Every start rewrites the record without the mark."""
+    from . import storage
+
+    record = _read_json(storage.join(identity.uri, IDENTITY_FILE)) or {}
+    record["finished"] = {"steps": summary.get("steps"), "total_steps": summary.get("total_steps"),
+                          "summary": summary["summary_path"], "checkpoint": summary.get("checkpoint")}
+    storage.write_json(storage.join(identity.uri, IDENTITY_FILE), record)
+
+
+def _finished_summary(identity: RunIdentity) -> dict | None:
+    """The stored summary of a run that finished under this very fingerprint (its identity record says
+    so, and its ``summary.json`` is still there and says finished), else None: the run (re)starts."""
+    finished = (identity.previous or {}).get("finished") if not identity.fresh else None
+    if not finished or (identity.previous or {}).get("fingerprint") != identity.fingerprint:
+        return None
+    try:
+        summary = json.loads(Path(finished["summary"]).read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if summary.get("status") != "finished" or summary.get("checkpoint") != finished.get("checkpoint"):
+        return None
     return summary
 
 

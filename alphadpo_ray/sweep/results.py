@@ -242,7 +242,42 @@ def write_tables(rows: list[dict], directory: Path, stem: str = "trials") -> dic
     return {"csv": csv_path, "json": json_path}
 
 
+# Console headers for long column names (the CSV/JSON keep the full names); a legend line names the ones used.
+SHORT_HEADERS = {"accuracy": "acc", "accuracy_logratio": "acc_lr", "kl_per_token": "kl/tok",
+                 "generation_accuracy": "gen_acc", "kl_sampled": "kl_smp", "kl_sampled_se": "kl_smp_se",
+                 "generated_length": "gen_len", "gamma_beta_ratio": "γ/β", "learning_rate": "lr",
+                 "label_smoothing": "smooth", "length_alpha": "len_α", "cpo_alpha": "cpo_α", "pareto": "★"}
+
+
+def short_trial_ids(ids: list[str]) -> tuple[dict[str, str], str]:
+    """(id → what the table shows, the prefix left off): Tune's ids share their experiment's prefix
+    (``174de_00000``, ``174de_00001``…), so the table shows what follows the longest prefix they all share
+    up to a ``_`` — still unique, and short enough not to be cut to ``174de_00…`` on every row."""
+    unique = list(dict.fromkeys(str(i) for i in ids))
+    if len(unique) < 2:
+        return {i: i for i in unique}, ""
+    common = unique[0]
+    for i in unique[1:]:
+        while not i.startswith(common):
+            common = common[:-1]
+    prefix = common[:common.rfind("_") + 1]
+    shown = {i: i[len(prefix):] for i in unique}
+    if not prefix or any(not v for v in shown.values()) or len(set(shown.values())) < len(unique):
+        return {i: i for i in unique}, ""
+    return shown, prefix
+
+
+def _legend(columns: list[str]) -> str:
+    used = [f"{SHORT_HEADERS[c]} = {c}" for c in columns if c in SHORT_HEADERS]
+    return "  " + ", ".join(used) if used else ""
+
+
 def print_trials(rows: list[dict], accuracy: str, title: str, console=None) -> None:
+    """The trials table, fitted to the console without losing identity: trial ids without their shared
+    prefix, columns equal on every row (method, seed, fixed hyperparameters) moved to a line under the
+    table, long metric and hyperparameter names abbreviated (`SHORT_HEADERS`, with a legend line), and
+    values never cut (headers wrap instead)."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
@@ -250,17 +285,31 @@ def print_trials(rows: list[dict], accuracy: str, title: str, console=None) -> N
     hp = hyperparameter_columns(rows)
     metrics = [m for m in METRIC_COLUMNS if any(r.get(m) is not None for r in rows)] or list(METRIC_COLUMNS[:3])
     phases = any(r.get("phase") == SEEDS for r in rows)
-    table = Table(title=title, show_lines=False)
-    for column in ("trial", "method", *(["phase"] if phases else []), "status", "seed", *hp, *metrics, "pareto"):
-        table.add_column(column, justify="right" if column not in ("trial", "method", "phase", "status") else "left")
+    ids, prefix = short_trial_ids([r["trial_id"] for r in rows])
     rank = {FINISHED: 0, STOPPED: 1}
     ordered = sorted(rows, key=lambda r: (r.get("phase") == SEEDS, rank.get(r.get("status"), 2),
                                           -(r.get(accuracy) or -1e9), r.get("kl") or 0))
+    cell = {"trial": lambda r: ids[str(r["trial_id"])], "method": lambda r: str(r.get("method", "")),
+            "phase": lambda r: str(r.get("phase", "")), "status": status_text, "seed": lambda r: _fmt(r.get("seed")),
+            "pareto": lambda r: "★" if r.get("pareto") else ""}
+    for k in (*hp, *metrics):
+        cell[k] = lambda r, k=k: _fmt(r.get(k))
+    columns = ["trial", "method", *(["phase"] if phases else []), "status", "seed", *hp, *metrics, "pareto"]
+    fixed = [c for c in ("method", "seed", *hp) if len(ordered) > 1 and len({cell[c](r) for r in ordered}) == 1]
+    columns = [c for c in columns if c not in fixed]
+    table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
+    for column in columns:
+        table.add_column(escape(SHORT_HEADERS.get(column, column)), overflow="fold",
+                         justify="right" if column not in ("trial", "method", "phase", "status") else "left",
+                         min_width=max([len(cell[column](r)) for r in ordered] + [1]))
     for r in ordered:
-        table.add_row(str(r["trial_id"]), str(r.get("method", "")), *([str(r.get("phase", ""))] if phases else []),
-                      status_text(r), _fmt(r.get("seed")), *(_fmt(r.get(k)) for k in hp),
-                      *(_fmt(r.get(k)) for k in metrics), "★" if r.get("pareto") else "")
+        table.add_row(*(escape(cell[c](r)) for c in columns))
     console.print(table)
+    notes = ([f"trial = id after {prefix}"] if prefix else []) + (
+        ["all rows: " + ", ".join(f"{SHORT_HEADERS.get(c, c)} {cell[c](ordered[0])}" for c in fixed)] if fixed else [])
+    legend = _legend(columns + fixed)
+    for line in notes + ([legend.strip()] if legend else []):
+        console.print("  " + escape(line))
     for r in ordered:
         if r.get("error"):
             console.print(f"  trial {r['trial_id']} failed: {escape(str(r['error']))}")  # paths like [/__w/…] are not markup
