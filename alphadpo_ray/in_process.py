@@ -16,12 +16,12 @@ Train's worker-group restart would. There is no preemption notice without a clus
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import compat
 from .config import ExperimentConfig
 
 
@@ -49,17 +49,12 @@ class InProcessSession:
     rank, world = 0, 1
 
     def __init__(self, config: ExperimentConfig, callbacks: list):
-        from ray.train import CheckpointConfig
-        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
-        from ray.train.v2._internal.execution.storage import StorageContext
-
         self.callbacks = callbacks
-        self.storage = StorageContext(config.storage_path(), config.run_name)
-        self.manager = CheckpointManager(CheckpointConfig(num_to_keep=config.ray.num_to_keep), self.storage)
+        self.storage, self.manager = compat.train_checkpoint_manager(config.storage_path(), config.run_name,
+                                                                     config.ray.num_to_keep)
 
     def latest_checkpoint(self):
-        result = self.manager.latest_checkpoint_result
-        return result.checkpoint if result else None
+        return compat.latest_train_checkpoint(self.manager)
 
     def get_checkpoint(self):
         return self.latest_checkpoint()
@@ -69,29 +64,14 @@ class InProcessSession:
         so a copy cut short is never resumed from), then call the callbacks, as Ray Train's controller does."""
         checkpoint = None
         if checkpoint_dir:
-            from ray.train import Checkpoint
-            from ray.train.v2._internal.execution.training_report import _TrainingReport
-
-            checkpoint = self.storage.persist_current_checkpoint(
-                Checkpoint.from_directory(checkpoint_dir), self.storage.make_default_checkpoint_dir_name())
-            _register(self.manager, _TrainingReport(checkpoint, dict(metrics), validation=False))
+            checkpoint = compat.persist_train_checkpoint(self.storage, checkpoint_dir)
+            compat.register_train_checkpoint(self.manager, checkpoint, metrics)
         for callback in self.callbacks:
             callback.after_report(None, [metrics], checkpoint)
 
     def preemption_notice(self):
         """Always None: preemption notices come from a cluster's nodes; in-process runs have none."""
         return None
-
-
-def _register(manager, report) -> None:
-    """`CheckpointManager.register_checkpoint` (keeps ``num_to_keep``, writes the snapshot); it notifies
-    waiters through an asyncio task, so it runs inside a short event loop."""
-
-    async def register():
-        manager.register_checkpoint(report)
-        await asyncio.sleep(0)
-
-    asyncio.run(register())
 
 
 def fit_in_process(config: ExperimentConfig, plan, callbacks: list, log=print) -> InProcessResult:

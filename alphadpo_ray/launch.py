@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import compat
 from .config import ExperimentConfig
 from .errors import AlphaDPOError
 from .in_process import fit_in_process, runs_in_process
@@ -44,7 +45,6 @@ class RunConfigChanged(AlphaDPOError):
 
 
 IDENTITY_FILE = "alphadpo_run.json"  # in {storage_path}/{run_name}, beside Ray Train's checkpoints
-RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
 PENDING_FILE = "mlflow-pending.jsonl"  # in the run's output dir: reports the tracking store has not taken yet
 # Settings that do not change what a run computes: names and places, tracking, scheduling, logging and
 # checkpoint cadence, and how the global batch is split (2 workers × b = 1 worker × 2b, see recipe.py).
@@ -294,8 +294,7 @@ def _has_checkpoint(run_uri: str) -> bool:
     """Whether Ray Train would resume the run: its snapshot lists a registered checkpoint."""
     from . import storage
 
-    snapshot = _read_json(storage.join(run_uri, RAY_SNAPSHOT_FILE)) or {}
-    return bool(snapshot.get("checkpoint_results") or snapshot.get("latest_checkpoint_result"))
+    return compat.train_snapshot_has_checkpoint(_read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {})
 
 
 def _set_aside(run_uri: str) -> str | None:
