@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of PyTorch that lies on this machine's disk; on a GPU machine see README "Installing on GPUs".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-quick clean
+.PHONY: setup run test test-quick upgrade-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: setup
 # The inner loop: no Ray, cluster, server or training run (tests/conftest.py --quick).
 test-quick: setup
 	$(BIN)/python -m pytest -q -rfE --durations=10 --quick tests
+
+# A scratch venv (/tmp/alphadpo-upgrade-venv) with the newest versions pyproject.toml's bounds allow, then
+# the compat contract tests and the resume/restore tests there (scripts/upgrade-check.sh). UPGRADE_TESTS
+# overrides the pytest arguments, e.g. UPGRADE_TESTS=tests/test_compat.py.
+upgrade-check:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" scripts/upgrade-check.sh
 
 clean:
 	rm -rf outputs mlruns mlflow.db ray_results .pytest_cache

@@ -97,7 +97,8 @@ def _keyed(key: str, message: str) -> PydanticCustomError:
 
 # Filesystems Ray Train's storage reaches through pyarrow (`pyarrow.fs.FileSystem.from_uri`).
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
-# Schemes MLflow's tracking store registry knows (mlflow.tracking._tracking_service.utils); a database
+# Schemes MLflow's tracking store registry knows out of the box (plugins add theirs through the
+# ``mlflow.tracking_store`` entry point group, MLflow's documented plugin interface); a database
 # scheme may name its driver (postgresql+psycopg2://).
 TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks",
                     "databricks-uc", "uc")
@@ -117,13 +118,12 @@ def tracking_uri_problem(uri: str) -> str | None:
         return None  # a local path (a drive letter on Windows)
     base = scheme.lower().split("+")[0]
     if base not in TRACKING_SCHEMES:
-        try:  # a scheme a plugin registers with MLflow
-            from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        from importlib.metadata import entry_points
 
-            _tracking_store_registry.get_store_builder(uri)
+        # a scheme a plugin registers with MLflow: the plugin's ``mlflow.tracking_store`` entry point
+        if scheme.lower() in {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}:
             return None
-        except Exception:  # noqa: BLE001 - unknown to MLflow too
-            return f"unsupported scheme {scheme + ':'!r} in {uri!r}; {expected}"
+        return f"unsupported scheme {scheme + ':'!r} in {uri!r}; {expected}"
     if base == "sqlite" and not rest.startswith("///"):
         return (f"{uri!r}: an SQLite store is sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db "
                 "(three slashes before the path)")

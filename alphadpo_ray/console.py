@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import re
 
+from . import compat
+
 QUIET = {
     "mlflow": logging.WARNING,  # "Creating initial MLflow database tables..."
     "alembic": logging.WARNING,
     "optuna": logging.WARNING,  # "A new study created in memory"
-    "ray._private.authentication.authentication_token_setup": logging.ERROR,  # token auth on (the default)
+    compat.RAY_AUTH_TOKEN_SETUP_LOGGER: logging.ERROR,  # token auth on (the default)
 }
 
 
@@ -57,25 +59,9 @@ KNOWN_BENIGN_WORKER_LINES = (
 
 def drop_benign_worker_lines() -> None:
     """Ray forwards every worker's output to the driver's console; drop the lines known to be benign
-    (`KNOWN_BENIGN_WORKER_LINES`). Uses Ray's stdstream dispatcher (a private API): if it is not
-    there, nothing is filtered. Idempotent; call after `ray.init`."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # pragma: no cover - another Ray version
-        return
-    with dispatcher._lock:
-        for i, (name, handler) in enumerate(dispatcher.handlers):
-            if name != "ray_print_logs" or getattr(handler, "_alphadpo_filtered", False):
-                continue
-
-            def filtered(data, _handler=handler):
-                lines = [line for line in data.get("lines", [])
-                         if not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES)]
-                if lines:
-                    _handler({**data, "lines": lines})
-
-            filtered._alphadpo_filtered = True
-            dispatcher.handlers[i] = (name, filtered)
+    (`KNOWN_BENIGN_WORKER_LINES`), through `compat.filter_worker_output` (Ray's private stdstream
+    dispatcher: if it is not there, nothing is filtered). Idempotent; call after `ray.init`."""
+    compat.filter_worker_output(lambda line: not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES))
 
 
 def table_console():

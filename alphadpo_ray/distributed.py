@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import compat
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -89,11 +91,7 @@ def skip_cpu_comm_ops() -> None:
     whenever another environment built it last, and a process killed mid-build leaves a lock file on
     which every later worker on the machine waits forever. Marked incompatible, DeepSpeed's collectives
     go through torch.distributed (gloo), like this module's own; GPU accelerators never use these ops."""
-    import deepspeed.ops
-
-    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
-    if isinstance(compatible, dict):
-        compatible.update({"deepspeed_shm_comm": False, "deepspeed_ccl_comm": False})
+    compat.mark_cpu_comm_ops_incompatible()
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

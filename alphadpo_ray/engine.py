@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from . import distributed
+from . import compat, distributed
 from .config import ExperimentConfig
 
 
@@ -109,12 +109,7 @@ def quiet_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor|.*all_gather_into_tensor")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:  # Ray Train logs every report in full at INFO, from a logger named after its file
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover - other Ray versions
-        pass
+    compat.quiet_train_report_logger(logging.WARNING)  # every report in full at INFO, from a logger of its own
     try:
         from deepspeed.utils import logger as ds_logger
 
@@ -204,5 +199,5 @@ def release_reference(handle) -> None:
 def consolidated_state_dict(engine, config: ExperimentConfig) -> dict | None:
     """Full policy weights on rank 0 (collective under ZeRO-3: every rank must call it)."""
     if config.deepspeed.zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
+        return compat.zero3_consolidated_state_dict(engine)
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}

@@ -16,15 +16,14 @@ Train's worker-group restart would. There is no preemption notice without a clus
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from . import compat
 from .config import ExperimentConfig
 from .errors import StorageFull
 from .storage import uri_of
@@ -54,16 +53,12 @@ class InProcessSession:
     rank, world = 0, 1
 
     def __init__(self, config: ExperimentConfig, callbacks: list):
-        from ray.train import CheckpointConfig
-        from ray.train.v2._internal.execution.storage import StorageContext
-
         self.callbacks = callbacks
-        self.storage = StorageContext(config.storage_path(), config.run_name)
-        self.manager = _manager_class()(CheckpointConfig(num_to_keep=config.ray.num_to_keep), self.storage)
+        self.storage, self.manager = compat.train_checkpoint_manager(config.storage_path(), config.run_name,
+                                                                     config.ray.num_to_keep)
 
     def latest_checkpoint(self):
-        result = self.manager.latest_checkpoint_result
-        return result.checkpoint if result else None
+        return compat.latest_train_checkpoint(self.manager)
 
     def get_checkpoint(self):
         return self.latest_checkpoint()
@@ -73,16 +68,11 @@ class InProcessSession:
         so a copy cut short is never resumed from), then call the callbacks, as Ray Train's controller does."""
         checkpoint = None
         if checkpoint_dir:
-            from ray.train import Checkpoint
-            from ray.train.v2._internal.execution.training_report import _TrainingReport
-
-            name = self.storage.make_default_checkpoint_dir_name()
-            destination = self.storage.build_checkpoint_path_from_name(name)
+            name, destination, fs = compat.next_train_checkpoint_path(self.storage)
             try:
-                checkpoint = self.storage.persist_current_checkpoint(Checkpoint.from_directory(checkpoint_dir), name)
-                _register(self.manager, _TrainingReport(checkpoint, dict(metrics), validation=False))
+                checkpoint = compat.persist_train_checkpoint(self.storage, checkpoint_dir, name)
+                compat.register_train_checkpoint(self.manager, checkpoint, metrics)
             except OSError as err:  # nothing registered it: what the save left must not look like a checkpoint
-                fs = self.storage.storage_filesystem
                 with contextlib.suppress(OSError):
                     fs.delete_dir(destination)
                 if err.errno != errno.ENOSPC:
@@ -97,40 +87,6 @@ class InProcessSession:
     def preemption_notice(self):
         """Always None: preemption notices come from a cluster's nodes; in-process runs have none."""
         return None
-
-
-def _manager_class():
-    """Ray Train's `CheckpointManager`, its snapshot written to a temporary name and then moved into place:
-    a write cut short (a full disk) leaves the previous snapshot — and so every earlier checkpoint — usable,
-    where Ray's own write truncates the snapshot first."""
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
-
-    class AtomicSnapshotCheckpointManager(CheckpointManager):
-        def _write_state_to_storage(self):
-            fs = self._storage_context.storage_filesystem
-            path = self._storage_context.checkpoint_manager_snapshot_path
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                with fs.open_output_stream(tmp) as out:
-                    out.write(self._save_state().encode("utf-8"))
-                fs.move(tmp, path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    fs.delete_file(tmp)
-                raise
-
-    return AtomicSnapshotCheckpointManager
-
-
-def _register(manager, report) -> None:
-    """`CheckpointManager.register_checkpoint` (keeps ``num_to_keep``, writes the snapshot); it notifies
-    waiters through an asyncio task, so it runs inside a short event loop."""
-
-    async def register():
-        manager.register_checkpoint(report)
-        await asyncio.sleep(0)
-
-    asyncio.run(register())
 
 
 def fit_in_process(config: ExperimentConfig, plan, callbacks: list, log=print) -> InProcessResult:

@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from . import compat
 from .config import ExperimentConfig
 from .errors import AlphaDPOError
 from .in_process import fit_in_process, runs_in_process
@@ -47,7 +48,6 @@ class RunConfigChanged(AlphaDPOError):
 
 
 IDENTITY_FILE = "alphadpo_run.json"  # in {storage_path}/{run_name}, beside Ray Train's checkpoints
-RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
 QUARANTINE_DIR = "quarantined_checkpoints"  # beside them: checkpoints found bad, out of Ray's checkpoint_* names
 PENDING_FILE = "mlflow-pending.jsonl"  # in the run's output dir: reports the tracking store has not taken yet
 # Settings that do not change what a run computes: names and places, tracking, scheduling, logging and
@@ -336,8 +336,7 @@ def _has_checkpoint(run_uri: str) -> bool:
     """Whether Ray Train would resume the run: its snapshot lists a registered checkpoint."""
     from . import storage
 
-    snapshot = _read_json(storage.join(run_uri, RAY_SNAPSHOT_FILE)) or {}
-    return bool(snapshot.get("checkpoint_results") or snapshot.get("latest_checkpoint_result"))
+    return compat.train_snapshot_has_checkpoint(_read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {})
 
 
 def _set_aside(run_uri: str) -> str | None:
@@ -392,31 +391,6 @@ def _check_identity(config: ExperimentConfig, restart: bool, log) -> RunIdentity
     return RunIdentity(run_uri, fingerprint, settings, fresh, previous)
 
 
-def _registered(snapshot: dict) -> list[str]:
-    """The checkpoint directory names a Ray Train snapshot lists (kept ones and the latest)."""
-    entries = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result") or {}]
-    return [e["checkpoint_dir_name"] for e in entries if e.get("checkpoint_dir_name")]
-
-
-def _without(snapshot: dict, drop: set[str], latest: str) -> dict:
-    """`snapshot` without the checkpoints named in `drop`, `latest` its latest checkpoint."""
-    def kept(entries, *aligned):
-        rows = [row for row in zip(entries, *aligned) if row[0]["checkpoint_dir_name"] not in drop]
-        return [list(column) for column in zip(*rows)] if rows else [[] for _ in (entries, *aligned)]
-
-    out = dict(snapshot)
-    out["checkpoint_results"], out["checkpoint_report_indices"] = kept(
-        snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"])
-    out["pending_training_results"], out["pending_validation_specs"] = kept(
-        snapshot.get("pending_training_results") or [], snapshot.get("pending_validation_specs") or [])
-    out["latest_checkpoint_result"] = next(e for e in snapshot["checkpoint_results"]
-                                           if e["checkpoint_dir_name"] == latest)
-    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
-                "failed_validation_checkpoint_dir_names"):
-        out[key] = [name for name in snapshot.get(key) or [] if name not in drop]
-    return out
-
-
 def screen_checkpoints(run_uri: str, log=print) -> None:
     """Before Ray Train's checkpoint manager loads the run: verify the checkpoint it would hand over (the
     latest registered) in full (`recipe.checkpoint_problem`: manifests, sizes, sha256), then older
@@ -429,12 +403,12 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
     from .recipe import CheckpointUnusable, checkpoint_problem
     from .tracking import redact
 
-    snapshot = _read_json(storage.join(run_uri, RAY_SNAPSHOT_FILE))
-    if not snapshot or not snapshot.get("latest_checkpoint_result"):
+    snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE))
+    latest = compat.train_snapshot_latest(snapshot or {})
+    if latest is None:
         return
     fs, run_path = storage.resolve(run_uri)
-    latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    order = [latest] + sorted(set(_registered(snapshot)) - {latest}, reverse=True)  # names sort by time
+    order = [latest] + sorted(set(compat.train_snapshot_checkpoints(snapshot)) - {latest}, reverse=True)  # by time
     bad: list[tuple[str, str]] = []
     for name in order:
         problem = checkpoint_problem(fs, posixpath.join(run_path, name))
@@ -448,7 +422,8 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
             + "; ".join(f"{n}: {why}" for n, why in bad))
     if not bad:
         return
-    storage.write_json(storage.join(run_uri, RAY_SNAPSHOT_FILE), _without(snapshot, {n for n, _ in bad}, name))
+    storage.write_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE),
+                       compat.train_snapshot_without(snapshot, {n for n, _ in bad}, name))
     for bad_name, why in bad:
         source = posixpath.join(run_path, bad_name)
         if isinstance(fs, pafs.LocalFileSystem):
@@ -483,10 +458,10 @@ def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
     from . import storage
     from .tracking import redact
 
-    snapshot = _read_json(storage.join(run_uri, RAY_SNAPSHOT_FILE)) or {}
+    snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {}
     fs, path = storage.resolve(run_uri)
     removed = []
-    for name in sorted(_checkpoint_dirs(run_uri) - before - set(_registered(snapshot))):
+    for name in sorted(_checkpoint_dirs(run_uri) - before - set(compat.train_snapshot_checkpoints(snapshot))):
         target = posixpath.join(path, name)
         try:
             fs.delete_dir(target)

@@ -65,7 +65,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed
+from . import compat, distributed
 
 DEFAULT_CHUNK_SIZE = 512
 DEFAULT_MEMORY_BUDGET_MB = 128.0  # float32 logits kept for the backward instead of recomputed (see above)
@@ -282,15 +282,13 @@ def _gather_until_accumulated(weight: torch.nn.Parameter) -> None:
     embedding, whose backward ran in between; DeepSpeed releases it with that module). A weight that is
     gathered already is left to whoever gathered it. DeepSpeed's own post-accumulate hook (registered
     at initialize, so run before this one) has taken the gradient by then."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if weight.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+    if not compat.zero3_param_partitioned(weight):
         return
     weight.all_gather()  # a collective, issued alike on every rank (they run the same graph)
 
     def release(_):
         handle.remove()
-        if not weight.ds_active_sub_modules:
+        if not compat.zero3_param_in_use(weight):
             weight.partition()
 
     handle = weight.register_post_accumulate_grad_hook(release)

@@ -379,39 +379,35 @@ def check_cluster_access(address: str) -> None:
     logging an ``Unauthenticated`` line, and a ConnectionError traceback. Other answers are left to
     `ray.init`."""
     import grpc
-    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
     from ray.exceptions import AuthenticationError
+
+    from . import compat
 
     how = ("Set `export RAY_AUTH_MODE=token` and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
            "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (the default; `ray get-auth-token` on the head node "
            "prints it). Nodes joining the cluster need the same two settings.")
-    token_mode = get_authentication_mode() == AuthenticationMode.TOKEN
-    loader = AuthenticationTokenLoader.instance()
     try:
-        if token_mode and not loader.has_token():
+        token_mode, has_token = compat.ray_token_auth()
+        if token_mode and not has_token:
             raise ClusterAccessError(f"RAY_AUTH_MODE=token, but no Ray auth token was found ({_token_source()}). {how}")
-        metadata = tuple(loader.get_token_for_http_header().items()) if token_mode else ()
+        metadata = compat.ray_auth_metadata() if token_mode else ()
     except AuthenticationError:  # e.g. RAY_AUTH_TOKEN_PATH names a missing or empty file
         raise ClusterAccessError(f"RAY_AUTH_MODE=token, but the Ray auth token cannot be read from "
                                  f"{_token_source()}. {how}") from None
-    with grpc.insecure_channel(address) as channel:
-        try:
-            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=_CLUSTER_TIMEOUT_S,
-                wait_for_ready=True)
-        except grpc.RpcError as err:
-            code = err.code()
-            if code == grpc.StatusCode.UNAUTHENTICATED and not token_mode:
-                raise ClusterAccessError(
-                    f"The Ray cluster at {address} requires token authentication, and this process sends no token "
-                    f"(RAY_AUTH_MODE is not 'token'). {how}") from None
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise ClusterAccessError(
-                    f"The Ray cluster at {address} rejected this process's auth token (from {_token_source()}): it "
-                    f"is not the cluster's. {how}") from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ClusterAccessError(
-                    f"No Ray cluster answered at {address} within {_CLUSTER_TIMEOUT_S:g} s. Check the address (the "
-                    "head's GCS address, `ray start --head --port`, default port 6379) and that the head node is "
-                    "running and reachable from here.") from None
+    try:
+        compat.gcs_get_cluster_id(address, metadata, _CLUSTER_TIMEOUT_S)
+    except grpc.RpcError as err:
+        code = err.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED and not token_mode:
+            raise ClusterAccessError(
+                f"The Ray cluster at {address} requires token authentication, and this process sends no token "
+                f"(RAY_AUTH_MODE is not 'token'). {how}") from None
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise ClusterAccessError(
+                f"The Ray cluster at {address} rejected this process's auth token (from {_token_source()}): it "
+                f"is not the cluster's. {how}") from None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise ClusterAccessError(
+                f"No Ray cluster answered at {address} within {_CLUSTER_TIMEOUT_S:g} s. Check the address (the "
+                "head's GCS address, `ray start --head --port`, default port 6379) and that the head node is "
+                "running and reachable from here.") from None

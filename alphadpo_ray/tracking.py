@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -121,11 +120,11 @@ def _copy_template_store(db: Path) -> None:
     directory) when the copy is first opened, as for a store it made itself. The copy is linked into place
     only where no file is: an existing one, even empty, may be open in another process."""
     import shutil
-    import sqlite3
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from . import compat
     from .storage import default_cache_dir, file_lock
 
     template = default_cache_dir() / "mlflow-sqlite" / f"{mlflow.__version__}.db"
@@ -134,9 +133,7 @@ def _copy_template_store(db: Path) -> None:
         if not template.exists():
             making = template.with_name(f".{template.name}.{os.getpid()}")
             MlflowClient(f"sqlite:///{making}").search_experiments(max_results=1)  # create + migrate
-            with contextlib.closing(sqlite3.connect(making)) as connection, connection:
-                connection.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
-                connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            compat.drop_default_experiment(making)  # delete + `mlflow gc`: the template holds no experiment
             os.replace(making, template)
     copy = db.with_name(f".{db.name}.{os.getpid()}")
     shutil.copyfile(template, copy)

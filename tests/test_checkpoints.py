@@ -129,7 +129,7 @@ def _run_dir(config) -> Path:
 
 def _intact(config) -> list[str]:
     """The run's checkpoint_* directories, each checked intact, and exactly what Ray Train's snapshot lists."""
-    from alphadpo_ray.launch import RAY_SNAPSHOT_FILE
+    from alphadpo_ray.compat import TRAIN_SNAPSHOT_FILE as RAY_SNAPSHOT_FILE
     from alphadpo_ray.recipe import verify_checkpoint
 
     names = [p.name for p in _checkpoints(config)]
@@ -174,7 +174,7 @@ def test_in_process_run_quarantines_a_truncated_checkpoint_and_keeps_two_intact(
 def _fill_when_registered(run_dir: Path, ballast: Path, stop: threading.Event) -> threading.Thread:
     """Fill the disk under `run_dir` once Ray Train's snapshot lists a checkpoint (another process taking the
     space mid-run): `ballast` grows until the disk has no room left."""
-    from alphadpo_ray.launch import RAY_SNAPSHOT_FILE
+    from alphadpo_ray.compat import TRAIN_SNAPSHOT_FILE as RAY_SNAPSHOT_FILE
 
     def fill():
         snapshot = run_dir / RAY_SNAPSHOT_FILE

@@ -12,7 +12,8 @@ PACKAGE = Path(alphadpo_ray.__file__).parent
 
 # Lowest first. A module may import from lower layers only (and within its own subpackage).
 LAYERS = [
-    {"errors", "presets", "console", "plugins"},  # no project imports
+    {"compat"},  # the only module that reaches private internals of Ray, Optuna, DeepSpeed, MLflow (libraries only)
+    {"errors", "presets", "console", "plugins"},  # no project imports but compat
     {"distributed", "storage"},  # collectives; local / object storage
     {"losses", "logprobs", "task", "models", "data"},  # the maths, models and data
     {"metrics", "sweep_settings", "plan"},  # held-out metrics, sweep schema + objectives, driver→worker contract

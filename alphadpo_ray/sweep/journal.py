@@ -15,14 +15,18 @@ searcher's saved state is made to agree with that trial list — the number of t
 concurrency limiter's live trials, and the Optuna study (ended trials told, trials it never saw
 registered, suggestions no trial carries failed). So a resumed sweep runs exactly ``num_samples`` trials
 and never re-runs a finished one, whenever the driver was killed.
+
+Those saved states are private layouts of Tune and Optuna; every read and edit of them goes through
+`alphadpo_ray.compat`. An Optuna ``JournalStorage`` behind `OptunaSearch(storage=...)` would keep the
+study itself durable, but not Tune's half: the trial id → Optuna trial map and the ended set live in the
+searcher's pickle, the trial counter and the concurrency limiter in Tune's generator state, and a
+journal file needs a POSIX file system where sweeps may store to an object store.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
-import pickle
 import posixpath
 import time
 import uuid
@@ -30,10 +34,10 @@ import uuid
 import pyarrow.fs as pafs
 from ray.tune import Callback
 
+from .. import compat
+
 JOURNAL_DIR = "trial_journal"
 ENDED = ("TERMINATED", "ERROR")
-_STATE, _SEARCH_GEN, _SEARCHER = "experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"
-_VARIANTS = "basic-variant-state-*.json"  # the grid's generator (Tune's default search algorithm)
 
 
 def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -148,17 +152,16 @@ def merge_trials(trial_data: list, journal: dict[str, dict], add_missing: bool) 
 def _register(searcher, trial_id: str, params: dict) -> None:
     """A running Optuna trial for a Tune trial the study never saw (suggested after its snapshot): the
     starting point Tune had handed out if it is next in the study's queue, else one with these params."""
-    import optuna
     from optuna.trial import TrialState, create_trial
 
-    study, space = searcher._ot_study, searcher._space
+    study, space, ot_trials, _completed = compat.optuna_search_parts(searcher)
     params = {k: params[k] for k in space if k in params}
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    if waiting and waiting[0].system_attrs.get("fixed_params") == params:
-        searcher._ot_trials[trial_id] = study.ask(fixed_distributions=space)
+    if waiting and compat.enqueued_params(waiting[0]) == params:
+        ot_trials[trial_id] = study.ask(fixed_distributions=space)
         return
     study.add_trial(create_trial(state=TrialState.RUNNING, params=params, distributions=space))
-    searcher._ot_trials[trial_id] = optuna.trial.Trial(study, study.get_trials(deepcopy=False)[-1]._trial_id)
+    ot_trials[trial_id] = compat.optuna_trial_handle(study, study.get_trials(deepcopy=False)[-1])
 
 
 def reconcile_searcher(searcher, trials: dict[str, tuple[str, dict, dict]]) -> None:
@@ -168,16 +171,17 @@ def reconcile_searcher(searcher, trials: dict[str, tuple[str, dict, dict]]) -> N
     from optuna.trial import TrialState
     from ray.tune.utils import flatten_dict
 
+    study, _space, ot_trials, completed = compat.optuna_search_parts(searcher)
     for trial_id, (status, params, result) in trials.items():
-        if trial_id in searcher._completed_trials:
+        if trial_id in completed:
             continue
-        if trial_id not in searcher._ot_trials:
+        if trial_id not in ot_trials:
             _register(searcher, trial_id, params)
         if status in ENDED:
             searcher.on_trial_complete(trial_id, result=flatten_dict(result) or None, error=status == "ERROR")
-    for trial_id in [t for t in searcher._ot_trials if t not in trials and t not in searcher._completed_trials]:
-        searcher._ot_study.tell(searcher._ot_trials[trial_id], state=TrialState.FAIL)
-        searcher._completed_trials.add(trial_id)
+    for trial_id in [t for t in ot_trials if t not in trials and t not in completed]:
+        study.tell(ot_trials[trial_id], state=TrialState.FAIL)
+        completed.add(trial_id)
 
 
 def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True) -> list[dict]:
@@ -188,13 +192,12 @@ def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True)
     before it) the searcher's state is still made to agree with the snapshot's trials: Tune saves and
     uploads those files one by one, so a kill can leave them from different saves. Returns the journal
     records that ended trials the snapshot had not (their MLflow runs may still need closing)."""
-    import ray.cloudpickle as cloudpickle
-
     from .. import storage
 
     fs, experiment = storage.resolve(experiment_uri)
     journal = read_journal(fs, experiment)
-    state_path = _newest(fs, experiment, _STATE)
+    patterns = compat.tune_state_patterns()
+    state_path = _newest(fs, experiment, patterns["experiment"])
     if state_path is None:
         return []  # nothing Tune could restore
     state = json.loads(_read(fs, state_path))
@@ -210,27 +213,19 @@ def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True)
         trials[data["trial_id"]] = (data["status"], record.get("params") or {},
                                     record.get("result") or metadata.get("last_result") or {})
     live = {t for t, (status, *_rest) in trials.items() if status not in ENDED}
-    variant_path = _newest(fs, experiment, _VARIANTS)
+    variant_path = _newest(fs, experiment, patterns["variants"])
     if variant_path is not None:  # a grid: its generator holds back trials while `max_concurrent` live
-        variants = cloudpickle.loads(_read(fs, variant_path))
-        if isinstance(variants, dict) and "_live_trials" in variants:
-            variants["_live_trials"] = live & variants["_live_trials"]
-            _write(fs, variant_path, cloudpickle.dumps(variants))
-    gen_path = _newest(fs, experiment, _SEARCH_GEN)
+        edited = compat.edit_variant_generator_state(_read(fs, variant_path), live)
+        if edited is not None:
+            _write(fs, variant_path, edited)
+    gen_path = _newest(fs, experiment, patterns["search_gen"])
     if gen_path is not None and make_searcher is not None:
-        gen = cloudpickle.loads(_read(fs, gen_path))
-        gen["counter"] = len(trials)  # trials created = trials Tune holds: no more, no fewer
-        for key, limiter in gen.items():
-            if key.startswith("name:ConcurrencyLimiter"):
-                limiter["live_trials"], limiter["num_unfinished_live_trials"] = live, len(live)
-                limiter["cached_results"] = {}
-        _write(fs, gen_path, cloudpickle.dumps(gen))
-    searcher_path = _newest(fs, experiment, _SEARCHER)
+        # trials created = trials Tune holds: no more, no fewer
+        _write(fs, gen_path, compat.edit_search_generator_state(_read(fs, gen_path), len(trials), live))
+    searcher_path = _newest(fs, experiment, patterns["searcher"])
     if searcher_path is not None and make_searcher is not None:
         searcher = make_searcher()
-        searcher.__dict__.update(pickle.loads(_read(fs, searcher_path)))  # as OptunaSearch.restore does
+        compat.load_optuna_searcher(searcher, _read(fs, searcher_path))  # as OptunaSearch.restore does
         reconcile_searcher(searcher, trials)
-        buffer = io.BytesIO()
-        pickle.dump(searcher.__dict__.copy(), buffer)  # as OptunaSearch.save does
-        _write(fs, searcher_path, buffer.getvalue())
+        _write(fs, searcher_path, compat.dump_optuna_searcher(searcher))  # as OptunaSearch.save does
     return ended
