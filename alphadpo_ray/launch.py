@@ -239,11 +239,11 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
     preflight(config, log)  # paths, disk, DeepSpeed config, hub ids: before anything starts
     uri = _check_tracking(config)
     identity = _check_identity(config, restart, log)
+    if not identity.fresh:
+        screen_checkpoints(identity.uri, log)  # a bad checkpoint is set aside even when nothing trains
     stored = _finished_summary(identity)
     if stored is not None:  # nothing to do: answered from storage, no Ray, no data
         return {**stored, "already_finished": True}
-    if not identity.fresh:
-        screen_checkpoints(identity.uri, log)
     in_process = runs_in_process(config) and not address
     if in_process:
         apply_worker_env(config)
@@ -294,7 +294,8 @@ def _record_finished(identity: RunIdentity, summary: dict) -> None:
 
 def _finished_summary(identity: RunIdentity) -> dict | None:
     """The stored summary of a run that finished under this very fingerprint (its identity record says
-    so, and its ``summary.json`` is still there and says finished), else None: the run (re)starts."""
+    so, its ``summary.json`` is still there and says finished, and its final checkpoint is still Ray's
+    latest, not set aside as bad), else None: the run (re)starts or resumes."""
     finished = (identity.previous or {}).get("finished") if not identity.fresh else None
     if not finished or (identity.previous or {}).get("fingerprint") != identity.fingerprint:
         return None
@@ -304,6 +305,11 @@ def _finished_summary(identity: RunIdentity) -> dict | None:
         return None
     if summary.get("status") != "finished" or summary.get("checkpoint") != finished.get("checkpoint"):
         return None
+    from . import storage
+
+    latest = compat.train_snapshot_latest(_read_json(storage.join(identity.uri, compat.TRAIN_SNAPSHOT_FILE)) or {})
+    if latest is None or latest != posixpath.basename(str(finished.get("checkpoint") or "").rstrip("/")):
+        return None  # its final checkpoint was set aside as bad (`screen_checkpoints`): the run resumes
     return summary
 
 
