@@ -584,7 +584,33 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {_yaml_problem(err)}") from None
+    if raw != raw.strip():  # as a shell line ends `--set KEY=VALUE ` inside quotes: a typo, like a path's spaces
+        raise ConfigError(f"--set {item!r}: {'.'.join(parts)}: the value {raw!r} has surrounding spaces; remove "
+                          f"them (a value that needs them goes in YAML quotes: {'.'.join(parts)}=\"...\")")
     return parts, value
+
+
+def _check_override_key(item: str, path: list[str]) -> None:
+    """A `--set` key that a config section does not take is refused here, naming the item and the closest
+    key (``--set 'training.learning_rat=1e-4': training.learning_rat: unknown key (did you mean
+    training.learning_rate?)``); free-form places (method hyperparameters, ``deepspeed.extra``, search
+    spaces) are left to validation."""
+    import typing
+
+    cls: Any = ExperimentConfig
+    for depth, part in enumerate(path):
+        fields = cls.model_fields
+        if part not in fields:
+            if cls.model_config.get("extra") == "forbid":
+                close = _did_you_mean(part, fields).removeprefix(" (did you mean ").removesuffix("?)")
+                hint = f" (did you mean {'.'.join([*path[:depth], close])}?)" if close else ""
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[:depth + 1])}: unknown key{hint}")
+            return
+        annotation = fields[part].annotation
+        cls = next((a for a in (annotation, *typing.get_args(annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -595,6 +621,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     parsed = [(item, *parse_override(item)) for item in overrides]
     parsed.sort(key=lambda entry: entry[1] != ["method", "name"])  # stable: switches first, rest in order
     for item, path, value in parsed:
+        _check_override_key(item, path)
         method = data.get("method")
         if path == ["method", "name"] and isinstance(method, dict) and method.get("name", "alpha-dpo") != value:
             data["method"] = {"name": value}
