@@ -162,17 +162,19 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     this (driver) process where unset, on purpose and for the process's lifetime: the same library
     switches (tokenizers' thread pool, datasets' progress bars) apply to the driver's own data
     preparation, and Ray Train's controller reads the health-check interval from the environment of
-    the process that creates it. A user's own value always wins. An explicit cluster address is
+    the process that creates it. A user's own value always wins. A token file named by RAY_AUTH_TOKEN_PATH
+    must exist and hold a token (`preflight.check_token_file`). An explicit cluster address is
     probed first (`preflight.check_cluster_access`): a cluster that refuses this process's auth token
     or does not answer is one clear error, not Ray's retries and traceback."""
     import ray
 
     from .console import drop_benign_worker_lines
-    from .preflight import check_cluster_access, gcs_address
+    from .preflight import check_cluster_access, check_token_file, gcs_address
 
     _keep_credentials_out_of_runtime_envs()
     env = apply_worker_env(config)
     if not ray.is_initialized():
+        check_token_file()  # a missing RAY_AUTH_TOKEN_PATH file fails every ray.init, a local one too
         address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
         if gcs_address(address):
             check_cluster_access(gcs_address(address))

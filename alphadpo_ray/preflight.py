@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import shlex
 import socket
 import tempfile
 from pathlib import Path
@@ -372,6 +373,28 @@ def _token_source() -> str:
     return "~/.ray/auth_token (the default)"
 
 
+def check_token_file() -> None:
+    """When RAY_AUTH_TOKEN_PATH names the token (and RAY_AUTH_TOKEN does not override it), the file must
+    exist and hold a token: else one `ClusterAccessError` saying how to fill it. Ray only says the file
+    "cannot be opened or is empty", and its own fix, ``ray get-auth-token --generate``, fails the same way
+    while RAY_AUTH_TOKEN_PATH names the missing file (Ray 2.60 checks the path before generating)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not path or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    try:
+        problem = None if Path(path).expanduser().read_text().strip() else "is empty"
+    except FileNotFoundError:
+        problem = "does not exist"
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    if problem:
+        raise ClusterAccessError(
+            f"RAY_AUTH_TOKEN_PATH={path}: the token file {problem}. Put the cluster's token there (on the head node "
+            f"`ray get-auth-token` prints it), or make a new token with `env -u RAY_AUTH_TOKEN_PATH ray "
+            f"get-auth-token --generate > {shlex.quote(path)}` (with RAY_AUTH_TOKEN_PATH set, --generate fails on "
+            f"the missing file); or unset RAY_AUTH_TOKEN_PATH to use ~/.ray/auth_token.")
+
+
 def check_cluster_access(address: str) -> None:
     """Ask the GCS at `address` for its cluster id with the authentication `ray.init` would use, and
     raise one `ClusterAccessError` naming the fix when it refuses (no token: RAY_AUTH_MODE is not
@@ -386,6 +409,7 @@ def check_cluster_access(address: str) -> None:
     how = ("Set `export RAY_AUTH_MODE=token` and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
            "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (the default; `ray get-auth-token` on the head node "
            "prints it). Nodes joining the cluster need the same two settings.")
+    check_token_file()
     token_mode = get_authentication_mode() == AuthenticationMode.TOKEN
     loader = AuthenticationTokenLoader.instance()
     try:

@@ -105,3 +105,43 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_anything_starts(
     assert 7 < free <= 8 and 14 < need < 16
     assert "ray.num_to_keep = 2" in message
     assert not any(disk.iterdir())  # not even the run's storage or prepared data
+
+
+@pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
+def test_missing_or_empty_token_file_says_how_to_make_it(tmp_path, content):
+    """RAY_AUTH_TOKEN_PATH naming a missing or empty file: a real `sweep` stops before Ray starts with one line
+    saying how to fill the file (before: Ray's AuthenticationError traceback, whose advice `ray get-auth-token
+    --generate` fails the same way), and the command it prints, run as printed, makes a token Ray reads."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from conftest import small_config
+
+    token = tmp_path / "secrets" / "ray-token"
+    if content is not None:
+        token.parent.mkdir()
+        token.write_text(content)
+    config = small_config(tmp_path, tracking={"enabled": False})
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(RAY_AUTH_TOKEN_PATH=str(token), HOME=str(tmp_path),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    out = subprocess.run([sys.executable, "-m", "alphadpo_ray", "sweep", str(path), "--address", "local"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stdout + out.stderr, out.stderr
+    problem = "does not exist" if content is None else "is empty"
+    assert lines[0].startswith(f"error: RAY_AUTH_TOKEN_PATH={token}: the token file {problem}. "), lines[0]
+    generate = re.search(r"`(env -u RAY_AUTH_TOKEN_PATH ray get-auth-token --generate > [^`]+)`", lines[0]).group(1)
+    token.parent.mkdir(exist_ok=True)
+    made = subprocess.run(generate, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    read = subprocess.run(["ray", "get-auth-token"], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                          text=True, timeout=120)
+    assert read.returncode == 0 and read.stdout.strip() == token.read_text().strip() != "", read.stdout + read.stderr
