@@ -304,6 +304,10 @@ class DeepSpeedConfig(_Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
 
 
+SPOT_DEFAULTS = {"max_failures": 3, "max_preemption_failures": -1, "preemption_poll_s": 1.0,
+                 "preemption_grace_s": 30.0}  # what `ray.spot: true` fills in (RayConfig._spot_defaults)
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="existing cluster (or RAY_ADDRESS); None starts a local one")
     num_workers: int = Field(2, ge=1)
@@ -316,8 +320,27 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     max_preemption_failures: int = Field(-1, ge=-1, description="node preemptions to resume from, counted apart "
                                          "from max_failures (-1: any number, 0: none)")
+    spot: bool = Field(False, description="the cluster's nodes are spot/preemptible: fills the settings below "
+                       "left unset with SPOT_DEFAULTS (max_failures 3, max_preemption_failures -1, "
+                       "preemption_poll_s 1, preemption_grace_s 30); values given explicitly win")
+    preemption_poll_s: float | None = Field(None, gt=0, description="how often Ray Train polls for drain (preemption) "
+                                            "notices (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S; None: Ray's 5 s)")
+    preemption_grace_s: float | None = Field(None, ge=0, description="how long surviving workers may keep running "
+                                             "past a preemption deadline, to finish a just-in-time checkpoint "
+                                             "(Ray Train FailureConfig.preemption_grace_s; None: Ray's 0)")
     num_to_keep: int | None = Field(2, ge=1)
     health_check_interval_s: float = Field(0.1, gt=0, description="Ray Train controller poll interval")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spot_defaults(cls, data):
+        """``spot: true``: the failure budget, drain poll and grace a spot cluster needs (`SPOT_DEFAULTS`),
+        for every one not given. A spot kill the drain poll misses is an ordinary failure, so with
+        ``max_failures: 0`` it ends the run; Ray polls drain notices every 5 s by default, and a node
+        killed within that of its notice loses the steps since the last periodic checkpoint."""
+        if isinstance(data, dict) and data.get("spot") is True:
+            data = {**SPOT_DEFAULTS, **{k: v for k, v in data.items() if v is not None or k not in SPOT_DEFAULTS}}
+        return data
     in_process_single_worker: bool = Field(True, description="a one-worker run without ray.address (or "
                                            "RAY_ADDRESS) trains in the driver's process: no Ray start, no Train "
                                            "controller or worker actor, the reference scored in-process; same "

@@ -373,6 +373,24 @@ def _token_source() -> str:
     return "~/.ray/auth_token (the default)"
 
 
+MARKET_TYPE_LABEL = "ray.io/market-type"  # Ray 2.60's node label from RAY_NODE_MARKET_TYPE (KubeRay sets it)
+
+
+def spot_warnings(config: ExperimentConfig, nodes: list[dict]) -> list[str]:
+    """A warning line when the cluster says spot — a live node labelled ``ray.io/market-type: spot``
+    (`ray.nodes()` entries) — and the run has no failure budget for it: ``ray.max_failures: 0`` (a spot
+    kill that the drain poll misses is an ordinary failure and ends the run) or
+    ``ray.max_preemption_failures: 0``. Empty otherwise. Nodes an autoscaler adds later are not seen."""
+    spot = sorted({str(n.get("NodeManagerAddress") or n.get("NodeID", "?")) for n in nodes if n.get("Alive", True)
+                   and str((n.get("Labels") or {}).get(MARKET_TYPE_LABEL, "")).lower() == "spot"})
+    zero = [k for k in ("max_failures", "max_preemption_failures") if getattr(config.ray, k) == 0]
+    if not spot or not zero:
+        return []
+    return [f"[warning] node(s) {', '.join(spot)} are spot ({MARKET_TYPE_LABEL}=spot) and "
+            f"{' and '.join(f'ray.{k}' for k in zero)} is 0: a spot kill ends the run. Set ray.spot: true "
+            f"(a failures budget, a 1 s drain-notice poll and a 30 s grace) or raise {', '.join(f'ray.{k}' for k in zero)}."]
+
+
 def check_token_file() -> None:
     """When RAY_AUTH_TOKEN_PATH names the token (and RAY_AUTH_TOKEN does not override it), the file must
     exist and hold a token: else one `ClusterAccessError` saying how to fill it. Ray only says the file
