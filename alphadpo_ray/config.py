@@ -304,6 +304,10 @@ class DeepSpeedConfig(_Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
 
 
+SPOT_DEFAULTS = {"max_failures": 3, "max_preemption_failures": -1, "preemption_poll_s": 1.0,
+                 "preemption_grace_s": 30.0}  # what `ray.spot: true` fills in (RayConfig._spot_defaults)
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="existing cluster (or RAY_ADDRESS); None starts a local one")
     num_workers: int = Field(2, ge=1)
@@ -316,8 +320,27 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     max_preemption_failures: int = Field(-1, ge=-1, description="node preemptions to resume from, counted apart "
                                          "from max_failures (-1: any number, 0: none)")
+    spot: bool = Field(False, description="the cluster's nodes are spot/preemptible: fills the settings below "
+                       "left unset with SPOT_DEFAULTS (max_failures 3, max_preemption_failures -1, "
+                       "preemption_poll_s 1, preemption_grace_s 30); values given explicitly win")
+    preemption_poll_s: float | None = Field(None, gt=0, description="how often Ray Train polls for drain (preemption) "
+                                            "notices (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S; None: Ray's 5 s)")
+    preemption_grace_s: float | None = Field(None, ge=0, description="how long surviving workers may keep running "
+                                             "past a preemption deadline, to finish a just-in-time checkpoint "
+                                             "(Ray Train FailureConfig.preemption_grace_s; None: Ray's 0)")
     num_to_keep: int | None = Field(2, ge=1)
     health_check_interval_s: float = Field(0.1, gt=0, description="Ray Train controller poll interval")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spot_defaults(cls, data):
+        """``spot: true``: the failure budget, drain poll and grace a spot cluster needs (`SPOT_DEFAULTS`),
+        for every one not given. A spot kill the drain poll misses is an ordinary failure, so with
+        ``max_failures: 0`` it ends the run; Ray polls drain notices every 5 s by default, and a node
+        killed within that of its notice loses the steps since the last periodic checkpoint."""
+        if isinstance(data, dict) and data.get("spot") is True:
+            data = {**SPOT_DEFAULTS, **{k: v for k, v in data.items() if v is not None or k not in SPOT_DEFAULTS}}
+        return data
     in_process_single_worker: bool = Field(True, description="a one-worker run without ray.address (or "
                                            "RAY_ADDRESS) trains in the driver's process: no Ray start, no Train "
                                            "controller or worker actor, the reference scored in-process; same "
@@ -584,7 +607,33 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {_yaml_problem(err)}") from None
+    if raw != raw.strip():  # as a shell line ends `--set KEY=VALUE ` inside quotes: a typo, like a path's spaces
+        raise ConfigError(f"--set {item!r}: {'.'.join(parts)}: the value {raw!r} has surrounding spaces; remove "
+                          f"them (a value that needs them goes in YAML quotes: {'.'.join(parts)}=\"...\")")
     return parts, value
+
+
+def _check_override_key(item: str, path: list[str]) -> None:
+    """A `--set` key that a config section does not take is refused here, naming the item and the closest
+    key (``--set 'training.learning_rat=1e-4': training.learning_rat: unknown key (did you mean
+    training.learning_rate?)``); free-form places (method hyperparameters, ``deepspeed.extra``, search
+    spaces) are left to validation."""
+    import typing
+
+    cls: Any = ExperimentConfig
+    for depth, part in enumerate(path):
+        fields = cls.model_fields
+        if part not in fields:
+            if cls.model_config.get("extra") == "forbid":
+                close = _did_you_mean(part, fields).removeprefix(" (did you mean ").removesuffix("?)")
+                hint = f" (did you mean {'.'.join([*path[:depth], close])}?)" if close else ""
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[:depth + 1])}: unknown key{hint}")
+            return
+        annotation = fields[part].annotation
+        cls = next((a for a in (annotation, *typing.get_args(annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -595,6 +644,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     parsed = [(item, *parse_override(item)) for item in overrides]
     parsed.sort(key=lambda entry: entry[1] != ["method", "name"])  # stable: switches first, rest in order
     for item, path, value in parsed:
+        _check_override_key(item, path)
         method = data.get("method")
         if path == ["method", "name"] and isinstance(method, dict) and method.get("name", "alpha-dpo") != value:
             data["method"] = {"name": value}

@@ -37,6 +37,7 @@ from .in_process import fit_in_process, runs_in_process
 
 # The Train controller polls workers at this interval; reports block on it (default 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PREEMPTION_POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"  # read by Ray Train's controller (ray.preemption_poll_s)
 
 
 class TrainingFailed(AlphaDPOError):
@@ -54,6 +55,7 @@ PENDING_FILE = "mlflow-pending.jsonl"  # in the run's output dir: reports the tr
 # checkpoint cadence, and how the global batch is split (2 workers × b = 1 worker × 2b, see recipe.py).
 NOT_IDENTITY = ("name", "output_dir", "cache_dir", "tracking", "sweep", "ray.address", "ray.num_workers",
                 "ray.resources_per_worker", "ray.storage_path", "ray.max_failures", "ray.max_preemption_failures",
+                "ray.spot", "ray.preemption_poll_s", "ray.preemption_grace_s",
                 "ray.placement_strategy", "ray.num_to_keep", "ray.in_process_single_worker",
                 "ray.health_check_interval_s", "training.per_device_train_batch_size",
                 "training.gradient_accumulation_steps", "training.per_device_eval_batch_size",
@@ -114,6 +116,7 @@ def worker_env(config: ExperimentConfig) -> dict[str, str]:
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir(config),
         **{k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k) and not looks_secret(os.environ[k])},
         HEALTH_CHECK_ENV: str(config.ray.health_check_interval_s),
+        **({PREEMPTION_POLL_ENV: str(config.ray.preemption_poll_s)} if config.ray.preemption_poll_s else {}),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "0"),
@@ -162,22 +165,27 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     this (driver) process where unset, on purpose and for the process's lifetime: the same library
     switches (tokenizers' thread pool, datasets' progress bars) apply to the driver's own data
     preparation, and Ray Train's controller reads the health-check interval from the environment of
-    the process that creates it. A user's own value always wins. An explicit cluster address is
+    the process that creates it. A user's own value always wins. A token file named by RAY_AUTH_TOKEN_PATH
+    must exist and hold a token (`preflight.check_token_file`); spot nodes with no failure budget are
+    warned about (`preflight.spot_warnings`). An explicit cluster address is
     probed first (`preflight.check_cluster_access`): a cluster that refuses this process's auth token
     or does not answer is one clear error, not Ray's retries and traceback."""
     import ray
 
     from .console import drop_benign_worker_lines
-    from .preflight import check_cluster_access, gcs_address
+    from .preflight import check_cluster_access, check_token_file, gcs_address, spot_warnings
 
     _keep_credentials_out_of_runtime_envs()
     env = apply_worker_env(config)
     if not ray.is_initialized():
+        check_token_file()  # a missing RAY_AUTH_TOKEN_PATH file fails every ray.init, a local one too
         address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
         if gcs_address(address):
             check_cluster_access(gcs_address(address))
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="warning")
+        for line in spot_warnings(config, ray.nodes()):
+            print(line, flush=True)
     drop_benign_worker_lines()
 
 
@@ -202,7 +210,9 @@ def build_trainer(config: ExperimentConfig, plan, callbacks: list | None = None,
             storage_path=config.storage_path(),
             checkpoint_config=CheckpointConfig(num_to_keep=config.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=config.ray.max_failures,
-                                         max_preemption_failures=config.ray.max_preemption_failures),
+                                         max_preemption_failures=config.ray.max_preemption_failures,
+                                         **({"preemption_grace_s": config.ray.preemption_grace_s}
+                                            if config.ray.preemption_grace_s is not None else {})),
             callbacks=callbacks or [],
             logging_config=LoggingConfig(log_level="WARNING"),  # progress lines come from ConsoleProgress
         ),

@@ -350,7 +350,13 @@ def hyperparameter_problems(name: str, hparams: Mapping) -> list[tuple[str, str]
     """(hyperparameter, what is wrong) for every problem of `hparams` for method `name` (unknown,
     missing required, non-finite, out of range); empty when they are valid."""
     spec = method_spec(name)
-    problems = [(k, f"method {name!r} does not take this hyperparameter; it takes: {spec.describe()}")
+    import difflib
+
+    def close(k) -> str:
+        match = difflib.get_close_matches(str(k), list(spec.hyperparameters), n=1, cutoff=0.7)
+        return f" (did you mean {match[0]}?)" if match else ""
+
+    problems = [(k, f"method {name!r} does not take this hyperparameter{close(k)}; it takes: {spec.describe()}")
                 for k in hparams if k not in spec.hyperparameters]
     for k, h in spec.hyperparameters.items():
         if k not in hparams:

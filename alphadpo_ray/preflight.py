@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import shlex
 import socket
 import tempfile
 from pathlib import Path
@@ -372,6 +373,46 @@ def _token_source() -> str:
     return "~/.ray/auth_token (the default)"
 
 
+MARKET_TYPE_LABEL = "ray.io/market-type"  # Ray 2.60's node label from RAY_NODE_MARKET_TYPE (KubeRay sets it)
+
+
+def spot_warnings(config: ExperimentConfig, nodes: list[dict]) -> list[str]:
+    """A warning line when the cluster says spot — a live node labelled ``ray.io/market-type: spot``
+    (`ray.nodes()` entries) — and the run has no failure budget for it: ``ray.max_failures: 0`` (a spot
+    kill that the drain poll misses is an ordinary failure and ends the run) or
+    ``ray.max_preemption_failures: 0``. Empty otherwise. Nodes an autoscaler adds later are not seen."""
+    spot = sorted({str(n.get("NodeManagerAddress") or n.get("NodeID", "?")) for n in nodes if n.get("Alive", True)
+                   and str((n.get("Labels") or {}).get(MARKET_TYPE_LABEL, "")).lower() == "spot"})
+    zero = [k for k in ("max_failures", "max_preemption_failures") if getattr(config.ray, k) == 0]
+    if not spot or not zero:
+        return []
+    return [f"[warning] node(s) {', '.join(spot)} are spot ({MARKET_TYPE_LABEL}=spot) and "
+            f"{' and '.join(f'ray.{k}' for k in zero)} is 0: a spot kill ends the run. Set ray.spot: true "
+            f"(a failures budget, a 1 s drain-notice poll and a 30 s grace) or raise {', '.join(f'ray.{k}' for k in zero)}."]
+
+
+def check_token_file() -> None:
+    """When RAY_AUTH_TOKEN_PATH names the token (and RAY_AUTH_TOKEN does not override it), the file must
+    exist and hold a token: else one `ClusterAccessError` saying how to fill it. Ray only says the file
+    "cannot be opened or is empty", and its own fix, ``ray get-auth-token --generate``, fails the same way
+    while RAY_AUTH_TOKEN_PATH names the missing file (Ray 2.60 checks the path before generating)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not path or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    try:
+        problem = None if Path(path).expanduser().read_text().strip() else "is empty"
+    except FileNotFoundError:
+        problem = "does not exist"
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    if problem:
+        raise ClusterAccessError(
+            f"RAY_AUTH_TOKEN_PATH={path}: the token file {problem}. Put the cluster's token there (on the head node "
+            f"`ray get-auth-token` prints it), or make a new token with `env -u RAY_AUTH_TOKEN_PATH ray "
+            f"get-auth-token --generate > {shlex.quote(path)}` (with RAY_AUTH_TOKEN_PATH set, --generate fails on "
+            f"the missing file); or unset RAY_AUTH_TOKEN_PATH to use ~/.ray/auth_token.")
+
+
 def check_cluster_access(address: str) -> None:
     """Ask the GCS at `address` for its cluster id with the authentication `ray.init` would use, and
     raise one `ClusterAccessError` naming the fix when it refuses (no token: RAY_AUTH_MODE is not
@@ -386,6 +427,7 @@ def check_cluster_access(address: str) -> None:
     how = ("Set `export RAY_AUTH_MODE=token` and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
            "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (the default; `ray get-auth-token` on the head node "
            "prints it). Nodes joining the cluster need the same two settings.")
+    check_token_file()
     try:
         token_mode, has_token = compat.ray_token_auth()
         if token_mode and not has_token:

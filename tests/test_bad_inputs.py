@@ -137,6 +137,12 @@ CONFIG_CASES = [
     ("sweep-num-samples-zero", {"sweep": {"num_samples": 0}}, [], r"sweep\.num_samples: Input should be greater than or equal to 1"),
     ("set-unknown-key", {}, ["--set", "training.lr=1e-4"], r"training\.lr: unknown key"),
     ("set-section-typo", {}, ["--set", "trainig.learning_rate=1e-4"], r"trainig: unknown key \(did you mean training\?\)"),
+    ("set-key-typo", {}, ["--set", "training.learning_rat=1e-4"],
+     r"--set 'training\.learning_rat=1e-4': training\.learning_rat: unknown key \(did you mean training\.learning_rate\?\)"),
+    ("set-trailing-space", {}, ["--set", "training.learning_rate=1e-4 "],
+     r"--set 'training\.learning_rate=1e-4 ': training\.learning_rate: the value '1e-4 ' has surrounding spaces"),
+    ("set-hyperparameter-typo", {}, ["--set", "method.bta=1"],
+     r"method\.bta: method 'alpha-dpo' does not take this hyperparameter \(did you mean beta\?\)"),
     # --- ray
     ("num-workers-zero", {"ray": {"num_workers": 0}}, [], r"ray\.num_workers: Input should be greater than or equal to 1"),
     ("num-workers-fraction", {"ray": {"num_workers": 2.5}}, [],

@@ -105,3 +105,92 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_anything_starts(
     assert 7 < free <= 8 and 14 < need < 16
     assert "ray.num_to_keep = 2" in message
     assert not any(disk.iterdir())  # not even the run's storage or prepared data
+
+
+@pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
+def test_missing_or_empty_token_file_says_how_to_make_it(tmp_path, content):
+    """RAY_AUTH_TOKEN_PATH naming a missing or empty file: a real `sweep` stops before Ray starts with one line
+    saying how to fill the file (before: Ray's AuthenticationError traceback, whose advice `ray get-auth-token
+    --generate` fails the same way), and the command it prints, run as printed, makes a token Ray reads."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from conftest import small_config
+
+    token = tmp_path / "secrets" / "ray-token"
+    if content is not None:
+        token.parent.mkdir()
+        token.write_text(content)
+    config = small_config(tmp_path, tracking={"enabled": False})
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(RAY_AUTH_TOKEN_PATH=str(token), HOME=str(tmp_path),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    out = subprocess.run([sys.executable, "-m", "alphadpo_ray", "sweep", str(path), "--address", "local"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stdout + out.stderr, out.stderr
+    problem = "does not exist" if content is None else "is empty"
+    assert lines[0].startswith(f"error: RAY_AUTH_TOKEN_PATH={token}: the token file {problem}. "), lines[0]
+    generate = re.search(r"`(env -u RAY_AUTH_TOKEN_PATH ray get-auth-token --generate > [^`]+)`", lines[0]).group(1)
+    token.parent.mkdir(exist_ok=True)
+    made = subprocess.run(generate, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    read = subprocess.run(["ray", "get-auth-token"], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                          text=True, timeout=120)
+    assert read.returncode == 0 and read.stdout.strip() == token.read_text().strip() != "", read.stdout + read.stderr
+
+
+def test_spot_switch_fills_the_failure_budget_drain_poll_and_grace():
+    """`ray.spot: true` (in the file or by --set) sets what a spot cluster needs, each only where not given
+    (before: no switch; a spot kill with the default ray.max_failures 0 ended the run, drain notices polled
+    every 5 s); the poll reaches Ray Train through the workers' environment."""
+    from alphadpo_ray.config import SPOT_DEFAULTS
+    from alphadpo_ray.launch import PREEMPTION_POLL_ENV, worker_env
+
+    base = {"name": "spot", "tracking": {"enabled": False}}
+    plain = config_from_dict(base).ray
+    assert (plain.max_failures, plain.preemption_poll_s, plain.preemption_grace_s) == (0, None, None)
+    assert PREEMPTION_POLL_ENV not in worker_env(config_from_dict(base))
+    spot = config_from_dict(base, overrides=["ray.spot=true"])
+    assert {k: getattr(spot.ray, k) for k in SPOT_DEFAULTS} == {"max_failures": 3, "max_preemption_failures": -1,
+                                                               "preemption_poll_s": 1.0, "preemption_grace_s": 30.0}
+    assert worker_env(spot)[PREEMPTION_POLL_ENV] == "1.0"
+    assert config_from_dict(spot.to_dict()).ray == spot.ray  # what workers rebuild is the same
+    mine = config_from_dict({**base, "ray": {"spot": True, "max_failures": 1, "preemption_grace_s": 0}}).ray
+    assert (mine.max_failures, mine.preemption_grace_s, mine.preemption_poll_s) == (1, 0, 1.0)
+
+
+def test_spot_nodes_with_no_failure_budget_warn_before_the_run(tmp_path):
+    """A real local Ray whose node says it is spot (RAY_NODE_MARKET_TYPE=spot → label ray.io/market-type,
+    as KubeRay sets it): connecting with ray.max_failures 0 prints one warning naming the node, the setting
+    and ray.spot; with ray.spot: true there is none."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import ray\n"
+        "from alphadpo_ray.config import config_from_dict\n"
+        "from alphadpo_ray.launch import init_ray\n"
+        "from alphadpo_ray.preflight import spot_warnings\n"
+        f"base = {{'name': 'spot', 'tracking': {{'enabled': False}}, 'ray': {{'storage_path': {str(tmp_path / 'ray')!r}}}}}\n"
+        "init_ray(config_from_dict(base), 'local')\n"
+        "spot = config_from_dict(base, overrides=['ray.spot=true'])\n"
+        "print('with spot:', spot_warnings(spot, ray.nodes()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_NODE_MARKET_TYPE": "spot"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("[warning]")]
+    assert len(warnings) == 1, out.stdout
+    assert "(ray.io/market-type=spot) and ray.max_failures is 0: a spot kill ends the run" in warnings[0]
+    assert "Set ray.spot: true" in warnings[0]
+    assert "with spot: []" in out.stdout

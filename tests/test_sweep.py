@@ -523,3 +523,70 @@ def test_report_shows_a_stale_running_trial_as_stale(tmp_path):
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime((now_ms - 3 * 3600 * 1000 + 1000) / 1000))
     assert rows["gone"]["status"] == f"stale (RUNNING in MLflow, no activity since {when})"
     assert rows["live"]["status"] == "running"
+
+
+def test_ctrl_c_mid_sweep_says_interrupted_and_resumes_with_the_printed_command(builtin_task, tmp_path):
+    """A real SIGINT to a real `sweep` while its first trial is held at step 4 (step 3 reported): Tune stops
+    the sweep and `fit` returns, and the command ends as interrupted (before: closed as finished, with Tune's
+    `Tuner.restore(...)` advice): exit 130, one `--resume` line and no Tuner.restore, the parent MLflow run
+    KILLED, the table marking the unfinished trial "interrupted". The printed command then completes the
+    sweep with exactly num_samples trials."""
+    import json
+    import shlex
+
+    from mlflow.tracking import MlflowClient
+    from held import held_plugin
+    from services import stop_tree
+
+    name = f"held-{tmp_path.name[-6:]}"
+    plugin = held_plugin(tmp_path, name, step=4)  # sleeps at step 4 while the `hold` file exists
+    config = sweep_config(tmp_path, {"name": "ctrlc", "num_samples": 2, "max_concurrent_trials": 1,
+                                     "search_space": {"beta": {"type": "choice", "values": [1.5, 2.5]}}},
+                          plugins=[str(plugin)], method={"name": name, "beta": 2.0})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    client = MlflowClient(config.tracking.tracking_uri)
+
+    def trial_runs():
+        experiment = client.get_experiment_by_name(config.tracking.experiment_name)
+        return client.search_runs([experiment.experiment_id], "tags.`alphadpo.kind` = 'trial'") if experiment else []
+
+    command = [sys.executable, "-m", "alphadpo_ray", "sweep", str(path), "--address", "local"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if (tmp_path / "held").exists() and any(r.data.metrics for r in trial_runs()):
+                    break
+            except Exception:  # noqa: BLE001 - the store or experiment may not exist yet
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None and (tmp_path / "held").exists(), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        stop_tree(proc, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "Tuner.restore" not in text, text[-3000:]
+    hints = [line for line in text.splitlines() if "to resume:" in line]
+    assert hints == [f"interrupted; to resume: {shlex.join([*command, '--resume'])}"], text[-3000:]
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                             "tags.`alphadpo.kind` = 'sweep'")]
+    assert [p.info.status for p in parents] == ["KILLED"], text[-3000:]
+    rows = json.loads((Path(config.run_dir).parent / "ctrlc" / "trials.json").read_text())
+    assert "interrupted" in [r["status"] for r in rows] and "finished" not in [r["status"] for r in rows], rows
+    assert "interrupted" in text
+
+    again = subprocess.run(shlex.split(hints[0].removeprefix("interrupted; to resume: ")), cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    results = json.loads((Path(config.run_dir).parent / "ctrlc" / "results.json").read_text())
+    assert results["summary"]["trials"] == 2 and results["summary"]["failed"] == 0, results["summary"]
+    assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
+    assert len(_children(config.tracking.tracking_uri, parents[0].info.run_id)) == 2

@@ -10,8 +10,8 @@ finished `Tuner` (`rows_from_result_grid`) or from MLflow alone (`alphadpo_ray.s
 both `compare` and `report` print: mean ± 95 % t-interval over the seed re-runs, ties where the Welch
 interval of a difference contains 0 (`alphadpo_ray.sweep.stats`).
 
-``status`` is ``finished``, ``failed`` or ``stopped early`` (a scheduler ended the trial at ``steps`` <
-``total_steps``). A stopped trial's KL is low partly because it trained less, so it stays off the
+``status`` is ``finished``, ``failed``, ``stopped early`` (a scheduler ended the trial at ``steps`` <
+``total_steps``) or ``interrupted`` (Ctrl-C stopped the sweep before the trial ended; ``--resume`` continues it). A stopped trial's KL is low partly because it trained less, so it stays off the
 Pareto set unless asked for (`SweepConfig.pareto_includes_stopped`); it still counts in the summaries.
 """
 
@@ -25,6 +25,8 @@ from pathlib import Path
 from ..console import table_console
 from . import stats
 from .tracking import FAILED, FINISHED, SEARCH, SEEDS, STOPPED, error_reason, trial_status
+
+INTERRUPTED = "interrupted"  # the sweep was interrupted (Ctrl-C) before this trial ended
 
 METRIC_COLUMNS = ("accuracy", "accuracy_logratio", "kl", "kl_per_token", "generation_accuracy", "kl_sampled",
                   "kl_sampled_se", "generated_length")
@@ -56,15 +58,18 @@ def curve_from_dataframe(frame) -> dict:
     return {"step": steps, **{m: [by_step[s][m] for s in steps] for m in columns}}
 
 
-def rows_from_result_grid(grid, method: str, workers: int, phase: str = SEARCH, seed: int | None = None) -> list[dict]:
-    """One row per Tune result; `seed` is the base config's ``training.seed`` (a trial's own wins)."""
+def rows_from_result_grid(grid, method: str, workers: int, phase: str = SEARCH, seed: int | None = None,
+                          unended: set[str] | frozenset = frozenset()) -> list[dict]:
+    """One row per Tune result; `seed` is the base config's ``training.seed`` (a trial's own wins); trials in
+    `unended` (still running or pending when the sweep was interrupted) are ``interrupted``."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path or "?").name
         config = result.config or {}
         row = {"trial_id": trial_id, "method": method, "phase": phase, "seed": config.get("seed", seed),
-               "status": trial_status(metrics, result.error),
+               "status": INTERRUPTED if Path(result.path or "?").name in unended or trial_id in unended
+               else trial_status(metrics, result.error),
                "error": error_reason(str(result.error)) if result.error else "", **config}
         for column in METRIC_COLUMNS:
             value = metrics.get(f"eval/{column}")

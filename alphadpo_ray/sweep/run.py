@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -56,11 +57,30 @@ class SweepRunning(AlphaDPOError):
     """Another process holds the sweep's name (its lock in storage)."""
 
 
-class TrialProgress(Callback):
-    """One console line when a trial starts, finishes or fails (Tune's own tables are switched off)."""
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep: Tune saved its state and `fit` returned; the command ends as interrupted
+    (its MLflow runs KILLED, the ``--resume`` line printed) instead of as finished."""
 
-    def __init__(self, accuracy_key: str, total: int):
-        self.accuracy_key, self.total = accuracy_key, total
+
+# Sweep name → ids of its trials that ended (complete or failed) in this process's `fit`, kept by
+# `TrialProgress`. Process-wide because a resumed Tuner runs the callbacks unpickled from its storage,
+# not the instances this process made; `run_method_sweep` clears its sweep's entry before `fit`.
+_ENDED: dict[str, set[str]] = {}
+
+
+class TrialProgress(Callback):
+    """One console line when a trial starts, finishes or fails (Tune's own tables are switched off); it
+    also records which trials ended (`_ENDED`), so a sweep that Ctrl-C stopped knows which did not."""
+
+    def __init__(self, accuracy_key: str, total: int, name: str = ""):
+        self.accuracy_key, self.total, self.name = accuracy_key, total, name
+
+    def _ended_ids(self) -> set[str]:
+        return _ENDED.setdefault(getattr(self, "name", ""), set())
+
+    def on_step_begin(self, iteration, trials, **info):
+        if getattr(self, "name", "") not in _ENDED:  # first step: a resumed sweep's trials that ended before
+            self._ended_ids().update(t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR"))
 
     @staticmethod
     def _ended(trials, trial) -> int:
@@ -76,6 +96,7 @@ class TrialProgress(Callback):
         print(f"[trial {trial.trial_id}] started: {self._params(trial)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended_ids().add(trial.trial_id)
         r = trial.last_result or {}
         print(f"[trial {trial.trial_id}] done ({self._ended(trials, trial)}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
               f"{r.get(self.accuracy_key, float('nan')):.3f}  kl {r.get('eval/kl', float('nan')):.3f}  "
@@ -84,6 +105,7 @@ class TrialProgress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         from .tracking import error_reason, trial_error_text
 
+        self._ended_ids().add(trial.trial_id)
         print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
               flush=True)
 
@@ -167,6 +189,7 @@ class SweepResult:
     directory: Path
     parent_run_id: str | None
     files: dict = field(default_factory=dict)
+    interrupted: bool = False  # Ctrl-C stopped the sweep before every planned trial ended
 
 
 def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, *, name: str, resume: bool,
@@ -176,21 +199,29 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
     defaults = {**config.method.resolved(), "learning_rate": config.training.learning_rate,
                 "seed": config.training.seed}
     points = starting_points(sweep, method, space, defaults)
-    callbacks: list = [TrialProgress(sweep.accuracy_key, planned_trials(sweep, space))]
+    total = planned_trials(sweep, space)
+    progress = TrialProgress(sweep.accuracy_key, total, name)
+    callbacks: list = [progress]
     parent_id = None
     if uri:
         parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of, phase)
         callbacks.append(tracker)
     tuner = _tuner(config, sweep, method, plan, name, space, points, callbacks, resume, log)
+    _ENDED.pop(name, None)
     with _tune_environment(sweep, config.storage_path()):
         grid = tuner.fit()
-    rows = res.rows_from_result_grid(grid, method, config.ray.num_workers, phase=phase, seed=config.training.seed)
+    # Tune answers the first Ctrl-C by saving its state and returning from `fit` as if done: a trial that
+    # did not end, or fewer trials than planned, means the sweep was interrupted.
+    ids = {Path(r.path or "?").name for r in grid}
+    unended = ids - _ENDED.pop(name, set()) - _ENDED.pop("", set())  # "": a callback pickled without a name
+    rows = res.rows_from_result_grid(grid, method, config.ray.num_workers, phase=phase, seed=config.training.seed,
+                                     unended=unended)
     if phase == SEEDS:  # re-runs of one configuration: the front is the search's
         rows = [{**r, "pareto": False} for r in rows]
     else:
         rows = res.mark_pareto(rows, sweep.accuracy_metric, include_stopped=sweep.pareto_includes_stopped)
     return SweepResult(name=name, method=method, rows=rows, directory=config.run_dir.parent / name,
-                       parent_run_id=parent_id)
+                       parent_run_id=parent_id, interrupted=bool(unended) or len(ids) < total)
 
 
 def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name: str, uri: str, space: dict,
@@ -285,6 +316,13 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
     )
 
 
+def _no_restore_advice(record: logging.LogRecord) -> bool:
+    """Drop Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after Ctrl-C: Python-API
+    advice that a CLI user cannot follow (Ray 2.60 has no setting for it); the command prints its own
+    ``--resume`` line instead."""
+    return "Tuner.restore(" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def _tune_environment(sweep: SweepConfig, storage: str):
     """Tune's process-wide switches for this sweep's `fit` only (its controller reads them when `fit`
@@ -297,7 +335,8 @@ def _tune_environment(sweep: SweepConfig, storage: str):
       generated in a fixed order the journal cannot replay, so by default it saves every controller step
       on local storage (Tune's adaptive period on object stores);
     * `RAY_AIR_NEW_OUTPUT=0`: Tune's legacy reporter, which honours ``verbose=0`` (the new one prints its
-      configuration box and a TensorBoard hint regardless); `TrialProgress` prints the trial lines."""
+      configuration box and a TensorBoard hint regardless); `TrialProgress` prints the trial lines;
+    * a filter on Tune's logger that drops its ``Tuner.restore(...)`` advice after Ctrl-C (`_no_restore_advice`)."""
     period = sweep.experiment_checkpoint_s
     if period is None and sweep.search != "grid":
         period = DEFAULT_CHECKPOINT_S
@@ -306,9 +345,12 @@ def _tune_environment(sweep: SweepConfig, storage: str):
     values = {CHECKPOINT_PERIOD_ENV: None if period is None else str(period), "RAY_AIR_NEW_OUTPUT": "0"}
     previous = {k: os.environ.get(k) for k in values}
     os.environ.update({k: v for k, v in values.items() if v is not None})
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(_no_restore_advice)
     try:
         yield
     finally:
+        tune_logger.removeFilter(_no_restore_advice)
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -317,18 +359,23 @@ def _tune_environment(sweep: SweepConfig, storage: str):
 
 
 def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_accuracy, title: str) -> None:
-    """Tables, plots, results.json; the parent run gets them as artifacts and is finished."""
+    """Tables, plots, results.json; the parent run gets them as artifacts and is finished. An interrupted
+    sweep (`SweepResult.interrupted`) gets its tables, then raises `SweepInterrupted`: its runs are marked
+    KILLED on the way out, and its summary metrics wait for the ``--resume`` that completes it."""
     accuracy = sweep.accuracy_metric
     files = res.write_tables(result.rows, result.directory)
     files.update(res.write_plots({result.method: result.rows}, accuracy, result.directory, reference_accuracy))
     result.files = files
-    res.print_trials(result.rows, accuracy, title)
+    res.print_trials(result.rows, accuracy, title + (" — interrupted" if result.interrupted else ""))
     if uri and result.parent_run_id:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
         for path in files.values():
             client.log_artifact(result.parent_run_id, str(path))
+    if result.interrupted:
+        raise SweepInterrupted()
+    if uri and result.parent_run_id:
         from ..tracking import log_metrics
 
         # Step = trials in the table: a resumed sweep that ran more trials adds a point, and one that
