@@ -54,7 +54,7 @@ def cmd_validate(args) -> int:
             continue
         print(f"ok  {path}  ({config.method.name}, {config.ray.num_workers} workers, ZeRO-{config.deepspeed.zero_stage})")
     if bad and len(args.configs) > 1:
-        print(f"{bad} of {len(args.configs)} configs invalid", file=sys.stderr)
+        print(f"{bad} of {len(args.configs)} configs invalid")  # stderr: one line per bad file
     return 2 if bad else 0
 
 
