@@ -646,13 +646,15 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
     if uri and compare_id:
         from mlflow.tracking import MlflowClient
 
-        from .views import publish_compare
+        from .views import compare_description, publish_compare
 
         client = MlflowClient(uri)
         for path in files.values():
             client.log_artifact(compare_id, str(path))
-        publish_compare(client, compare_id, method_runs, summaries, [r for rows in by_method.values() for r in rows],
-                        title)
+        all_rows = [r for rows in by_method.values() for r in rows]
+        study = config.study.model_dump() if config.study else None
+        publish_compare(client, compare_id, method_runs, summaries, all_rows, title,
+                        compare_description(summaries, title, all_rows, study))
         tracking.close_run(client, compare_id)
     return summary
 

@@ -72,6 +72,23 @@ def methods_markdown(summaries: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_description(summaries: list[dict], title: str, rows: list[dict], study: dict | None = None) -> str:
+    """The compare run's description: `methods_markdown`, headed by the study's question and followed by its
+    verdict when the config has a ``study`` section with one (`study.verdict`)."""
+    from .study import verdict
+
+    text = methods_markdown(summaries, title)
+    if study and study.get("question"):
+        text = f"**Question.** {study['question']}\n\n" + text
+    if study and study.get("verdict"):
+        v = verdict(rows, *study["verdict"])
+        kl = stats.Interval(**v["kl_difference"])
+        text += (f"\n**Verdict — {v['question']} {v['answer']}** ({v['reason']}; exact KL difference "
+                 + (f"{kl.mean:+.4f}, 95 % interval [{kl.low:+.4f}, {kl.high:+.4f}]" if kl.resolved else "unresolved")
+                 + ")\n")
+    return text
+
+
 def _table(rows: list[dict]):
     import pandas as pd
 
