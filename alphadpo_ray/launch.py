@@ -222,6 +222,7 @@ def export_policy(checkpoint, destination: Path) -> Path | None:
 def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
     """Run (or resume) one training run; returns the summary also written to ``summary.json``.
     ``restart``: set the run's old storage aside and start over (a new MLflow run)."""
+    from . import tracking
     from .preflight import preflight
     from .prepare import prepare_run
 
@@ -240,9 +241,11 @@ def train(config: ExperimentConfig, log=print, restart: bool = False) -> dict:
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
         f"{where}, ZeRO-{config.deepspeed.zero_stage}")
     run_id, logged_through = _start_tracking(config, uri, identity, log)
+    tracking.log_train_views(uri, run_id, plan=plan)
     _record_identity(config, identity, uri, run_id)
     result = _fit(config, plan, uri, run_id, logged_through, log, in_process)
     summary = _write_summary(config, plan, result, uri, run_id, start, log)
+    tracking.log_train_views(uri, run_id, policy=summary.get("policy"), config_dict=config.to_dict())
     if summary["status"] != "finished":
         raise TrainingFailed(summary["message"] or f"run ended with status {summary['status']}")
     return summary

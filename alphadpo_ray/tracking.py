@@ -735,3 +735,54 @@ def log_data_inputs(client, run_id: str, plan: dict) -> None:
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
     if inputs:
         client.log_inputs(run_id, datasets=inputs)
+
+
+POLICY_MODEL = "policy"
+_POLICY_SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "chat_template.jinja")
+
+
+def log_policy_model(client, run_id: str, policy_dir: Path, config_dict: dict) -> str | None:
+    """The exported policy as the run's MLflow logged model ``policy`` (the run page and the experiment's
+    Models tab link it): its model config and tokenizer files as artifacts (the weights stay where `train`
+    exported them, named by the ``alphadpo.policy_path`` tag: a model of gigabytes is not copied into the
+    tracking store), the method and its hyperparameters as params. Once per run; returns its model id."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    existing = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    if any(m.name == POLICY_MODEL for m in existing):
+        return next(m.model_id for m in existing if m.name == POLICY_MODEL)
+    method = config_dict.get("method") or {}
+    params = {f"method.{k}": str(v) for k, v in method.items() if v is not None}
+    model = client.create_logged_model(experiment_id, name=POLICY_MODEL, source_run_id=run_id, params=params,
+                                       tags={"alphadpo.policy_path": redact(str(policy_dir))},
+                                       model_type="causal-lm policy")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in _POLICY_SMALL_FILES:
+            if (Path(policy_dir) / name).is_file():
+                (Path(tmp) / name).write_bytes((Path(policy_dir) / name).read_bytes())
+        (Path(tmp) / "alphadpo_config.json").write_text(json.dumps(mask_secrets(config_dict), indent=2))
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def log_train_views(uri: str | None, run_id: str | None, plan=None, policy: str | None = None,
+                    config_dict: dict | None = None) -> None:
+    """A train run's data inputs (`log_data_inputs`, with `plan`) or exported policy (`log_policy_model`,
+    with `policy`), each once. Never fails the run: a store that refuses is said on the console."""
+    if not uri or not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        if plan is not None:
+            log_data_inputs(client, run_id, {k: getattr(plan, k) for k in
+                                             ("train_uri", "eval_uri", "train_pairs", "eval_pairs")})
+        if policy:
+            log_policy_model(client, run_id, Path(policy), config_dict or {})
+    except Exception as err:  # noqa: BLE001 - only what the UI shows: training is done or goes on
+        print(f"[mlflow] could not log the run's {'data inputs' if plan is not None else 'policy'} to MLflow: "
+              f"{redact(str(err)).splitlines()[0][:300]}", flush=True)

@@ -104,3 +104,31 @@ def test_ui_hint_runs_as_printed(tmp_path):
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "mlflow").touch()
     assert ui_hint("sqlite:////w/mlflow.db", "1", cwd=tmp_path).startswith("`.venv/bin/mlflow ui ")
+
+
+def test_policy_is_a_logged_model_once(tmp_path):
+    """The exported policy: a logged model ``policy`` of the run, its config and the run's config as artifacts,
+    the weights left where they are (named by a tag); a second call adds nothing."""
+    from alphadpo_ray import tracking
+
+    uri, client = _store(tmp_path)
+    run_id, _ = tracking.start_or_resume_run(uri, "views", "r", "k-r", {})
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "config.json").write_text('{"model_type": "llama"}')
+    (policy / "model.safetensors").write_bytes(b"\0" * 1000)
+    config = {"method": {"name": "alpha-dpo", "alpha": 0.2}, "tracking": {"hf_token": "hf_abcdefghijklmnopqrstu"}}
+    first = tracking.log_policy_model(client, run_id, policy, config)
+    assert tracking.log_policy_model(client, run_id, policy, config) == first
+    experiment = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    assert [m.name for m in models] == ["policy"] and models[0].params["method.alpha"] == "0.2"
+    assert models[0].tags["alphadpo.policy_path"] == str(policy)
+    files = {a.path for a in client.list_logged_model_artifacts(first)}
+    assert files == {"config.json", "alphadpo_config.json"}  # not the weights
+    import mlflow
+
+    location = client.get_logged_model(first).artifact_location
+    saved = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/alphadpo_config.json",
+                                                dst_path=str(tmp_path / "dl"))
+    assert "hf_abcdefghijklmnopqrstu" not in open(saved).read()  # the config's secrets masked
