@@ -132,3 +132,46 @@ def test_policy_is_a_logged_model_once(tmp_path):
     saved = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/alphadpo_config.json",
                                                 dst_path=str(tmp_path / "dl"))
     assert "hf_abcdefghijklmnopqrstu" not in open(saved).read()  # the config's secrets masked
+
+
+def test_report_adds_the_views_to_a_compare_made_before_them(tmp_path, capsys):
+    """A compare as older versions logged it (trial runs with tags and metrics; no methods' metrics, no
+    description, no table): `report` writes them, once — a second report adds nothing."""
+    from mlflow.entities import Metric, RunTag
+
+    from alphadpo_ray import tracking
+    from alphadpo_ray.sweep.report import report
+
+    uri, client = _store(tmp_path)
+    experiment = client.create_experiment("old")
+    compare = client.create_run(experiment, run_name="oldcmp", tags={"alphadpo.kind": "compare",
+                                                                     "alphadpo.sweep": "oldcmp"}).info.run_id
+    accuracies = {"a": (0.9, [0.80, 0.82, 0.81]), "c": (0.7, [0.60, 0.61, 0.62])}
+    for method, (search_acc, seeds) in accuracies.items():
+        for phase, values in (("search", [search_acc]), ("seeds", seeds)):
+            sweep = client.create_run(experiment, run_name=f"oldcmp-{method}" + ("-seeds" if phase == "seeds" else ""),
+                                      tags={"alphadpo.kind": "sweep", "method": method, "alphadpo.phase": phase,
+                                            "mlflow.parentRunId": compare}).info.run_id
+            for i, acc in enumerate(values):
+                trial = client.create_run(experiment, run_name=f"{method}-{phase}-{i}", tags={
+                    "alphadpo.kind": "trial", "mlflow.parentRunId": sweep, "method": method,
+                    "alphadpo.trial_id": f"{method}{phase}{i}", "alphadpo.phase": phase,
+                    "alphadpo.seed": str(42 + i + (phase == "seeds"))}).info.run_id
+                client.log_batch(trial, metrics=[Metric("eval/accuracy_logratio", acc, 0, 4),
+                                                 Metric("eval/kl", 0.1 + i / 100, 0, 4)],
+                                 tags=[RunTag("alphadpo.steps", "4"), RunTag("alphadpo.total_steps", "4")])
+                tracking.close_run(client, trial)
+            tracking.close_run(client, sweep)
+    tracking.close_run(client, compare)
+    assert not client.get_run(compare).data.metrics
+
+    for i in range(2):
+        report("oldcmp", tracking_uri=uri, output_dir=str(tmp_path / f"report{i}"))
+    assert "methods' metrics, description and trials table in place" in capsys.readouterr().out
+    run = client.get_run(compare)
+    assert run.data.metrics["a/rank"] == 1 and run.data.metrics["a/accuracy_logratio_mean"] == pytest.approx(0.81)
+    assert all(len(client.get_metric_history(compare, k)) == 1 for k in run.data.metrics)
+    assert "**Result.** a wins" in run.data.tags[tracking.NOTE_TAG]
+    method_run = client.search_runs([experiment], "attributes.run_name = 'oldcmp-a'")[0]
+    assert method_run.data.metrics["accuracy_logratio_mean"] == pytest.approx(0.81)
+    assert [a.path for a in client.list_artifacts(compare)].count("trials_table.json") == 1
