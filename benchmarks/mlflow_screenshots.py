@@ -61,6 +61,20 @@ def _config(work: Path, uri: str) -> dict:
     }
 
 
+def _compare(work: Path, uri: str, console: Path) -> None:
+    """`alphadpo-ray compare` in a process of its own (its own local Ray), as a user runs it."""
+    import yaml
+
+    config = work / "compare.yaml"
+    config.write_text(yaml.safe_dump(_config(work, uri)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    with open(console, "wb") as handle:
+        code = subprocess.call([sys.executable, "-m", "alphadpo_ray", "compare", str(config), "--address", "local"],
+                               cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=1500)
+    if code != 0:
+        raise RuntimeError(f"compare failed ({code}):\n{console.read_text(errors='replace')[-4000:]}")
+
+
 def _browser():
     from selenium import webdriver
 
@@ -93,6 +107,21 @@ def _close_assistant(driver) -> None:
             pass
 
 
+def _expand(driver) -> None:
+    """Open the compare run's row: the methods' runs are its children, shown collapsed (the "+" beside its name)."""
+    from selenium.webdriver.common.by import By
+
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']")[:1]:
+        button.click()
+
+
+def _show_more(driver) -> None:
+    from selenium.webdriver.common.by import By
+
+    for element in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']")[:1]:
+        element.click()
+
+
 def browse(uri: str, experiment_id: str, method_runs: dict[str, str], compare_run: str, out: Path) -> dict:
     """Open the pages, wait for what a reader should see, save screenshots; what was found, per page."""
     from alphadpo_ray.tracking import experiment_url
@@ -100,10 +129,25 @@ def browse(uri: str, experiment_id: str, method_runs: dict[str, str], compare_ru
     found: dict = {}
     driver = _browser()
     try:
+        return _browse(driver, uri, experiment_id, method_runs, compare_run, out, found)
+    except Exception:
+        driver.save_screenshot(str(out / "failed.png"))
+        (out / "failed.html").write_text(driver.page_source)
+        raise
+    finally:
+        driver.quit()
+
+
+def _browse(driver, uri, experiment_id, method_runs, compare_run, out: Path, found: dict) -> dict:
+    from alphadpo_ray.tracking import experiment_url
+
+    if True:
         driver.get(experiment_url(uri, experiment_id))
-        _wait(lambda: all(f"side-by-side-{m}" in _text(driver) for m in METHODS), 120, "the runs table")
+        _wait(lambda: "side-by-side" in _text(driver), 120, "the runs table")
         _close_assistant(driver)
-        time.sleep(1)  # let the table settle after the panel closed
+        _expand(driver)  # the methods' runs are children of the compare run
+        _wait(lambda: all(f"side-by-side-{m}" in _text(driver) for m in METHODS), 60, "the methods' runs")
+        time.sleep(1)  # let the table settle
         found["runs_page"] = {"url": driver.current_url, "traces": "Traces" in _text(driver).split("Runs")[0][-200:],
                               "text": _text(driver)}
         driver.save_screenshot(str(out / "mlflow-runs.png"))
@@ -116,13 +160,13 @@ def browse(uri: str, experiment_id: str, method_runs: dict[str, str], compare_ru
             if i == 0:
                 driver.save_screenshot(str(out / "mlflow-method-run.png"))
         driver.get(experiment_url(uri, experiment_id, compare_run))
-        _wait(lambda: "Result." in _text(driver), 90, "the compare run's description")
+        _wait(lambda: "Description" in _text(driver) and "Metrics" in _text(driver), 90, "the compare run's page")
+        _show_more(driver)  # the description is shown folded
+        _wait(lambda: "Result." in _text(driver), 30, "the compare run's description")
         _close_assistant(driver)
         time.sleep(1)
         found["compare_page"] = _text(driver)
         driver.save_screenshot(str(out / "mlflow-compare-run.png"))
-    finally:
-        driver.quit()
     return found
 
 
@@ -130,6 +174,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("ALPHADPO_MLFLOW_SCREENSHOTS"))
     parser.add_argument("--work", default=None, help="where the server, its store and the compare's outputs go")
+    parser.add_argument("--reuse", action="store_true", help="a --work that holds a finished compare: only browse")
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="mlflow-screens-"))
     work = Path(args.work or tempfile.mkdtemp(prefix="mlflow-ui-"))
@@ -153,19 +198,12 @@ def main(argv=None) -> int:
                 return False
 
         _wait(healthy, 180, "mlflow server")
-        import yaml
-
-        config = work / "compare.yaml"
-        config.write_text(yaml.safe_dump(_config(work, uri)))
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        results = work / "outputs" / "side-by-side" / "results.json"
         console = work / "console.log"
-        with open(console, "wb") as handle:
-            code = subprocess.call([sys.executable, "-m", "alphadpo_ray", "compare", str(config), "--address", "local"],
-                                   cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=1500)
+        if not (args.reuse and results.exists()):
+            _compare(work, uri, console)
         text = console.read_text(errors="replace")
-        if code != 0:
-            raise RuntimeError(f"compare failed ({code}):\n{text[-4000:]}")
-        summary = json.loads((work / "outputs" / "side-by-side" / "results.json").read_text())
+        summary = json.loads(results.read_text())
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)

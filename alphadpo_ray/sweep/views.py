@@ -45,8 +45,8 @@ def method_metrics(summary: dict) -> dict[str, float]:
 
 
 def methods_markdown(summaries: list[dict], title: str) -> str:
-    """The methods table (mean ± half-width of the 95 % interval, and [low, high]), the winner and what the
-    intervals mean, as Markdown."""
+    """The methods table (mean ± half-width of the 95 % interval), the winner and what the intervals mean,
+    as Markdown."""
     from .study import winner_line
 
     metrics = [m for m in HEADLINE if any(((s.get("intervals") or {}).get(m) or {}).get("mean") is not None
@@ -59,16 +59,16 @@ def methods_markdown(summaries: list[dict], title: str) -> str:
             interval = stats.Interval(**s["intervals"][m]) if m in (s.get("intervals") or {}) else None
             if interval is None or interval.mean is None:
                 cells.append("-")
-            elif interval.resolved:
-                cells.append(f"{interval.text()} [{interval.low:.3f}, {interval.high:.3f}]")
             else:
                 cells.append(interval.text())
         lines.append(f"| {res.rank_text(s)} | {s['method']} | {s.get('seeds') or '-'} | " + " | ".join(cells) + " |")
     if not metrics:  # no seed re-runs: the best search values
         lines[2:] = ["| rank | method | best accuracy_logratio | KL at best | trials |", "|---|---|---|---|---|"]
-        lines += [f"| {res.rank_text(s)} | {s['method']} | {res._fmt(s.get('best_accuracy_logratio'))} | "
-                  f"{res._fmt(s.get('kl_at_best'))} | {s.get('trials')} |" for s in summaries]
-    lines += ["", f"**Result.** {winner_line(summaries)}", "", f"_{res.interval_caption(summaries)}._"]
+        lines += [f"| {res.rank_text(s)} | {s['method']} | {_number(s.get('best_accuracy_logratio'))} | "
+                  f"{_number(s.get('kl_at_best'))} | {s.get('trials')} |" for s in summaries]
+    lines += ["", f"**Result.** {winner_line(summaries)}", "",
+              f"_{res.interval_caption(summaries)}; shown as mean ± half-width, the bounds are the metrics "
+              "`{metric}_low` / `{metric}_high`._"]
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +87,10 @@ def compare_description(summaries: list[dict], title: str, rows: list[dict], stu
                  + (f"{kl.mean:+.4f}, 95 % interval [{kl.low:+.4f}, {kl.high:+.4f}]" if kl.resolved else "unresolved")
                  + ")\n")
     return text
+
+
+def _number(value) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.4g}"
 
 
 def _table(rows: list[dict]):
