@@ -774,6 +774,10 @@ def log_train_views(uri: str | None, run_id: str | None, plan=None, policy: str 
     with `policy`), each once. Never fails the run: a store that refuses is said on the console."""
     if not uri or not run_id:
         return
+    what = "data inputs" if plan is not None else "policy"
+    if not server_reachable(uri):  # an outage: one short probe, not the MLflow client's minutes of retries
+        print(f"[mlflow] {redact(uri)} does not answer: the run's {what} are not logged to MLflow", flush=True)
+        return
     from mlflow.tracking import MlflowClient
 
     try:
@@ -784,5 +788,5 @@ def log_train_views(uri: str | None, run_id: str | None, plan=None, policy: str 
         if policy:
             log_policy_model(client, run_id, Path(policy), config_dict or {})
     except Exception as err:  # noqa: BLE001 - only what the UI shows: training is done or goes on
-        print(f"[mlflow] could not log the run's {'data inputs' if plan is not None else 'policy'} to MLflow: "
+        print(f"[mlflow] could not log the run's {what} to MLflow: "
               f"{redact(str(err)).splitlines()[0][:300]}", flush=True)
