@@ -74,7 +74,7 @@ def cmd_train(args) -> int:
     print(f"summary: {summary['summary_path']}")
     print(f"policy:  {summary['policy']}")
     if summary.get("mlflow_run_id"):
-        print(f"mlflow:  run {summary['mlflow_run_id']} — view with `mlflow ui --backend-store-uri {summary['tracking_uri']}`")
+        print(f"mlflow:  run {summary['mlflow_run_id']} — {_mlflow_hint(summary['tracking_uri'], run_id=summary['mlflow_run_id'])}")
     return 0
 
 
@@ -89,10 +89,26 @@ def cmd_init_model(args) -> int:
     return 0
 
 
-def _where(result_dir, parent_run_id, uri) -> None:
+def _mlflow_hint(uri, experiment_id=None, run_id=None) -> str:
+    """`tracking.ui_hint` for a run whose experiment id the summary may not hold (read from the store)."""
+    from .tracking import ui_hint
+
+    if experiment_id is None and run_id:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from .tracking import resolve_tracking_uri
+
+            experiment_id = MlflowClient(resolve_tracking_uri(uri)).get_run(run_id).info.experiment_id
+        except Exception:  # noqa: BLE001 - only a link: the experiments page then
+            experiment_id = None
+    return ui_hint(uri, experiment_id)
+
+
+def _where(result_dir, parent_run_id, uri, experiment_id=None) -> None:
     print(f"\nresults: {result_dir}  (trials.csv, pareto.png, results.json)")
     if parent_run_id:
-        print(f"mlflow:  parent run {parent_run_id} — `mlflow ui --backend-store-uri {uri}` then open the experiment")
+        print(f"mlflow:  parent run {parent_run_id} — {_mlflow_hint(uri, experiment_id, parent_run_id)}")
 
 
 def cmd_sweep(args) -> int:
@@ -100,8 +116,8 @@ def cmd_sweep(args) -> int:
     from .sweep.run import run_sweep
 
     result = run_sweep(_config(args, QUICKSTART_SWEEP), resume=args.resume, address=args.address)
-    uri = json.loads((result.directory / "results.json").read_text())["tracking_uri"]
-    _where(result.directory, result.parent_run_id, uri)
+    results = json.loads((result.directory / "results.json").read_text())
+    _where(result.directory, result.parent_run_id, results["tracking_uri"], results.get("mlflow_experiment_id"))
     return 0
 
 
@@ -110,7 +126,8 @@ def cmd_compare(args) -> int:
     from .sweep.run import run_compare
 
     summary = run_compare(_config(args, COMPARE_QUICKSTART), resume=args.resume, address=args.address)
-    _where(summary["files"]["methods"].rsplit("/", 1)[0], summary["mlflow_compare_run_id"], summary["tracking_uri"])
+    _where(summary["files"]["methods"].rsplit("/", 1)[0], summary["mlflow_compare_run_id"], summary["tracking_uri"],
+           summary.get("mlflow_experiment_id"))
     return 0
 
 
@@ -126,7 +143,8 @@ def cmd_study(args) -> int:
     out = run_study(config, command=command, resume=args.resume, address=args.address)
     print(f"\nstudy: {out['files']['markdown']}")
     if out["mlflow_run_id"]:
-        print(f"mlflow:  run {out['mlflow_run_id']} (study.md, study.json and the plots are its artifacts)")
+        print(f"mlflow:  run {out['mlflow_run_id']} (study.md, study.json and the plots are its artifacts) — "
+              f"{_mlflow_hint(out['tracking_uri'], run_id=out['mlflow_run_id'])}")
     return 0
 
 

@@ -242,6 +242,7 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
     ``restart``: set the run's old storage aside and start over (a new MLflow run). ``address``
     (``--address``): the cluster to run on, over ``ray.address`` / RAY_ADDRESS; given, the run always
     uses Ray Train (never in this process)."""
+    from . import tracking
     from .preflight import preflight
     from .prepare import prepare_run
 
@@ -265,22 +266,20 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
         f"{where}, ZeRO-{config.deepspeed.zero_stage}")
     run_id, logged_through = _start_tracking(config, uri, identity, log)
+    tracking.log_train_views(uri, run_id, plan=plan)
     try:
         _record_identity(config, identity, uri, run_id)
         result = _fit(config, plan, uri, run_id, logged_through, log, in_process)
         summary = _write_summary(config, plan, result, uri, run_id, start, log)
     except BaseException as err:  # Ctrl-C, SIGTERM, a full disk, a failed run: never leave it RUNNING
         if run_id:
-            from . import tracking
-
             tracking.close_on_exit(uri, run_id, err, pending=tracking.PendingMetrics(uri, _pending_path(config)),
                                    log=log)
         if isinstance(err, Exception) and not isinstance(err, AlphaDPOError):
             raise TrainingFailed(f"training run {config.run_name} failed: {type(err).__name__}: {err}") from err
         raise
+    tracking.log_train_views(uri, run_id, policy=summary.get("policy"), config_dict=config.to_dict())
     if run_id:
-        from . import tracking
-
         brief = {k: v for k, v in summary.items() if k not in ("history", "evals")}
         tracking.finish_run(uri, run_id, "FINISHED" if summary["status"] == "finished" else "FAILED", brief,
                             [config.run_dir / "config.json"], pending=tracking.PendingMetrics(uri, _pending_path(config)),

@@ -60,6 +60,12 @@ _URL_AUTHORITY = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<author
 _URL_QUERY = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"<>]*\?)(?P<query>[^\s#'\"<>]+)")
 MASK = "***"
 RUN_KEY_TAG = "alphadpo.run_key"
+# MLflow 3's experiment type: "custom_model_development" is the "Machine learning" (runs table) kind, as
+# opposed to "genai_development" (traces). MLflow 3.17's UI shows the view of its global "GenAI / Model
+# training" switch (the URL's ``workflowType``, else the browser's last choice, GenAI by default), so the
+# links printed here carry ``workflowType=machine_learning`` too (`experiment_url`).
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
 
 
 class TrackingUnavailable(AlphaDPOError):
@@ -76,6 +82,7 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     a Ray started from here, which inherits this environment), while the URI itself is printed,
     written into summaries and pickled with callbacks into Tune's experiment state. On an existing
     cluster, set the two variables on its nodes (they are never put into a Ray ``runtime_env``)."""
+    quiet_run_links()
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
@@ -360,6 +367,7 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, key: str, para
 
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)
+    mark_training_experiment(client, experiment_id)
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
                                order_by=["attributes.start_time DESC"], max_results=1000)
     chosen = None
@@ -532,7 +540,7 @@ class PendingMetrics:
             for path in event.get("artifacts") or []:
                 if Path(path).exists():
                     client.log_artifact(run_id, str(path))
-            client.set_terminated(run_id, status=event["finish"])
+            close_run(client, run_id, event["finish"])
             return
         if run_id not in self._floors:
             self._floors[run_id] = last_logged_step(client, run_id)
@@ -693,3 +701,142 @@ class ConsoleProgress(_UserCallback):
         if checkpoint is not None:
             line += "  [checkpoint]"
         print(line, flush=True)
+
+
+def mark_training_experiment(client, experiment_id: str) -> None:
+    """Type the experiment for model training (`EXPERIMENT_KIND_TAG`) unless it already has a kind."""
+    experiment = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+
+
+def close_run(client, run_id: str, status: str = "FINISHED") -> None:
+    """`set_terminated` without the "🏃 View run … / 🧪 View experiment …" lines MLflow writes to stdout
+    for every run a server-backed client closes (its ``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``, read at
+    each call). Set process-wide, as a default a user can override: MLflow reads it in whichever process
+    closes a run (this driver, Tune's callbacks, a Train controller), so `resolve_tracking_uri` sets it
+    before Ray starts; the commands print their own link at the end (`ui_hint`)."""
+    quiet_run_links()
+    client.set_terminated(run_id, status=status)
+
+
+def quiet_run_links() -> None:
+    """No "🏃 View run" lines from MLflow in this process and the Ray processes it starts (see `close_run`)."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def experiment_url(uri: str, experiment_id: str | None, run_id: str | None = None) -> str:
+    """The UI page of the experiment's runs table (or of one run) on the server at `uri`, opened in the
+    model-training view (``workflowType=machine_learning``)."""
+    base = uri.rstrip("/") + "/#/experiments"
+    if experiment_id is None:
+        return base
+    page = f"{base}/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return page + "?workflowType=machine_learning"
+
+
+def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None, cwd: Path | None = None) -> str:
+    """How to look at a run in the MLflow UI, runnable as printed: a server's page to open, or for an
+    embedded store the `mlflow ui` command (``.venv/bin/mlflow`` when that exists under the working
+    directory, as `make setup` makes it) and the page it serves."""
+    uri = redact(_url_credentials(uri)[0] if uri.startswith(("http://", "https://")) else uri)
+    if uri.startswith(("http://", "https://")):
+        return f"open {experiment_url(uri, experiment_id, run_id)}"
+    local = Path(cwd or Path.cwd()) / ".venv" / "bin" / "mlflow"
+    command = ".venv/bin/mlflow" if local.exists() else "mlflow"
+    return (f"`{command} ui --backend-store-uri {uri}` then open "
+            f"{experiment_url('http://127.0.0.1:5000', experiment_id, run_id)}")
+
+
+def log_metrics_once(client, run_id: str, metrics: dict[str, Any], step: int = 0) -> dict[str, float]:
+    """Log `metrics` at `step` except those the run already holds with that value (a resumed or rebuilt
+    run logs nothing twice; a changed value is logged anew, the latest is shown). Returns what was logged."""
+    held = client.get_run(run_id).data.metrics
+    new = {k: v for k, v in numeric_metrics(metrics).items() if not (k in held and math.isclose(held[k], v))}
+    log_metrics(client, run_id, new, step)
+    return new
+
+
+def dataset_inputs(plan: dict) -> list[tuple[str, str, str, int]]:
+    """(name, source uri, digest, rows) of a run's training and held-out data. The digest is of the
+    prepared table's URI, which holds the fingerprint of both tables' contents (`prepare`): different
+    data, different digest."""
+    out = []
+    for name, uri_key, rows_key in (("train", "train_uri", "train_pairs"), ("held-out", "eval_uri", "eval_pairs")):
+        if plan.get(uri_key):
+            digest = hashlib.sha256(str(plan[uri_key]).encode()).hexdigest()[:16]
+            out.append((name, redact(str(plan[uri_key])), digest, int(plan.get(rows_key) or 0)))
+    return out
+
+
+def log_data_inputs(client, run_id: str, plan: dict) -> None:
+    """The training and held-out data as the run's MLflow dataset inputs (name, source, digest, rows;
+    context ``training`` / ``evaluation``), each once: the UI's Datasets column and filter show them."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    held = {(d.dataset.name, d.dataset.digest) for d in (client.get_run(run_id).inputs.dataset_inputs or [])}
+    inputs = []
+    for name, source, digest, rows in dataset_inputs(plan):
+        if (name, digest) in held:
+            continue
+        dataset = Dataset(name=name, digest=digest, source_type="alphadpo-ray", source=json.dumps({"uri": source}),
+                          profile=json.dumps({"num_rows": rows}))
+        context = "training" if name == "train" else "evaluation"
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+POLICY_MODEL = "policy"
+_POLICY_SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "chat_template.jinja")
+
+
+def log_policy_model(client, run_id: str, policy_dir: Path, config_dict: dict) -> str | None:
+    """The exported policy as the run's MLflow logged model ``policy`` (the run page and the experiment's
+    Models tab link it): its model config and tokenizer files as artifacts (the weights stay where `train`
+    exported them, named by the ``alphadpo.policy_path`` tag: a model of gigabytes is not copied into the
+    tracking store), the method and its hyperparameters as params. Once per run; returns its model id."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    existing = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    if any(m.name == POLICY_MODEL for m in existing):
+        return next(m.model_id for m in existing if m.name == POLICY_MODEL)
+    method = config_dict.get("method") or {}
+    params = {f"method.{k}": str(v) for k, v in method.items() if v is not None}
+    model = client.create_logged_model(experiment_id, name=POLICY_MODEL, source_run_id=run_id, params=params,
+                                       tags={"alphadpo.policy_path": redact(str(policy_dir))},
+                                       model_type="causal-lm policy")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in _POLICY_SMALL_FILES:
+            if (Path(policy_dir) / name).is_file():
+                (Path(tmp) / name).write_bytes((Path(policy_dir) / name).read_bytes())
+        (Path(tmp) / "alphadpo_config.json").write_text(json.dumps(mask_secrets(config_dict), indent=2))
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def log_train_views(uri: str | None, run_id: str | None, plan=None, policy: str | None = None,
+                    config_dict: dict | None = None) -> None:
+    """A train run's data inputs (`log_data_inputs`, with `plan`) or exported policy (`log_policy_model`,
+    with `policy`), each once. Never fails the run: a store that refuses is said on the console."""
+    if not uri or not run_id:
+        return
+    what = "data inputs" if plan is not None else "policy"
+    if not server_reachable(uri):  # an outage: one short probe, not the MLflow client's minutes of retries
+        print(f"[mlflow] {redact(uri)} does not answer: the run's {what} are not logged to MLflow", flush=True)
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        if plan is not None:
+            log_data_inputs(client, run_id, {k: getattr(plan, k) for k in
+                                             ("train_uri", "eval_uri", "train_pairs", "eval_pairs")})
+        if policy:
+            log_policy_model(client, run_id, Path(policy), config_dict or {})
+    except Exception as err:  # noqa: BLE001 - only what the UI shows: training is done or goes on
+        print(f"[mlflow] could not log the run's {what} to MLflow: "
+              f"{redact(str(err)).splitlines()[0][:300]}", flush=True)

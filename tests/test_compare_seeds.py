@@ -180,3 +180,35 @@ def test_compare_with_seeds_gives_intervals_and_the_same_order_in_report(ray_ses
     again = run_compare(config, resume=True, log=lambda *_: None)  # everything finished: nothing runs again
     assert order(again["methods"]) == order(summary["methods"])
     assert len(client.search_runs([compare_run.info.experiment_id], "tags.`alphadpo.kind` = 'trial'")) == 6
+
+    # MLflow shows the comparison: the experiment opens as model training; each method's run and the compare
+    # run hold the methods' figures, once each, also after `report` and the `--resume` above
+    from alphadpo_ray.tracking import EXPERIMENT_KIND_TAG, NOTE_TAG
+
+    experiment = client.get_experiment(compare_run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    compare_run = client.get_run(compare_run.info.run_id)
+    sweeps = client.search_runs([experiment.experiment_id], "tags.`alphadpo.kind` = 'sweep' and "
+                                                             "tags.`alphadpo.phase` = 'search'")
+    assert sorted(r.data.tags["method"] for r in sweeps) == ["alpha-dpo", "simpo"]
+    for run in [*sweeps, compare_run]:
+        assert all(len(client.get_metric_history(run.info.run_id, k)) == 1 for k in run.data.metrics
+                   if not k.startswith(("best_", "kl_at_best", "pareto_size", "trials", "stopped", "failed",
+                                        "compute_worker_seconds", "steps"))), run.info.run_name
+    for run in sweeps:
+        s, m = methods[run.data.tags["method"]], run.data.metrics
+        interval = s["intervals"]["accuracy_logratio"]
+        assert (m["accuracy_logratio_mean"], m["accuracy_logratio_low"], m["accuracy_logratio_high"]) == pytest.approx(
+            (interval["mean"], interval["low"], interval["high"]))
+        assert m["rank"] == s["rank"] and m["tied"] == float(s["tied"]) and m["budget_steps"] == 12
+        assert compare_run.data.metrics[f"{s['method']}/accuracy_logratio_mean"] == pytest.approx(interval["mean"])
+        assert {"kl_mean", "kl_low", "kl_high", "generated_length_mean"} <= set(m) or "kl_mean" in m
+    note = compare_run.data.tags[NOTE_TAG]
+    assert "Verdict" in note and "alpha-dpo" in note and "simpo" in note  # the study's table and verdict
+    assert "trials_table.json" in {a.path for a in client.list_artifacts(compare_run.info.run_id)}
+    for trial in trials:
+        params, inputs = trial.data.params, trial.inputs.dataset_inputs
+        assert params["method"] == trial.data.tags["method"] and params["phase"] == trial.data.tags["alphadpo.phase"]
+        assert params["seed"] == trial.data.tags["alphadpo.seed"]
+        assert sorted(i.dataset.name for i in inputs) == ["held-out", "train"]
+        assert "objective/score" in trial.data.metrics or "eval/accuracy_logratio" in trial.data.metrics

@@ -191,6 +191,14 @@ def test_resumes_log_each_step_once(ray_session, builtin_task, tmp_path):
     assert resumed["mlflow_run_id"] == runs[0].info.run_id  # the same run, continued from its checkpoint
     assert _steps(client, resumed["mlflow_run_id"]) == list(range(1, 9))
     assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+    # the data inputs and the exported policy as a logged model, once each after the resume
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["held-out", "train"]
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in models] == ["policy"] and models[0].tags["alphadpo.policy_path"] == resumed["policy"]
+    assert {"config.json", "alphadpo_config.json"} <= {a.path for a in client.list_logged_model_artifacts(
+        models[0].model_id)}
 
 
 def test_in_process_run_killed_resumes_under_ray_train(ray_session, builtin_task, tmp_path):

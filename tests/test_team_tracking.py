@@ -84,6 +84,18 @@ def test_sweep_logs_to_authenticated_server_with_postgres_and_s3(builtin_task, t
         results = json.loads((config.run_dir.parent / "team" / "results.json").read_text())
         assert results["tracking_uri"] == uri
         parent = client.get_run(results["mlflow_parent_run_id"])
+        # what the UI shows: the runs table (model training), grouping params, data inputs, each metric step once;
+        # the console has no MLflow "View run" lines and ends with the page to open
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        for trial in trials:
+            assert (trial.data.params["method"], trial.data.params["phase"]) == ("alpha-dpo", "search")
+            assert sorted(i.dataset.name for i in trial.inputs.dataset_inputs) == ["held-out", "train"]
+            assert "objective/score" in trial.data.metrics
+            for key in trial.data.metrics:
+                steps = [m.step for m in client.get_metric_history(trial.info.run_id, key)]
+                assert len(steps) == len(set(steps)), (key, steps)
+        console = log.read_text(errors="replace")
+        assert "View run" not in console and f"open {uri}/#/experiments/{experiment.experiment_id}/runs" in console
         stored = s3.keys("mlflow/")
         for name in ("trials.csv", "config.json", "search_space.json"):
             key = f"mlflow/{experiment.experiment_id}/{parent.info.run_id}/artifacts/{name}"

@@ -14,6 +14,9 @@ activity — its start, or any metric logged — for more than `STALE_AFTER_S` (
 reports at least once per step, and its driver closes it on the way out), it is shown as
 ``stale (RUNNING in MLflow, no activity since …)``: its driver is gone (killed, its machine lost) and the
 run stays RUNNING until its sweep is resumed.
+
+For one compare, the comparison's MLflow views (methods' metrics, the compare run's description, the trials table:
+`views.publish_compare`) are written where missing, so runs made before they existed get them too.
 """
 
 from __future__ import annotations
@@ -186,8 +189,13 @@ def report(target: str, tracking_uri: str | None = None, output_dir: str | None 
     if len(marked) > 1 or compare:
         res.print_methods(summaries, accuracy, title)
     res.print_trials(all_rows, accuracy, f"{target}: trials (from MLflow)")
+    description = None
     if study:
-        files.update(_rebuild_study(study, all_rows, summaries if compare else None, target, redact(uri), directory, files))
+        written, description = _rebuild_study(study, all_rows, summaries if compare else None, target, redact(uri),
+                                              directory, files)
+        files.update(written)
+    if compare and len(parents) == 1:
+        _publish(client, parents[0], experiment_ids, summaries, all_rows, title, description)
     return {"directory": directory, "rows": all_rows, "methods": summaries, "files": files,
             "interval_method": res.interval_caption(summaries)}
 
@@ -204,11 +212,32 @@ def _rebuild_study(study: dict, rows: list[dict], summaries: list[dict] | None, 
     import time
 
     from ..config import StudyConfig
-    from .study import machine, print_study, study_tables, write_study
+    from .study import machine, markdown, print_study, study_tables, write_study
 
     tables = study_tables(StudyConfig(**study), rows, summaries)
     context = {"command": f"alphadpo-ray report {target} (rebuilt from MLflow {store})", "machine": machine(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": 0.0, "load_before": "-", "load_after": "-"}
     plots = {k: Path(v).name for k, v in files.items() if str(v).endswith(".png")}
     print_study(tables)
-    return write_study(tables, context, plots, directory)
+    return write_study(tables, context, plots, directory), markdown(tables, context, {})
+
+
+def _publish(client, compare_run, experiment_ids: list[str], summaries: list[dict], rows: list[dict], title: str,
+             description: str | None) -> None:
+    """The comparison's MLflow views (`views.publish_compare`) on the compare run and its methods' runs,
+    rebuilt from what was read: a run made before they existed gets them; one that has them gets nothing
+    twice. A store that refuses writes (read-only credentials) is said so, the files are written anyway."""
+    from mlflow.exceptions import MlflowException
+
+    from .views import publish_compare
+
+    method_runs = {r.data.tags.get(METHOD_TAG): r.info.run_id
+                   for r in _children(client, experiment_ids, compare_run.info.run_id)
+                   if r.data.tags.get(KIND_TAG) == "sweep" and r.data.tags.get(PHASE_TAG, SEARCH) == SEARCH}
+    try:
+        publish_compare(client, compare_run.info.run_id, method_runs, summaries, rows, title, description)
+    except MlflowException as err:
+        print(f"[report] cannot write the comparison's metrics and description to MLflow run "
+              f"{compare_run.info.run_id} ({str(err).splitlines()[0][:300]}); the files above have them")
+        return
+    print(f"[report] MLflow run {compare_run.info.run_id}: methods' metrics, description and trials table in place")

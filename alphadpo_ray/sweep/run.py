@@ -14,7 +14,8 @@ A sweep, top to bottom:
 (``num_samples`` trials, its sweep ``{compare}-{method}``), then a seeds phase (``{compare}-{method}-seeds``:
 the search's best configuration re-run with ``sweep.seeds`` new training seeds). Methods are ranked on
 the method-independent ``accuracy_logratio`` over those seeds, with 95 % intervals and ties
-(`results.rank_methods`, which `report` uses too).
+(`results.rank_methods`, which `report` uses too). MLflow gets the comparison as metrics, the compare run's
+description and a trials table (`views.publish_compare`).
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
     callbacks: list = [progress]
     parent_id = None
     if uri:
-        parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of, phase)
+        parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of, phase,
+                                         data={k: getattr(plan, k) for k in ("train_uri", "eval_uri", "train_pairs", "eval_pairs")})
         callbacks.append(tracker)
     tuner = _tuner(config, sweep, method, plan, name, space, points, callbacks, resume, log)
     _ENDED.pop(name, None)
@@ -225,7 +227,7 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
 
 
 def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name: str, uri: str, space: dict,
-                points: list, parent_of: str | None, phase: str = SEARCH):
+                points: list, parent_of: str | None, phase: str = SEARCH, data: dict | None = None):
     """The sweep's MLflow parent run (started or resumed) and the callback that writes its child runs."""
     from mlflow.tracking import MlflowClient
 
@@ -244,7 +246,7 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     client.log_dict(parent_id, tracking.mask_secrets(config.to_dict()), "config.json")
     experiment_id = client.get_run(parent_id).info.experiment_id
     return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers,
-                                          phase=phase, seed=config.training.seed)
+                                          phase=phase, seed=config.training.seed, data=data)
 
 
 def planned_trials(sweep: SweepConfig, space: dict[str, dict]) -> int:
@@ -376,7 +378,7 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
     if result.interrupted:
         raise SweepInterrupted()
     if uri and result.parent_run_id:
-        from ..tracking import log_metrics
+        from ..tracking import close_run, log_metrics
 
         # Step = trials in the table: a resumed sweep that ran more trials adds a point, and one that
         # finds nothing new (a second --resume) logs nothing again — each (key, step) once.
@@ -384,7 +386,15 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
         summary = {k: v for k, v in res.method_summary(result.rows, accuracy).items() if k != "method"
                    and not any(m.step == step for m in client.get_metric_history(result.parent_run_id, k))}
         log_metrics(client, result.parent_run_id, summary, step)
-        client.set_terminated(result.parent_run_id, "FINISHED")
+        close_run(client, result.parent_run_id)
+
+
+def _experiment_of(uri: str | None, run_id: str | None) -> str | None:
+    if not uri or not run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id).info.experiment_id
 
 
 def _prepare(config: ExperimentConfig, methods: list[str], log):
@@ -564,6 +574,7 @@ def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, l
         "pareto": res.pareto_front(result.rows, sweep.accuracy_metric),
         "summary": res.method_summary(result.rows, sweep.accuracy_metric),
         "mlflow_parent_run_id": result.parent_run_id, "tracking_uri": redact(uri),
+        "mlflow_experiment_id": _experiment_of(uri, result.parent_run_id),
         "files": {k: str(v) for k, v in result.files.items()}, "wall_seconds": round(time.time() - start, 1),
     }, indent=2, default=str))
     if not any(r["status"] == "finished" for r in result.rows):
@@ -693,12 +704,15 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
         )
     compare_config = config.model_copy(update={"sweep": sweep})
     by_method: dict[str, list[dict]] = {}
+    method_runs: dict[str, str] = {}
     for method in methods:
         method_config = with_method(compare_config, method)
         result = run_method_sweep(method_config, sweep, method, plan, name=f"{name}-{method}", resume=resume,
                                   uri=uri, parent_of=compare_id, log=log)
         _finish(result, sweep, uri, 0.5, f"{name}: {method}")
         by_method[method] = result.rows
+        if result.parent_run_id:
+            method_runs[method] = result.parent_run_id
         point = _seeds_point(config, sweep, f"{name}-{method}-seeds", result.rows, resume) if sweep.seeds else None
         if sweep.seeds and point is None:
             log(f"[compare] {method}: no search trial finished, so no seeds phase")
@@ -718,15 +732,21 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
     summary = {"name": name, "methods": summaries, "interval_method": res.interval_caption(summaries),
                "budget": budget, "files": {k: str(v) for k, v in files.items()},
                "mlflow_compare_run_id": compare_id, "tracking_uri": tracking.redact(uri),
-               "wall_seconds": round(time.time() - start, 1)}
+               "mlflow_experiment_id": _experiment_of(uri, compare_id), "wall_seconds": round(time.time() - start, 1)}
     files["results"] = directory / "results.json"
     files["results"].write_text(json.dumps(summary, indent=2, default=str))
     if uri and compare_id:
         from mlflow.tracking import MlflowClient
 
+        from .views import compare_description, publish_compare
+
         client = MlflowClient(uri)
         for path in files.values():
             client.log_artifact(compare_id, str(path))
-        client.set_terminated(compare_id, "FINISHED")
+        all_rows = [r for rows in by_method.values() for r in rows]
+        study = config.study.model_dump() if config.study else None
+        publish_compare(client, compare_id, method_runs, summaries, all_rows, title,
+                        compare_description(summaries, title, all_rows, study))
+        tracking.close_run(client, compare_id)
     return summary
 

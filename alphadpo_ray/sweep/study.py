@@ -7,7 +7,7 @@ ones live in ``experiments/studies/NAME.yaml``. Top to bottom:
      compare's ranked methods with their intervals, and the optional verdict "does the first method reach
      lower KL than the second at matched accuracy?" (`stats.lower_kl_verdict`, Welch intervals over seeds);
   3. write ``study.md`` (tables, verdict, plots, the machine and command) and ``study.json`` next to the
-     sweep's results, and log both to its MLflow run.
+     sweep's results, and log both to its MLflow run (tables and verdict also as the run's description).
 
 `study_tables` is a pure function of the config and the rows, so `report` rebuilds the same tables from
 MLflow alone.
@@ -235,13 +235,14 @@ def run_study(config: ExperimentConfig, *, command: str, resume: bool = False, a
         summary = run_compare(config, resume=resume, address=address, log=log)
         directory = Path(summary["files"]["json"]).parent
         rows = json.loads(Path(summary["files"]["json"]).read_text())
-        methods, run_id, files, uri = summary["methods"], summary["mlflow_compare_run_id"], summary["files"], None
+        methods, run_id, files, uri = (summary["methods"], summary["mlflow_compare_run_id"], summary["files"],
+                                       summary["tracking_uri"])
     tables = study_tables(study, rows, methods)
     context = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
                "wall_seconds": time.time() - start, "load_before": load_before, "load_after": _load()}
     plots = {k: os.path.relpath(v, directory) for k, v in files.items() if str(v).endswith(".png")}
     written = write_study(tables, context, plots, directory)
-    _log_to_mlflow(config, run_id, written)
+    _log_to_mlflow(config, run_id, written, markdown(tables, context, {}))
     print_study(tables)
     log(f"[study] {study.title}: {written['markdown']}")
     return {"directory": directory, "tables": tables, "files": written, "mlflow_run_id": run_id, "tracking_uri": uri}
@@ -255,16 +256,18 @@ def write_study(tables: dict, context: dict, plots: dict, directory: Path) -> di
     return {"markdown": md, "json": js}
 
 
-def _log_to_mlflow(config: ExperimentConfig, run_id: str | None, files: dict[str, Path]) -> None:
+def _log_to_mlflow(config: ExperimentConfig, run_id: str | None, files: dict[str, Path], description: str) -> None:
+    """The study's files as artifacts of its run, and its tables and verdict as the run's description."""
     if not run_id or not config.tracking.enabled:
         return
     from mlflow.tracking import MlflowClient
 
-    from ..tracking import resolve_tracking_uri
+    from ..tracking import NOTE_TAG, resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
     for path in files.values():
         client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, NOTE_TAG, description)
 
 
 def print_study(tables: dict, console=None) -> None:

@@ -13,7 +13,9 @@ an MLflow ``FINISHED`` run tagged ``alphadpo.status = stopped early`` with the s
 (``alphadpo.steps``), so `report` can tell it from a trial that trained to the end. Sweep and trial runs
 carry ``alphadpo.phase`` (``search``, or ``seeds`` for a compare's re-runs of a method's best
 configuration) and trial runs ``alphadpo.seed`` (their ``training.seed``), so `report` rebuilds a
-compare's seed statistics from MLflow alone.
+compare's seed statistics from MLflow alone. Trial runs also hold ``method``, ``phase`` and ``seed`` as
+params (the runs table groups by them), the objective among their metrics (sortable), and the training and
+held-out data as dataset inputs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 
 from ray.tune import Callback
 
-from ..tracking import last_logged_step, log_metrics, numeric_metrics, report_by_step
+from ..tracking import close_run, last_logged_step, log_data_inputs, log_metrics, numeric_metrics, report_by_step
 
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
 ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"
@@ -76,8 +78,9 @@ def _seed_tag(seed) -> dict:
 
 class SweepMLflowCallback(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, method: str,
-                 workers: int = 1, phase: str = SEARCH, seed: int | None = None):
+                 workers: int = 1, phase: str = SEARCH, seed: int | None = None, data: dict | None = None):
         self.tracking_uri, self.experiment_id, self.workers = tracking_uri, experiment_id, workers
+        self.data = data  # the prepared run's data (`PreparedRun` fields): each trial's dataset inputs
         self.phase, self.seed = phase, seed  # seed: the base config's training.seed (a trial's own wins)
         self.parent_run_id, self.sweep_id, self.method = parent_run_id, sweep_id, method
         self.runs: dict[str, str] = {}
@@ -125,8 +128,12 @@ class SweepMLflowCallback(Callback):
                           **_seed_tag(trial.config.get("seed", getattr(self, "seed", None)))},
                 )
                 self.runs[trial_id] = run.info.run_id
-                params = [Param("method", self.method)] + [Param(k, str(v)) for k, v in sorted(trial.config.items())]
-                self.client.log_batch(run.info.run_id, params=params)
+                grouping = {"method": self.method, "phase": getattr(self, "phase", SEARCH),
+                            "seed": trial.config.get("seed", getattr(self, "seed", None))}
+                params = {**{k: v for k, v in grouping.items() if v is not None}, **trial.config}
+                self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+                if getattr(self, "data", None):
+                    log_data_inputs(self.client, run.info.run_id, self.data)
         return self.runs[trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -156,13 +163,13 @@ class SweepMLflowCallback(Callback):
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.set_terminated(run_id, status="FINISHED")
+        close_run(self.client, run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, ERROR_TAG, error_reason(trial_error_text(trial)))
         self.client.set_tag(run_id, STATUS_TAG, FAILED)
-        self.client.set_terminated(run_id, status="FAILED")
+        close_run(self.client, run_id, "FAILED")
 
     def close_ended(self, records: list[dict]) -> None:
         """Trials the journal ended after the last saved sweep state (`journal.reconcile`): the driver may
@@ -174,13 +181,13 @@ class SweepMLflowCallback(Callback):
             result = record.get("result") or {}
             if record["status"] == "ERROR":
                 self.client.set_tag(run_id, STATUS_TAG, FAILED)
-                self.client.set_terminated(run_id, status="FAILED")
+                close_run(self.client, run_id, "FAILED")
                 continue
             self.client.set_tag(run_id, STATUS_TAG, trial_status(result))
             for tag, key in ((STEPS_TAG, "step"), (TOTAL_STEPS_TAG, "total_steps")):
                 if isinstance(result.get(key), (int, float)):
                     self.client.set_tag(run_id, tag, str(int(result[key])))
-            self.client.set_terminated(run_id, status="FINISHED")
+            close_run(self.client, run_id, "FINISHED")
 
     def get_state(self):
         return {"runs": dict(self.runs)}
