@@ -528,4 +528,4 @@ def test_module_imports_only_stdlib_torch_and_the_distributed_seam():
                     "losses.py imports nothing of the package but its collectives (alphadpo_ray.distributed)"
                 continue
             roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "math", "numbers", "dataclasses", "types", "typing", "torch"}
+    assert roots <= {"__future__", "math", "numbers", "dataclasses", "types", "typing", "difflib", "torch"}
