@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU build of PyTorch that lies on this machine's disk; on a GPU machine see README "Installing on GPUs".
+# CPU build of PyTorch that lies on this machine's disk; on a GPU machine see README "Installing by hand, and on GPUs".
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup run test test-quick upgrade-check clean

@@ -1,7 +1,7 @@
 """MLflow's UI in a real headless browser against a real `mlflow server`: after a small `compare` (2 methods ×
 (1 search + 2 seed trials)), the printed link lands on the runs table (not traces), each method's run shows
 its mean and interval, the compare run's description holds the methods table and the verdict. Runs
-`benchmarks/mlflow_screenshots.py` (which also makes the README's screenshots); screenshots go to
+`benchmarks/mlflow_screenshots.py` (which also makes docs/mlflow.md's screenshots); screenshots go to
 ``$ALPHADPO_MLFLOW_SCREENSHOTS`` (default: the test's temporary directory)."""
 
 from __future__ import annotations

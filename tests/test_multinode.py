@@ -198,7 +198,7 @@ def test_job_writing_into_its_working_dir_copy_fails_fast(cluster, shared, tmp_p
 
 @pytest.mark.slow
 def test_documented_job_submission_succeeds_and_writes_outside_the_working_dir(cluster, shared, tmp_path):
-    """README's submission, as written: Ray started from the project's environment, `python -m
+    """docs/cluster.md's submission, as written: Ray started from the project's environment, `python -m
     alphadpo_ray` as the entrypoint, absolute output_dir / storage_path, an MLflow server. It reaches
     SUCCEEDED, `ray job logs` returns its output, results land where configured, nothing in the copy
     (and the reference log-probs the cluster computed before are reused: still one cache entry)."""

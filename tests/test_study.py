@@ -1,5 +1,5 @@
 """`alphadpo-ray study`: its config section, tables, winner line, verdict and report text (no Ray here;
-the studies themselves run from experiments/studies/ and their figures are in the README)."""
+the studies themselves run from experiments/studies/ and their figures are in docs/comparisons.md)."""
 
 from __future__ import annotations
 
