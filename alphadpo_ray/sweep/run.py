@@ -213,9 +213,12 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
     with _tune_environment(sweep, config.storage_path()):
         grid = tuner.fit()
     # Tune answers the first Ctrl-C by saving its state and returning from `fit` as if done: a trial that
-    # did not end, or fewer trials than planned, means the sweep was interrupted.
+    # did not end (Tune's own count of terminated and errored trials), or fewer trials than planned, means
+    # the sweep was interrupted; which trials did not end, the callbacks' record of those that did says.
     ids = {Path(r.path or "?").name for r in grid}
-    unended = ids - _ENDED.pop(name, set()) - _ENDED.pop("", set())  # "": a callback pickled without a name
+    ended_here = _ENDED.pop(name, set()) | _ENDED.pop("", set())  # "": a callback pickled without a name
+    interrupted = grid.num_terminated + grid.num_errors < len(grid) or len(ids) < total
+    unended = ids - ended_here if interrupted else set()
     rows = res.rows_from_result_grid(grid, method, config.ray.num_workers, phase=phase, seed=config.training.seed,
                                      unended=unended)
     if phase == SEEDS:  # re-runs of one configuration: the front is the search's
@@ -223,7 +226,7 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
     else:
         rows = res.mark_pareto(rows, sweep.accuracy_metric, include_stopped=sweep.pareto_includes_stopped)
     return SweepResult(name=name, method=method, rows=rows, directory=config.run_dir.parent / name,
-                       parent_run_id=parent_id, interrupted=bool(unended) or len(ids) < total)
+                       parent_run_id=parent_id, interrupted=interrupted)
 
 
 def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name: str, uri: str, space: dict,
