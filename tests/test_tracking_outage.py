@@ -225,6 +225,7 @@ def test_fresh_sqlite_store_created_by_several_processes_at_once(tmp_path):
         "from alphadpo_ray import tracking\n"
         "from mlflow.tracking import MlflowClient\n"
         "go = pathlib.Path(sys.argv[2])\n"
+        "go.with_name('ready' + sys.argv[3]).touch()\n"
         "while not go.exists(): time.sleep(0.01)\n"
         "tracking.create_sqlite_store(sys.argv[1])\n"
         "tracking.check_tracking(sys.argv[1])\n"
@@ -232,7 +233,9 @@ def test_fresh_sqlite_store_created_by_several_processes_at_once(tmp_path):
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(go), str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for i in range(3)]
-    time.sleep(3)  # let them import
+    deadline = time.time() + 300  # all three imported and waiting, then released together
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)) and time.time() < deadline:
+        time.sleep(0.05)
     go.touch()
     outputs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
