@@ -342,8 +342,8 @@ def get_or_create_experiment(client, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
+    try:  # typed for model training as it is made (`mark_training_experiment` types older ones)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     except Exception as err:  # noqa: BLE001 - narrowed by `_already_exists`
         if not _already_exists(err):
             raise
@@ -706,8 +706,13 @@ class ConsoleProgress(_UserCallback):
 def mark_training_experiment(client, experiment_id: str) -> None:
     """Type the experiment for model training (`EXPERIMENT_KIND_TAG`) unless it already has a kind."""
     experiment = client.get_experiment(experiment_id)
-    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+    if EXPERIMENT_KIND_TAG in (experiment.tags or {}):
+        return
+    try:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    except Exception as err:  # noqa: BLE001 - narrowed by `_already_exists`
+        if not _already_exists(err):  # another process tagged it at the same moment: done
+            raise
 
 
 def close_run(client, run_id: str, status: str = "FINISHED") -> None:
