@@ -266,8 +266,8 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
         f"{where}, ZeRO-{config.deepspeed.zero_stage}")
     run_id, logged_through = _start_tracking(config, uri, identity, log)
-    tracking.log_train_views(uri, run_id, plan=plan)
     try:
+        tracking.log_train_views(uri, run_id, plan=plan)
         _record_identity(config, identity, uri, run_id)
         result = _fit(config, plan, uri, run_id, logged_through, log, in_process)
         summary = _write_summary(config, plan, result, uri, run_id, start, log)
