@@ -207,10 +207,35 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
 
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
+        _check_database(uri, timeout)
     try:
         MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates the store here, once
     except Exception as err:  # noqa: BLE001
         raise TrackingUnavailable(f"MLflow tracking store {redact(uri)} is not usable: {redact(str(err))}") from None
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """One connection to a database store (PostgreSQL, MySQL, ...) with a connect timeout, before MLflow
+    opens it: MLflow retries an unreachable database with backoff for about 100 s, a warning each time."""
+    import sqlalchemy
+
+    connect_args = {"connect_timeout": max(1, int(timeout))} if uri.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+    except Exception:  # noqa: BLE001 - a URI SQLAlchemy can't take: MLflow's own open says why
+        return
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # noqa: BLE001
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise TrackingUnavailable(
+            f"MLflow tracking store {redact(uri)} is unreachable ({redact(reason)}). Start the database, fix "
+            "tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false; nothing was trained."
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def _check_server_credentials(uri: str, health: urllib.request.Request, timeout: float) -> None:

@@ -108,6 +108,8 @@ def test_unreachable_server_error_shows_no_password(tmp_path):
     with pytest.raises(TrackingUnavailable) as failed:  # a store URI with a password, unusable
         check_tracking(f"postgresql://alice:PASSWORD@127.0.0.1:{port}/db")
     assert "PASSWORD" not in str(failed.value)
+    # one connection attempt, not MLflow's ~100 s of retries with a warning each
+    assert "unreachable (connection failed" in str(failed.value)
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
