@@ -186,7 +186,8 @@ def main(argv=None) -> int:
         server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                    "--workers", "1", "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
                                    "--artifacts-destination", str(work / "artifacts")],
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=work)
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=work,
+                                  env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         def healthy():
             if server.poll() is not None:

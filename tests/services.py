@@ -232,7 +232,9 @@ def mlflow_server(root: Path, backend_store_uri: str | None = None, artifacts_de
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
                "--artifacts-destination", artifacts_destination or str(root / "artifacts")]
-    server_env = {**os.environ, **(env or {})}
+    # MLflow 3 starts a job runner and ~8 huey consumer processes per server for its GenAI jobs, which
+    # nothing here uses: on 2 cores they cost each test that starts a server seconds of CPU.
+    server_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     if admin:
         config, users = root / "basic_auth.ini", auth_database_uri or f"sqlite:///{root / 'auth.db'}"
         config.write_text("[mlflow]\ndefault_permission = READ\n"
