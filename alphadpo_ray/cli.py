@@ -134,7 +134,8 @@ def cmd_compare(args) -> int:
 def cmd_study(args) -> int:
     from .config import load_config
     from .preflight import check_job_outputs
-    from .sweep.study import study_path, run_study
+    from .sweep.run import run_study
+    from .sweep.study import study_path
 
     path = study_path(args.name)
     config = load_config(str(path), args.set)

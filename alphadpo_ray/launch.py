@@ -30,7 +30,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from . import compat
+from . import compat, secrets, train_callbacks
 from .config import ExperimentConfig
 from .errors import AlphaDPOError
 from .in_process import fit_in_process, runs_in_process
@@ -79,7 +79,8 @@ def run_fingerprint(config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     """(sha256, settings): the flattened resolved settings that change a run's result — the method with
     every hyperparameter resolved, training, data, model, DeepSpeed, seeds, plugins — less
     `NOT_IDENTITY`, secrets masked (so ``alphadpo_run.json`` can hold them), and their hash."""
-    from .tracking import flatten, mask_secrets
+    from .tracking import flatten
+    from .secrets import mask_secrets
 
     tree = config.to_dict()
     tree["method"] = {"name": config.method.name, **config.method.resolved()}
@@ -110,7 +111,7 @@ def worker_env(config: ExperimentConfig) -> dict[str, str]:
     """The environment of Ray's workers (the job's `runtime_env`): library switches, this environment's
     extensions directory, and the object store's endpoint and region from this environment
     (`OBJECT_STORE_ENV`), never a credential."""
-    from .tracking import looks_secret
+    from .secrets import looks_secret
 
     return {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir(config),
@@ -140,7 +141,7 @@ def _keep_credentials_out_of_runtime_envs() -> None:
     trainable. Trials lose nothing on a Ray started from this process (its workers inherit this
     environment); on an existing cluster the nodes' own credentials apply (instance roles, or the
     variables set on the nodes)."""
-    from .tracking import is_secret_name
+    from .secrets import is_secret_name
 
     try:
         from ray.tune.execution import class_cache
@@ -416,7 +417,7 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
     naming each and what is wrong, nothing moved (the files can still be restored)."""
     from . import storage
     from .recipe import CheckpointUnusable, checkpoint_problem
-    from .tracking import redact
+    from .secrets import redact
 
     snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE))
     latest = compat.train_snapshot_latest(snapshot or {})
@@ -471,7 +472,7 @@ def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
     stay for good, looking like checkpoints. Registered ones — every checkpoint Ray can resume from —
     are never touched. Returns their URIs."""
     from . import storage
-    from .tracking import redact
+    from .secrets import redact
 
     snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {}
     fs, path = storage.resolve(run_uri)
@@ -490,7 +491,7 @@ def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
 
 def _record_identity(config: ExperimentConfig, identity: RunIdentity, uri: str | None, run_id: str | None) -> None:
     """Write ``alphadpo_run.json`` (fingerprint, settings, MLflow run) with the run, before it trains."""
-    from . import storage, tracking
+    from . import storage
 
     previous = {} if identity.fresh else identity.previous or {}  # a fresh start owns no earlier MLflow run
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -499,7 +500,7 @@ def _record_identity(config: ExperimentConfig, identity: RunIdentity, uri: str |
         "fingerprint": identity.fingerprint,
         "settings": identity.settings,
         "mlflow_run_id": run_id or previous.get("mlflow_run_id"),
-        "tracking_uri": tracking.redact(uri) if uri else previous.get("tracking_uri"),
+        "tracking_uri": secrets.redact(uri) if uri else previous.get("tracking_uri"),
         "created": previous.get("created", now),
         "updated": now,
     })
@@ -535,14 +536,14 @@ def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIden
         log(f"[mlflow] {len(pending.events())} earlier report(s) still wait for the tracking store "
             f"({pending.error}); kept in {pending.path}")
     previous = identity.previous or {}
-    recorded = previous.get("mlflow_run_id") if previous.get("tracking_uri") == tracking.redact(uri) else None
+    recorded = previous.get("mlflow_run_id") if previous.get("tracking_uri") == secrets.redact(uri) else None
     key = tracking.run_key(config.storage_path(), config.run_name)
     run_id, resumed = tracking.start_or_resume_run(
         uri, config.tracking.experiment_name, config.run_name, key, tracking.config_params(config.to_dict()),
         tags={"alphadpo.kind": "train", "method": config.method.name}, resume=not identity.fresh, run_id=recorded,
     )
     logged = tracking.last_logged_step(MlflowClient(uri), run_id) if resumed else -1
-    log(f"[mlflow] {'resumed' if resumed else 'started'} run {run_id} in {tracking.redact(uri)}"
+    log(f"[mlflow] {'resumed' if resumed else 'started'} run {run_id} in {secrets.redact(uri)}"
         + _logged_note(logged, held.get(run_id, logged), waiting.get(run_id, []) if resumed else [], sent,
                        pending.path))
     return run_id, max([logged, *(waiting.get(run_id, []) if resumed and not sent else [])])
@@ -564,11 +565,9 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
          in_process: bool = False):
     """`TorchTrainer.fit()` — or, for a one-worker local run, the recipe in this process
     (`in_process.fit_in_process`) — with console progress and (when tracking) the MLflow metrics callback."""
-    from . import tracking
-
-    callbacks: list = [tracking.ConsoleProgress()]
+    callbacks: list = [train_callbacks.ConsoleProgress()]
     if run_id:
-        callbacks.append(tracking.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
+        callbacks.append(train_callbacks.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
     from . import storage
 
     run_uri = storage.join(config.storage_path(), config.run_name)
@@ -591,7 +590,7 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
 def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,
                    log=print) -> dict:
     """Export the final policy, write ``summary.json`` and ``config.json`` (`train` then finishes the MLflow run)."""
-    from . import storage, tracking
+    from . import storage
 
     out = result.return_value or {}
     run_dir = config.run_dir
@@ -614,7 +613,7 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
         "policy": str(policy) if policy else None,
         "storage_path": config.storage_path(),
         "mlflow_run_id": run_id,
-        "tracking_uri": tracking.redact(uri) if uri else None,
+        "tracking_uri": secrets.redact(uri) if uri else None,
         "reference_cache": plan.reference_cache,
         "train_pairs": plan.train_pairs,
         "eval_pairs": plan.eval_pairs,
@@ -626,5 +625,5 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
     }
     summary["summary_path"] = str(run_dir / "summary.json")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "config.json").write_text(json.dumps(tracking.mask_secrets(config.to_dict()), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(secrets.mask_secrets(config.to_dict()), indent=2))
     return summary

@@ -184,7 +184,7 @@ def check_disk_space(config: ExperimentConfig) -> None:
 def check_storage_uri(storage: str) -> None:
     """No credentials in ``ray.storage_path`` (``s3://bucket/x?secret_key=…``, ``user:password@``): it is
     printed, logged and stored with every run and trial, and handed to every worker."""
-    from .tracking import redact
+    from .secrets import redact
 
     if redact(storage) != storage:
         raise ConfigError(

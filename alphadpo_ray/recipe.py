@@ -639,6 +639,6 @@ def _local_view(fs, path: str | None):
 
 
 def _redact(text: str) -> str:
-    from .tracking import redact
+    from .secrets import redact
 
     return redact(text)

@@ -17,7 +17,8 @@ from alphadpo_ray.config import ExperimentConfig, config_from_dict, load_config
 from alphadpo_ray.data import is_local_source
 from alphadpo_ray.errors import ConfigError
 from alphadpo_ray.losses import method_names, method_spec
-from alphadpo_ray.tracking import MASK, config_params, mask_secrets
+from alphadpo_ray.secrets import MASK, mask_secrets
+from alphadpo_ray.tracking import config_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"

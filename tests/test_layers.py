@@ -13,13 +13,13 @@ PACKAGE = Path(alphadpo_ray.__file__).parent
 # Lowest first. A module may import from lower layers only (and within its own subpackage).
 LAYERS = [
     {"compat"},  # the only module that reaches private internals of Ray, Optuna, DeepSpeed, MLflow (libraries only)
-    {"errors", "presets", "console", "plugins"},  # no project imports but compat
+    {"errors", "presets", "console", "plugins", "secrets"},  # no project imports but compat
     {"distributed", "storage"},  # collectives; local / object storage
     {"losses", "logprobs", "task", "models", "data"},  # the maths, models and data
     {"metrics", "sweep_settings", "plan"},  # held-out metrics, sweep schema + objectives, driver→worker contract
     {"config"},  # the typed experiment config
     {"engine", "reference_cache", "sft", "tracking"},  # DeepSpeed engines, reference pass, SFT reference, MLflow
-    {"recipe", "prepare", "preflight", "init_model"},  # a worker's recipe; the driver's preparation and checks (apart)
+    {"recipe", "prepare", "preflight", "init_model", "train_callbacks"},  # a worker's recipe; the driver's preparation and checks (apart)
     {"in_process"},  # a one-worker run in the driver's process (Ray Train's checkpoint manager, no Ray)
     {"launch"},  # one training run
     {"sweep"},  # sweeps and comparisons

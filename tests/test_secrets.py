@@ -62,7 +62,8 @@ def _extra() -> dict:
 
 
 def test_masking_by_name_and_by_value_shape():
-    from alphadpo_ray.tracking import MASK, config_params, mask_secrets, redact
+    from alphadpo_ray.secrets import MASK, mask_secrets, redact
+    from alphadpo_ray.tracking import config_params
 
     config = {
         "deepspeed": {"extra": _extra(), "zero_stage": 2},
@@ -172,7 +173,7 @@ def test_tune_forwards_no_credentials_into_runtime_envs(monkeypatch):
 
     from alphadpo_ray.config import config_from_dict
     from alphadpo_ray.launch import _keep_credentials_out_of_runtime_envs, worker_env
-    from alphadpo_ray.tracking import is_secret_name
+    from alphadpo_ray.secrets import is_secret_name
 
     for name, value in ENV_SECRETS.items():
         monkeypatch.setenv(name, value)

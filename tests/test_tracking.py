@@ -170,7 +170,7 @@ def test_resume_line_says_which_steps_mlflow_holds_and_which_were_pending(tmp_pa
     The resume line says so and sends them (before: "steps up to 6 already logged")."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray import launch, tracking
+    from alphadpo_ray import launch, secrets, tracking
     from conftest import small_config
 
     config = small_config(tmp_path, name="resumed")
@@ -187,7 +187,7 @@ def test_resume_line_says_which_steps_mlflow_holds_and_which_were_pending(tmp_pa
     for step in (4, 5, 6):
         pending.add({"run_id": run_id, "step": step, "ts": int(time.time() * 1000), "metrics": {"train/loss": 0.1}})
     identity = launch.RunIdentity(uri="x", fingerprint="f", settings={}, fresh=False,
-                                  previous={"mlflow_run_id": run_id, "tracking_uri": tracking.redact(uri)})
+                                  previous={"mlflow_run_id": run_id, "tracking_uri": secrets.redact(uri)})
     lines: list[str] = []
     assert launch._start_tracking(config, uri, identity, lines.append) == (run_id, 6)
     assert f"steps up to 3 in MLflow, 4–6 pending on disk ({path}), sent now" in lines[-1], lines

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ..errors import AlphaDPOError
+from . import plots
 from . import results as res
 from .tracking import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEED_TAG, SEEDS,
                        STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
@@ -141,7 +142,9 @@ def _find_parents(client, target: str, store: str):
 def report(target: str, tracking_uri: str | None = None, output_dir: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from ..tracking import redact, resolve_tracking_uri
+    from ..secrets import redact
+
+    from ..tracking import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading config.json: no bars
     uri = resolve_tracking_uri(tracking_uri)
@@ -179,13 +182,13 @@ def report(target: str, tracking_uri: str | None = None, output_dir: str | None 
     if compare:
         seeded = any(r.get("phase") == SEEDS for r in all_rows)
         title = f"compare {target}: methods ranked on {accuracy}" + (" over seeds" if seeded else "")
-        files = res.write_compare_files(marked, summaries, directory, title)
+        files = plots.write_compare_files(marked, summaries, directory, title)
     else:
         title = f"{target}: methods"
         files = res.write_tables(all_rows, directory)
         files["methods"] = directory / "methods.json"
         files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
-        files.update(res.write_plots(marked, accuracy, directory))
+        files.update(plots.write_plots(marked, accuracy, directory))
     if len(marked) > 1 or compare:
         res.print_methods(summaries, accuracy, title)
     res.print_trials(all_rows, accuracy, f"{target}: trials (from MLflow)")

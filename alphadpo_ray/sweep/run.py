@@ -33,12 +33,15 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from .. import secrets
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
 from ..losses import method_names, needs_reference
 from ..sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
 from . import journal
+from . import plots
 from . import results as res
+from .study import machine, markdown, print_study, study_tables, write_study
 from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback
 
 
@@ -246,7 +249,7 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     )
     client = MlflowClient(uri)
     client.log_dict(parent_id, {"search_space": space, "points_to_evaluate": points}, "search_space.json")
-    client.log_dict(parent_id, tracking.mask_secrets(config.to_dict()), "config.json")
+    client.log_dict(parent_id, secrets.mask_secrets(config.to_dict()), "config.json")
     experiment_id = client.get_run(parent_id).info.experiment_id
     return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers,
                                           phase=phase, seed=config.training.seed, data=data)
@@ -369,7 +372,7 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
     KILLED on the way out, and its summary metrics wait for the ``--resume`` that completes it."""
     accuracy = sweep.accuracy_metric
     files = res.write_tables(result.rows, result.directory)
-    files.update(res.write_plots({result.method: result.rows}, accuracy, result.directory, reference_accuracy))
+    files.update(plots.write_plots({result.method: result.rows}, accuracy, result.directory, reference_accuracy))
     result.files = files
     res.print_trials(result.rows, accuracy, title + (" — interrupted" if result.interrupted else ""))
     if uri and result.parent_run_id:
@@ -507,7 +510,7 @@ def _refuse_existing(config: ExperimentConfig, uri: str | None, names: list[str]
     if uri:
         from mlflow.tracking import MlflowClient
 
-        from ..tracking import redact
+        from ..secrets import redact
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(config.tracking.experiment_name)
@@ -557,7 +560,7 @@ def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | 
 
 
 def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> SweepResult:
-    from ..tracking import redact
+    from ..secrets import redact
 
     sweep = sweep_settings(config)
     method = config.method.name
@@ -630,7 +633,7 @@ def close_open_runs(config: ExperimentConfig, names: list[str], err: BaseExcepti
         if closed:
             log(f"[mlflow] {closed} run(s) of {names[0]} marked {status}")
     except BaseException as failure:  # noqa: BLE001 - unreachable store, or interrupted again while closing
-        log(f"[mlflow] tracking store {tracking.redact(uri)} unreachable ({tracking.redact(str(failure))[:200]}): "
+        log(f"[mlflow] tracking store {secrets.redact(uri)} unreachable ({secrets.redact(str(failure))[:200]}): "
             f"the runs of {names[0]} stay RUNNING in the store until it is resumed")
 
 
@@ -731,10 +734,10 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
     summaries = res.rank_methods(by_method, "accuracy_logratio")
     title = f"compare {name}: methods ranked on accuracy_logratio" + (" over seeds" if sweep.seeds else "")
     res.print_methods(summaries, "accuracy_logratio", title)
-    files = res.write_compare_files(by_method, summaries, directory, title)
+    files = plots.write_compare_files(by_method, summaries, directory, title)
     summary = {"name": name, "methods": summaries, "interval_method": res.interval_caption(summaries),
                "budget": budget, "files": {k: str(v) for k, v in files.items()},
-               "mlflow_compare_run_id": compare_id, "tracking_uri": tracking.redact(uri),
+               "mlflow_compare_run_id": compare_id, "tracking_uri": secrets.redact(uri),
                "mlflow_experiment_id": _experiment_of(uri, compare_id), "wall_seconds": round(time.time() - start, 1)}
     files["results"] = directory / "results.json"
     files["results"].write_text(json.dumps(summary, indent=2, default=str))
@@ -753,3 +756,49 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
         tracking.close_run(client, compare_id)
     return summary
 
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run_study(config: ExperimentConfig, *, command: str, resume: bool = False, address: str | None = None,
+              log=print) -> dict:
+    """Run the study's sweep or compare, then write and log its report."""
+    study = config.study
+    if study is None:
+        raise AlphaDPOError(f"config {config.name!r} has no study section: run it with `sweep` or `compare`, "
+                            f"or add study: {{kind, title}}")
+    load_before, start = _load(), time.time()
+    if study.kind == "sweep":
+        result = run_sweep(config, resume=resume, address=address, log=log)
+        rows, methods, directory, run_id = result.rows, None, result.directory, result.parent_run_id
+        files, uri = result.files, json.loads((directory / "results.json").read_text()).get("tracking_uri")
+    else:
+        summary = run_compare(config, resume=resume, address=address, log=log)
+        directory = Path(summary["files"]["json"]).parent
+        rows = json.loads(Path(summary["files"]["json"]).read_text())
+        methods, run_id, files, uri = (summary["methods"], summary["mlflow_compare_run_id"], summary["files"],
+                                       summary["tracking_uri"])
+    tables = study_tables(study, rows, methods)
+    context = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+               "wall_seconds": time.time() - start, "load_before": load_before, "load_after": _load()}
+    plots = {k: os.path.relpath(v, directory) for k, v in files.items() if str(v).endswith(".png")}
+    written = write_study(tables, context, plots, directory)
+    _log_to_mlflow(config, run_id, written, markdown(tables, context, {}))
+    print_study(tables)
+    log(f"[study] {study.title}: {written['markdown']}")
+    return {"directory": directory, "tables": tables, "files": written, "mlflow_run_id": run_id, "tracking_uri": uri}
+
+
+def _log_to_mlflow(config: ExperimentConfig, run_id: str | None, files: dict[str, Path], description: str) -> None:
+    """The study's files as artifacts of its run, and its tables and verdict as the run's description."""
+    if not run_id or not config.tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from ..tracking import NOTE_TAG, resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
+    for path in files.values():
+        client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, NOTE_TAG, description)
