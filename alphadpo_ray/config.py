@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .losses import build_loss, hyperparameter_problems, method_names, method_spec
+from .ml.losses import build_loss, hyperparameter_problems, method_names, method_spec
 from .plugins import load_plugins
 from .sweep_settings import SweepConfig, method_space
-from .task import SFTConfig, TaskConfig
+from .ml.task import SFTConfig, TaskConfig
 
 BUILTIN = "builtin"
 
@@ -205,7 +205,7 @@ class DataConfig(_Section):
     @field_validator("format")
     @classmethod
     def _format(cls, value: str):
-        from .data import FORMATS
+        from .ml.data import FORMATS
 
         if value not in FORMATS:
             raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
@@ -216,7 +216,7 @@ class DataConfig(_Section):
     def _exists(cls, value: str | None):
         if value is None or value == BUILTIN:
             return value
-        from .data import SUPPORTED_EXTENSIONS, is_local_source
+        from .ml.data import SUPPORTED_EXTENSIONS, is_local_source
 
         expected = f"a {'/'.join(SUPPORTED_EXTENSIONS)} file, 'builtin', or a hub dataset id"
         if not value.strip():

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from . import compat, distributed
+from . import compat
+from .ml import distributed
 from .config import ExperimentConfig
 
 

@@ -63,7 +63,7 @@ def check_models(config: ExperimentConfig) -> None:
     """Each local model directory the run loads holds what `from_pretrained` needs (config.json and weights
     for a model, vocabulary files for the tokenizer, which comes from model.tokenizer, else the reference,
     else name_or_path), and a path that looks local exists. Part of ``alphadpo-ray validate`` too."""
-    from .models import local_model_problem
+    from .ml.models import local_model_problem
 
     m = config.model
     for key, value, what in (
@@ -220,7 +220,7 @@ def check_paths(config: ExperimentConfig, log=print) -> None:
 
 def _hub_ids(config: ExperimentConfig) -> list[tuple[str, str, str]]:
     """(config key, repo id, repo type) of every model / dataset the config names by hub id."""
-    from .data import is_local_source
+    from .ml.data import is_local_source
 
     out = []
     for key, value in (("model.name_or_path", config.model.name_or_path), ("model.reference", config.model.reference),

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from .ml import distributed
 from .errors import AlphaDPOError, StorageFull
 
 STATE_FILE = "trainer_state.json"
@@ -263,8 +263,8 @@ def setup(loop_config: dict, session) -> _Worker:
     """Process group, seeds, tokenizer, this worker's data, the DeepSpeed engine and the loss."""
     from .config import ExperimentConfig
     from .engine import build_policy_engine, quiet_logs
-    from .losses import build_loss
-    from .models import load_tokenizer
+    from .ml.losses import build_loss
+    from .ml.models import load_tokenizer
     from .plan import PreparedRun
     from .storage import read_table
 
@@ -361,8 +361,8 @@ def _load_checkpoint(w: _Worker, ckpt_dir: Path) -> None:
 def train_step(w: _Worker, step: int) -> tuple[dict | None, int]:
     """One optimizer step (`step` counts from 0): (metrics averaged over workers, tokens this worker
     saw), or (None, tokens) when any worker's loss is not finite (every worker stops together)."""
-    from .data import collate_pairs
-    from .logprobs import sequence_logps
+    from .ml.data import collate_pairs
+    from .ml.logprobs import sequence_logps
 
     t, engine, device = w.config.training, w.engine, w.device
     accumulation = w.config.gradient_accumulation_steps
@@ -435,11 +435,11 @@ def evaluate(w: _Worker, step: int) -> dict:
     accuracy_logratio) and released before training continues. The sampled KL draws the same seeded
     random numbers at every evaluation (common random numbers: its curve moves with the policy, not
     with fresh sampling noise) and leaves training's RNG untouched."""
-    from .data import collate_pairs
+    from .ml.data import collate_pairs
     from .engine import load_reference, release_reference
-    from .metrics import evaluate_preferences, generation_accuracy, sampled_kl
+    from .ml.metrics import evaluate_preferences, generation_accuracy, sampled_kl
     from .sweep_settings import objectives
-    from .task import check
+    from .ml.task import check
 
     t = w.config.training
     reference, handle = load_reference(w.config, w.plan.reference_path, w.device)

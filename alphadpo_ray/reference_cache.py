@@ -188,9 +188,9 @@ def score_rows(reference_path: str, rows: dict, pad_token_id: int, batch_size: i
     ``load``: extra `from_pretrained` arguments (`load_kwargs`)."""
     import torch
 
-    from .data import collate_pairs
-    from .logprobs import sequence_logps
-    from .models import load_model
+    from .ml.data import collate_pairs
+    from .ml.logprobs import sequence_logps
+    from .ml.models import load_model
 
     model = load_model(reference_path, dtype=getattr(torch, dtype_name(dtype)), eval_mode=True,
                        **(load or {})).to(device)

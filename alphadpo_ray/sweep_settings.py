@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .losses import Hyperparameter, method_names, method_spec
+from .ml.losses import Hyperparameter, method_names, method_spec
 
 SPACE_TYPES = ("loguniform", "uniform", "quniform", "choice", "grid")
 _LEARNING_RATE = Hyperparameter(low=0, low_open=True)  # searched for every method

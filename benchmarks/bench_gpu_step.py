@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         build_model_dir(path, args, device, dtype)
         build_s = time.perf_counter() - t0
-        from alphadpo_ray.models import load_model
+        from alphadpo_ray.ml.models import load_model
 
         probe = load_model(str(path), dtype=dtype)
         n_params = sum(p.numel() for p in probe.parameters())

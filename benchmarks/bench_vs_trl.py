@@ -165,10 +165,10 @@ def _project(path: str, args, rows: list[dict], device, dtype, total_steps: int)
     import torch
 
     from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.data import collate_pairs
+    from alphadpo_ray.ml.data import collate_pairs
     from alphadpo_ray.engine import build_policy_engine
-    from alphadpo_ray.logprobs import sequence_logps
-    from alphadpo_ray.losses import build_loss
+    from alphadpo_ray.ml.logprobs import sequence_logps
+    from alphadpo_ray.ml.losses import build_loss
 
     _init_process_group(args.device)
     config = config_from_dict({

@@ -41,14 +41,14 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory holding a tiny random Llama and its byte-level BPE tokenizer (save_pretrained)."""
-    from alphadpo_ray.models import build_tiny_model_dir
+    from alphadpo_ray.ml.models import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), SAMPLE_TEXTS, vocab_size=320)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from alphadpo_ray.models import load_tokenizer
+    from alphadpo_ray.ml.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

@@ -14,9 +14,9 @@ import yaml
 
 from alphadpo_ray.cli import main
 from alphadpo_ray.config import ExperimentConfig, config_from_dict, load_config
-from alphadpo_ray.data import is_local_source
+from alphadpo_ray.ml.data import is_local_source
 from alphadpo_ray.errors import ConfigError
-from alphadpo_ray.losses import method_names, method_spec
+from alphadpo_ray.ml.losses import method_names, method_spec
 from alphadpo_ray.secrets import MASK, mask_secrets
 from alphadpo_ray.tracking import config_params
 

@@ -14,9 +14,8 @@ PACKAGE = Path(alphadpo_ray.__file__).parent
 LAYERS = [
     {"compat"},  # the only module that reaches private internals of Ray, Optuna, DeepSpeed, MLflow (libraries only)
     {"errors", "presets", "console", "plugins", "secrets"},  # no project imports but compat
-    {"distributed", "storage"},  # collectives; local / object storage
-    {"losses", "logprobs", "task", "models", "data"},  # the maths, models and data
-    {"metrics", "sweep_settings", "plan"},  # held-out metrics, sweep schema + objectives, driver→worker contract
+    {"ml", "storage"},  # what a worker computes with; local / object storage
+    {"sweep_settings", "plan"},  # sweep schema + objectives, driver→worker contract
     {"config"},  # the typed experiment config
     {"engine", "reference_cache", "sft", "tracking"},  # DeepSpeed engines, reference pass, SFT reference, MLflow
     {"recipe", "prepare", "preflight", "init_model", "train_callbacks"},  # a worker's recipe; the driver's preparation and checks (apart)

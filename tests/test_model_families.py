@@ -23,10 +23,10 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS, small_config
 
-import alphadpo_ray.logprobs as lp_mod
-from alphadpo_ray.data.collate import pad_sequences
-from alphadpo_ray.logprobs import sequence_logps
-from alphadpo_ray.models import (
+import alphadpo_ray.ml.logprobs as lp_mod
+from alphadpo_ray.ml.data.collate import pad_sequences
+from alphadpo_ray.ml.logprobs import sequence_logps
+from alphadpo_ray.ml.models import (
     FAMILIES,
     TINY_LOGIT_SOFTCAP,
     TINY_SLIDING_WINDOW,

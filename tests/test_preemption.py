@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
+from alphadpo_ray.ml.losses import Hyperparameter, LossOutput, register_method
 
 
 def slow_simpo(pc, pj, rc, rj, lc, lj, *, beta):

@@ -23,7 +23,7 @@ def _pairs(path, n, prompt="Question {i}?"):
 @pytest.fixture
 def no_models(monkeypatch):
     """Fail the test if the reference pass runs or any model is loaded."""
-    import alphadpo_ray.models as models
+    import alphadpo_ray.ml.models as models
     import alphadpo_ray.reference_cache as reference_cache
 
     def forbidden(*args, **kwargs):

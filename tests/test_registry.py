@@ -1,7 +1,7 @@
 """Adding a method touches its function, its registry entry and its tests — nothing else.
 
 A toy method lives in a plugin file written by the test (the way a user adds one): it registers
-itself with `alphadpo_ray.losses.register_method`, and a config names it under ``plugins``. It then
+itself with `alphadpo_ray.ml.losses.register_method`, and a config names it under ``plugins``. It then
 validates, gets its search space and paper points from its entry, and runs through `compare`
 (Ray Tune trials that load the plugin in their own processes).
 """
@@ -16,14 +16,14 @@ from conftest import small_config
 
 from alphadpo_ray.cli import main
 from alphadpo_ray.errors import ConfigError
-from alphadpo_ray.losses import method_names, method_spec, unregister_method
+from alphadpo_ray.ml.losses import method_names, method_spec, unregister_method
 
 TOY = "toy-hinge"
 PLUGIN = textwrap.dedent('''
     """A reference-free hinge loss on length-normalised log-probs (SLiC-style), for the registry test."""
     import torch
 
-    from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
+    from alphadpo_ray.ml.losses import Hyperparameter, LossOutput, register_method
 
 
     def toy_hinge_loss(pc, pj, rc, rj, lc, lj, *, beta, delta):
@@ -113,7 +113,7 @@ def test_a_plugin_method_runs_through_compare(ray_session, builtin_task, toy_plu
 def test_every_built_in_hyperparameter_declares_its_range():
     """Config values and `--set` values are checked against the registry's ranges, so each built-in
     hyperparameter has one (a negative gamma_beta_ratio or length_alpha is refused naming the range)."""
-    from alphadpo_ray.losses import hyperparameter_problems
+    from alphadpo_ray.ml.losses import hyperparameter_problems
 
     for name in ("alpha-dpo", "dpo", "simpo", "ipo", "cpo", "kto", "orpo", "r-dpo"):
         for key, h in method_spec(name).hyperparameters.items():

@@ -36,7 +36,7 @@ from ray.tune import Callback
 from .. import secrets
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
-from ..losses import method_names, needs_reference
+from ..ml.losses import method_names, needs_reference
 from ..sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
 from . import journal
 from . import plots
