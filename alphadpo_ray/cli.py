@@ -13,7 +13,7 @@ def _config(args, preset: dict | None = None):
     """The CONFIG file, or the embedded preset when none is given; --set overrides apply to both. In a
     Ray job's working-dir copy, places that would be lost with it are refused before anything is written
     (a sweep takes its lock in storage before its preflight)."""
-    from .config import config_from_dict, load_config
+    from .config.experiment import config_from_dict, load_config
     from .preflight import check_job_outputs
 
     if args.config is None and preset is not None:
@@ -38,7 +38,7 @@ def cmd_reference(args) -> int:
 def cmd_validate(args) -> int:
     """Check every file given: one ``ok`` line per good one, one ``error:`` line per bad one (naming the
     file); exit 2 when any is bad."""
-    from .config import load_config
+    from .config.experiment import load_config
     from .preflight import check_deepspeed, check_models
 
     bad = 0
@@ -112,7 +112,7 @@ def _where(result_dir, parent_run_id, uri, experiment_id=None) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .presets import QUICKSTART_SWEEP
+    from .config.presets import QUICKSTART_SWEEP
     from .sweep.run import run_sweep
 
     result = run_sweep(_config(args, QUICKSTART_SWEEP), resume=args.resume, address=args.address)
@@ -122,7 +122,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .presets import COMPARE_QUICKSTART
+    from .config.presets import COMPARE_QUICKSTART
     from .sweep.run import run_compare
 
     summary = run_compare(_config(args, COMPARE_QUICKSTART), resume=args.resume, address=args.address)
@@ -132,7 +132,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .config import load_config
+    from .config.experiment import load_config
     from .preflight import check_job_outputs
     from .sweep.run import run_study
     from .sweep.study import study_path

@@ -20,7 +20,7 @@ import torch
 
 from . import compat
 from .ml import distributed
-from .config import ExperimentConfig
+from .config.experiment import ExperimentConfig
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import compat
-from .config import ExperimentConfig
+from .config.experiment import ExperimentConfig
 from .errors import StorageFull
 from .storage import uri_of
 

@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from . import compat, secrets, train_callbacks
-from .config import ExperimentConfig
+from .config.experiment import ExperimentConfig
 from .errors import AlphaDPOError
 from .in_process import fit_in_process, runs_in_process
 

@@ -29,7 +29,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .config import BUILTIN, ExperimentConfig
+from .config.experiment import BUILTIN, ExperimentConfig
 from .errors import AlphaDPOError, ConfigError, StorageFull
 
 # DeepSpeed's pydantic config classes → the config section they parse.

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from . import reference_cache, storage
-from .config import BUILTIN, ExperimentConfig, total_steps
+from .config.experiment import BUILTIN, ExperimentConfig, total_steps
 from .errors import DataError
 from .ml.losses import needs_reference
 from .plan import PreparedRun

@@ -261,7 +261,7 @@ def run_recipe(loop_config: dict, session) -> dict:
 
 def setup(loop_config: dict, session) -> _Worker:
     """Process group, seeds, tokenizer, this worker's data, the DeepSpeed engine and the loss."""
-    from .config import ExperimentConfig
+    from .config.experiment import ExperimentConfig
     from .engine import build_policy_engine, quiet_logs
     from .ml.losses import build_loss
     from .ml.models import load_tokenizer
@@ -438,7 +438,7 @@ def evaluate(w: _Worker, step: int) -> dict:
     from .ml.data import collate_pairs
     from .engine import load_reference, release_reference
     from .ml.metrics import evaluate_preferences, generation_accuracy, sampled_kl
-    from .sweep_settings import objectives
+    from .config.sweep_settings import objectives
     from .ml.task import check
 
     t = w.config.training

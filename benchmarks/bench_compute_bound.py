@@ -78,7 +78,7 @@ def project_step(path: str, args, rows: list[dict], pad_id: int, device, total_s
     """The recipe's step on a `build_policy_engine` engine; returns (step, description, config, keep-alive)."""
     import torch
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.ml.data import collate_pairs
     from alphadpo_ray.engine import build_policy_engine
     from alphadpo_ray.ml.logprobs import sequence_logps

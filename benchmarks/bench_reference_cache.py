@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.ml.data import collate_pairs
     from alphadpo_ray.engine import build_policy_engine, deepspeed_config, quiet_logs
     from alphadpo_ray.ml.logprobs import sequence_logps

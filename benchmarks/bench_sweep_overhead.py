@@ -180,7 +180,7 @@ def floor_worker(loop_config: dict) -> dict:
     import deepspeed
     import torch
 
-    from alphadpo_ray.config import ExperimentConfig
+    from alphadpo_ray.config.experiment import ExperimentConfig
     from alphadpo_ray.engine import build_policy_engine, quiet_logs
 
     quiet_logs()
@@ -244,8 +244,8 @@ def run_floor(config, policy_path: str, storage: str, trials: int, workers: int,
 
 
 def sweep_config(tmp: Path, name: str, workers: int, trials: int, steps: int, zero_stage: int):
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.presets import QUICKSTART_SWEEP
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.config.presets import QUICKSTART_SWEEP
 
     base = json.loads(json.dumps(QUICKSTART_SWEEP))
     base.update(name=name, output_dir=str(tmp / "outputs"))

@@ -164,7 +164,7 @@ def _project(path: str, args, rows: list[dict], device, dtype, total_steps: int)
     """The recipe's engine and step; the reference log-probs are scored once into the rows first."""
     import torch
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.ml.data import collate_pairs
     from alphadpo_ray.engine import build_policy_engine
     from alphadpo_ray.ml.logprobs import sequence_logps

@@ -67,7 +67,7 @@ def ray_session():
     Train controllers, 2 workers and Tune trials must fit at once)."""
     import ray
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.launch import worker_env
 
     env = worker_env(config_from_dict({}))
@@ -83,7 +83,7 @@ def small_config(tmp_path, **sections):
     the whole session (so the reference cache is computed once), with a run name unique to the test."""
     import re
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
 
     shared_storage = tmp_path.parent / "shared-ray-storage"  # this session's basetemp
     base = {

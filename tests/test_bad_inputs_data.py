@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from alphadpo_ray.cli import main as cli_main
-from alphadpo_ray.config import config_from_dict, load_config
+from alphadpo_ray.config.experiment import config_from_dict, load_config
 from alphadpo_ray.ml.data import PAIR_REASONS, REASONS, load_preference_data, preference_data_from_rows
 from alphadpo_ray.ml.data import tokenize_pairs_with_report
 from alphadpo_ray.errors import DataError

@@ -101,7 +101,7 @@ def test_a_carried_evaluation_is_logged_at_its_own_step_once():
 
 def test_seed_is_a_trial_parameter_of_every_method():
     from alphadpo_ray.sweep.trial import trial_config
-    from alphadpo_ray.sweep_settings import SweepConfig, method_space
+    from alphadpo_ray.config.sweep_settings import SweepConfig, method_space
 
     sweep = SweepConfig(search_space={"seed": {"type": "grid", "values": [1, 2]}})
     for method in ("alpha-dpo", "dpo"):

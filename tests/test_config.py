@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from alphadpo_ray.cli import main
-from alphadpo_ray.config import ExperimentConfig, config_from_dict, load_config
+from alphadpo_ray.config.experiment import ExperimentConfig, config_from_dict, load_config
 from alphadpo_ray.ml.data import is_local_source
 from alphadpo_ray.errors import ConfigError
 from alphadpo_ray.ml.losses import method_names, method_spec
@@ -81,7 +81,7 @@ def test_every_experiment_config_validates_offline(path, no_network, monkeypatch
     assert config.gradient_accumulation_steps >= 1
     assert config.method.resolved()  # the loss builds with these hyperparameters
     if config.sweep is not None:  # the sweep section and each method's search space validate too
-        from alphadpo_ray.sweep_settings import SweepConfig, method_space
+        from alphadpo_ray.config.sweep_settings import SweepConfig, method_space
 
         assert isinstance(config.sweep, SweepConfig)
         for method in config.sweep.methods or [config.method.name]:

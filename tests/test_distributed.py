@@ -156,7 +156,7 @@ def test_runs_get_this_environments_own_extensions_directory(tmp_path, monkeypat
     environments rebuild; a user's own TORCH_EXTENSIONS_DIR wins."""
     import sys
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.launch import worker_env
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)

@@ -282,7 +282,7 @@ def test_memory_budget_is_validated():
     for bad in (-1, float("nan"), True, "64"):
         with pytest.raises(ValueError, match="memory_budget_mb"):
             chunked_token_logps(hidden, head, tgt, memory_budget_mb=bad)
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.errors import ConfigError
 
     base = {"name": "x", "model": {"name_or_path": "m"}}

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from alphadpo_ray.config import config_from_dict
+from alphadpo_ray.config.experiment import config_from_dict
 from alphadpo_ray.errors import ConfigError, DataError
 
 
@@ -151,7 +151,7 @@ def test_spot_switch_fills_the_failure_budget_drain_poll_and_grace():
     """`ray.spot: true` (in the file or by --set) sets what a spot cluster needs, each only where not given
     (before: no switch; a spot kill with the default ray.max_failures 0 ended the run, drain notices polled
     every 5 s); the poll reaches Ray Train through the workers' environment."""
-    from alphadpo_ray.config import SPOT_DEFAULTS
+    from alphadpo_ray.config.experiment import SPOT_DEFAULTS
     from alphadpo_ray.launch import PREEMPTION_POLL_ENV, worker_env
 
     base = {"name": "spot", "tracking": {"enabled": False}}
@@ -177,7 +177,7 @@ def test_spot_nodes_with_no_failure_budget_warn_before_the_run(tmp_path):
 
     script = (
         "import ray\n"
-        "from alphadpo_ray.config import config_from_dict\n"
+        "from alphadpo_ray.config.experiment import config_from_dict\n"
         "from alphadpo_ray.launch import init_ray\n"
         "from alphadpo_ray.preflight import spot_warnings\n"
         f"base = {{'name': 'spot', 'tracking': {{'enabled': False}}, 'ray': {{'storage_path': {str(tmp_path / 'ray')!r}}}}}\n"

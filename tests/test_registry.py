@@ -53,8 +53,8 @@ def toy_plugin(tmp_path):
 
 
 def test_a_plugin_method_validates_and_gets_its_space_from_its_entry(toy_plugin, tmp_path, capsys):
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.sweep_settings import SweepConfig, method_space, starting_points
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.config.sweep_settings import SweepConfig, method_space, starting_points
 
     config = config_from_dict({"plugins": [toy_plugin], "method": {"name": TOY}})
     assert TOY in method_names() and config.method.resolved() == {"beta": 1.0, "delta": 0.5}  # start value
@@ -81,7 +81,7 @@ def test_a_plugin_method_validates_and_gets_its_space_from_its_entry(toy_plugin,
 
 
 def test_a_broken_plugin_is_a_config_error(tmp_path):
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
 
     with pytest.raises(ConfigError, match=r"plugins: could not load .*missing\.py.*plugin file not found"):
         config_from_dict({"plugins": [str(tmp_path / "missing.py")]})

@@ -38,7 +38,7 @@ def test_changed_settings_refuse_restart_and_deleted_storage_start_fresh_runs(ra
     from mlflow.tracking import MlflowClient
 
     from alphadpo_ray.cli import build_parser
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.launch import IDENTITY_FILE, RunConfigChanged, train
 
     config = small_config(tmp_path, name=f"identity-{tmp_path.name[-6:]}", **ONE_WORKER,
@@ -212,7 +212,7 @@ def test_in_process_run_killed_resumes_under_ray_train(ray_session, builtin_task
     from mlflow.tracking import MlflowClient
     from services import stop_tree
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.launch import train
 
     config = _held_run(tmp_path, f"held-local-{tmp_path.name[-6:]}", **ONE_WORKER)

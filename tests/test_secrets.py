@@ -171,7 +171,7 @@ def test_deepspeed_saved_config_has_no_extra_strings():
 def test_tune_forwards_no_credentials_into_runtime_envs(monkeypatch):
     from ray.tune.execution import class_cache
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.launch import _keep_credentials_out_of_runtime_envs, worker_env
     from alphadpo_ray.secrets import is_secret_name
 

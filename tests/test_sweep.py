@@ -146,7 +146,7 @@ def test_safe_optuna_search_fails_errored_and_nan_trials():
     """A failed trial's last (stale or NaN) metrics never reach Optuna: it is told FAIL."""
     import optuna
 
-    from alphadpo_ray.sweep_settings import SweepConfig
+    from alphadpo_ray.config.sweep_settings import SweepConfig
     from alphadpo_ray.sweep.run import _searcher
 
     from alphadpo_ray.sweep.run import tune_domains
@@ -173,7 +173,7 @@ def test_journal_reconciles_a_stale_snapshot_and_searcher():
 
     from alphadpo_ray.sweep.journal import merge_trials, reconcile_searcher
     from alphadpo_ray.sweep.run import _searcher, tune_domains
-    from alphadpo_ray.sweep_settings import SweepConfig
+    from alphadpo_ray.config.sweep_settings import SweepConfig
 
     def data(trial_id, status):
         return [json.dumps({"trial_id": trial_id, "status": status}), "{}"]

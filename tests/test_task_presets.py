@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphadpo_ray.config import load_config
+from alphadpo_ray.config.experiment import load_config
 from alphadpo_ray.ml.data import preference_data_from_rows, tokenize_pairs
 from alphadpo_ray.ml.losses import build_loss
 from alphadpo_ray.ml.models import build_tokenizer

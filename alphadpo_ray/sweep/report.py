@@ -214,7 +214,7 @@ def _rebuild_study(study: dict, rows: list[dict], summaries: list[dict] | None, 
     """A study's tables and verdict (`study.md`, `study.json`) from the rows read back from MLflow."""
     import time
 
-    from ..config import StudyConfig
+    from ..config.experiment import StudyConfig
     from .study import machine, markdown, print_study, study_tables, write_study
 
     tables = study_tables(StudyConfig(**study), rows, summaries)

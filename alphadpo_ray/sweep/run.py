@@ -34,10 +34,10 @@ from pathlib import Path
 from ray.tune import Callback
 
 from .. import secrets
-from ..config import ExperimentConfig, config_from_dict
+from ..config.experiment import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
 from ..ml.losses import method_names, needs_reference
-from ..sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
+from ..config.sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
 from . import journal
 from . import plots
 from . import results as res

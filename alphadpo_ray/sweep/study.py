@@ -1,6 +1,6 @@
 """`alphadpo-ray study NAME`: a ready experiment (a sweep or a compare) and the report that answers its question.
 
-A study is an experiment config with a ``study:`` section (`alphadpo_ray.config.StudyConfig`); the ready
+A study is an experiment config with a ``study:`` section (`alphadpo_ray.config.experiment.StudyConfig`); the ready
 ones live in ``experiments/studies/NAME.yaml``. Top to bottom (`run.run_study`):
   1. run the config's sweep (one method over a controlled grid) or compare (methods: search, then seeds);
   2. tabulate: a sweep's rows grouped by ``study.group_by`` (seeds pooled into 95 % t-intervals), a
@@ -20,7 +20,7 @@ import os
 import platform
 from pathlib import Path
 
-from ..config import StudyConfig
+from ..config.experiment import StudyConfig
 from ..errors import AlphaDPOError
 from . import stats
 from .tracking import FINISHED

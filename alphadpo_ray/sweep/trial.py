@@ -23,7 +23,7 @@ reason and the searcher is told it failed (see `SafeOptunaSearch`).
 
 from __future__ import annotations
 
-from ..config import ExperimentConfig, config_from_dict
+from ..config.experiment import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
 from ..plan import PreparedRun
 
