@@ -91,13 +91,13 @@ def cmd_init_model(args) -> int:
 
 def _mlflow_hint(uri, experiment_id=None, run_id=None) -> str:
     """`tracking.ui_hint` for a run whose experiment id the summary may not hold (read from the store)."""
-    from .tracking import ui_hint
+    from .services.tracking import ui_hint
 
     if experiment_id is None and run_id:
         try:
             from mlflow.tracking import MlflowClient
 
-            from .tracking import resolve_tracking_uri
+            from .services.tracking import resolve_tracking_uri
 
             experiment_id = MlflowClient(resolve_tracking_uri(uri)).get_run(run_id).info.experiment_id
         except Exception:  # noqa: BLE001 - only a link: the experiments page then

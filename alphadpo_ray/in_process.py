@@ -26,7 +26,7 @@ from typing import Any
 from . import compat
 from .config.experiment import ExperimentConfig
 from .errors import StorageFull
-from .storage import uri_of
+from .services.storage import uri_of
 
 
 def runs_in_process(config: ExperimentConfig) -> bool:

@@ -184,7 +184,7 @@ def check_disk_space(config: ExperimentConfig) -> None:
 def check_storage_uri(storage: str) -> None:
     """No credentials in ``ray.storage_path`` (``s3://bucket/x?secret_key=…``, ``user:password@``): it is
     printed, logged and stored with every run and trial, and handed to every worker."""
-    from .secrets import redact
+    from .services.secrets import redact
 
     if redact(storage) != storage:
         raise ConfigError(
@@ -196,7 +196,7 @@ def check_storage_uri(storage: str) -> None:
 
 def check_paths(config: ExperimentConfig, log=print) -> None:
     """Writable output dir, local storage and SQLite store; refuse when the checkpoints do not fit the disk."""
-    from .tracking import resolve_tracking_uri
+    from .services.tracking import resolve_tracking_uri
 
     _probe_dir("output_dir", Path(config.output_dir).expanduser().resolve())
     if config.cache_dir:
@@ -329,7 +329,7 @@ def check_job_outputs(config: ExperimentConfig) -> None:
     copy = job_working_dir()
     if copy is None:
         return
-    from .tracking import resolve_tracking_uri
+    from .services.tracking import resolve_tracking_uri
 
     places = [("output_dir", Path(config.output_dir).expanduser().resolve())]
     if "://" not in config.ray.storage_path:

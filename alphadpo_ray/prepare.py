@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from . import reference_cache, storage
+from . import reference_cache
+from .services import storage
 from .config.experiment import BUILTIN, ExperimentConfig, total_steps
 from .errors import DataError
 from .ml.losses import needs_reference

@@ -266,7 +266,7 @@ def setup(loop_config: dict, session) -> _Worker:
     from .ml.losses import build_loss
     from .ml.models import load_tokenizer
     from .plan import PreparedRun
-    from .storage import read_table
+    from .services.storage import read_table
 
     start = time.time()
     config = ExperimentConfig.model_validate(loop_config["config"])
@@ -639,6 +639,6 @@ def _local_view(fs, path: str | None):
 
 
 def _redact(text: str) -> str:
-    from .secrets import redact
+    from .services.secrets import redact
 
     return redact(text)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import storage
+from .services import storage
 
 logger = logging.getLogger(__name__)
 CACHE_DIR = "reference_cache"

@@ -32,7 +32,7 @@ from .ml.data import collate_pairs, collate_sft, preference_data_from_rows, toke
 from .ml.logprobs import sequence_logps
 from .ml.losses import build_loss
 from .ml.metrics import evaluate_preferences, generation_accuracy
-from .storage import default_cache_dir, file_lock
+from .services.storage import default_cache_dir, file_lock
 from .ml.models import build_tiny_model, build_tokenizer, load_model, load_tokenizer
 
 

@@ -111,7 +111,7 @@ def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.search.optuna import OptunaSearch
 
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
     from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.sweep import run as sweep_run
     from alphadpo_ray.sweep import trial as sweep_trial

@@ -17,8 +17,8 @@ from alphadpo_ray.config.experiment import ExperimentConfig, config_from_dict, l
 from alphadpo_ray.ml.data import is_local_source
 from alphadpo_ray.errors import ConfigError
 from alphadpo_ray.ml.losses import method_names, method_spec
-from alphadpo_ray.secrets import MASK, mask_secrets
-from alphadpo_ray.tracking import config_params
+from alphadpo_ray.services.secrets import MASK, mask_secrets
+from alphadpo_ray.services.tracking import config_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"

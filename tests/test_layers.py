@@ -13,12 +13,12 @@ PACKAGE = Path(alphadpo_ray.__file__).parent
 # Lowest first. A module may import from lower layers only (and within its own subpackage).
 LAYERS = [
     {"compat"},  # the only module that reaches private internals of Ray, Optuna, DeepSpeed, MLflow (libraries only)
-    {"errors", "console", "secrets"},  # no project imports but compat
-    {"ml", "storage"},  # what a worker computes with; local / object storage
+    {"errors", "console"},  # no project imports but compat
+    {"ml", "services"},  # what a worker computes with; storage, MLflow tracking, secrets
     {"plan"},  # sweep schema + objectives, driver→worker contract
     {"config"},  # the typed experiment config, sweep settings, presets, plugins
-    {"engine", "reference_cache", "sft", "tracking"},  # DeepSpeed engines, reference pass, SFT reference, MLflow
-    {"recipe", "prepare", "preflight", "init_model", "train_callbacks"},  # a worker's recipe; the driver's preparation and checks (apart)
+    {"engine", "reference_cache", "sft"},  # DeepSpeed engines, reference pass, SFT reference
+    {"recipe", "prepare", "preflight", "init_model"},  # a worker's recipe; the driver's preparation and checks (apart)
     {"in_process"},  # a one-worker run in the driver's process (Ray Train's checkpoint manager, no Ray)
     {"launch"},  # one training run
     {"sweep"},  # sweeps and comparisons

@@ -133,7 +133,7 @@ class RunLog:
 def _write_config(tmp_path: Path, name: str, cluster: LocalCluster, **sections) -> tuple[Path, object]:
     """The run's YAML (and its MLflow store): 2 workers of 1 CPU and 1 slot each, the slow method under
     a name of this run's own (the test process registers it too, once per name)."""
-    from alphadpo_ray.tracking import create_sqlite_store
+    from alphadpo_ray.services.tracking import create_sqlite_store
 
     method = f"slow-{name}"
     plugin = tmp_path / "slow_method.py"

@@ -62,8 +62,8 @@ def _extra() -> dict:
 
 
 def test_masking_by_name_and_by_value_shape():
-    from alphadpo_ray.secrets import MASK, mask_secrets, redact
-    from alphadpo_ray.tracking import config_params
+    from alphadpo_ray.services.secrets import MASK, mask_secrets, redact
+    from alphadpo_ray.services.tracking import config_params
 
     config = {
         "deepspeed": {"extra": _extra(), "zero_stage": 2},
@@ -97,7 +97,7 @@ def test_masking_by_name_and_by_value_shape():
 
 
 def test_unreachable_server_error_shows_no_password(tmp_path):
-    from alphadpo_ray.tracking import TrackingUnavailable, check_tracking
+    from alphadpo_ray.services.tracking import TrackingUnavailable, check_tracking
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,7 +130,7 @@ CREDENTIALS_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # /healt
 def test_tracking_uri_with_credentials_is_accepted_and_kept_out_of_the_uri(monkeypatch):
     """The server is up: the probe authenticates with the URI's credentials; the URI used from then on
     (printed, summarised, pickled with callbacks) has none, MLflow reads them from the environment."""
-    from alphadpo_ray.tracking import check_tracking, resolve_tracking_uri
+    from alphadpo_ray.services.tracking import check_tracking, resolve_tracking_uri
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -173,7 +173,7 @@ def test_tune_forwards_no_credentials_into_runtime_envs(monkeypatch):
 
     from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.launch import _keep_credentials_out_of_runtime_envs, worker_env
-    from alphadpo_ray.secrets import is_secret_name
+    from alphadpo_ray.services.secrets import is_secret_name
 
     for name, value in ENV_SECRETS.items():
         monkeypatch.setenv(name, value)

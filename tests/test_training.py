@@ -283,7 +283,7 @@ def test_reference_free_method_skips_the_cache(ray_session, builtin_task, tmp_pa
 def test_unreachable_tracking_server_fails_before_training(builtin_task, tmp_path, monkeypatch):
     import alphadpo_ray.launch as launch
     import alphadpo_ray.prepare as prepare
-    from alphadpo_ray.tracking import TrackingUnavailable
+    from alphadpo_ray.services.tracking import TrackingUnavailable
 
     calls = []
     monkeypatch.setattr(launch, "init_ray", lambda *a, **k: calls.append("init_ray"))

@@ -192,7 +192,7 @@ def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True)
     before it) the searcher's state is still made to agree with the snapshot's trials: Tune saves and
     uploads those files one by one, so a kill can leave them from different saves. Returns the journal
     records that ended trials the snapshot had not (their MLflow runs may still need closing)."""
-    from .. import storage
+    from ..services import storage
 
     fs, experiment = storage.resolve(experiment_uri)
     journal = read_journal(fs, experiment)

@@ -142,9 +142,9 @@ def _find_parents(client, target: str, store: str):
 def report(target: str, tracking_uri: str | None = None, output_dir: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from ..secrets import redact
+    from ..services.secrets import redact
 
-    from ..tracking import resolve_tracking_uri
+    from ..services.tracking import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading config.json: no bars
     uri = resolve_tracking_uri(tracking_uri)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from .. import secrets
+from ..services import secrets
 from ..config.experiment import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
 from ..ml.losses import method_names, needs_reference
@@ -237,7 +237,7 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     """The sweep's MLflow parent run (started or resumed) and the callback that writes its child runs."""
     from mlflow.tracking import MlflowClient
 
-    from .. import tracking
+    from ..services import tracking
 
     storage = config.storage_path()
     parent_id, _ = tracking.start_or_resume_run(
@@ -285,7 +285,7 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
 
     from .trial import run_trial
 
-    from .. import storage as run_storage
+    from ..services import storage as run_storage
 
     storage = config.storage_path()
     experiment_dir = run_storage.join(storage, name)
@@ -384,7 +384,7 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
     if result.interrupted:
         raise SweepInterrupted()
     if uri and result.parent_run_id:
-        from ..tracking import close_run, log_metrics
+        from ..services.tracking import close_run, log_metrics
 
         # Step = trials in the table: a resumed sweep that ran more trials adds a point, and one that
         # finds nothing new (a second --resume) logs nothing again — each (key, step) once.
@@ -426,7 +426,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_json(uri: str) -> dict | None:
-    from .. import storage
+    from ..services import storage
 
     fs, path = storage.resolve(uri)
     try:
@@ -439,7 +439,7 @@ def _read_json(uri: str) -> dict | None:
 
 def _create_lock(lock_uri: str, holder: dict) -> bool:
     """Create the lock file if there is none (atomically on local and NFS paths); True if created."""
-    from .. import storage
+    from ..services import storage
 
     if "://" in lock_uri:  # object stores have no exclusive create: check, then write
         if storage.exists(lock_uri):
@@ -457,7 +457,7 @@ def _create_lock(lock_uri: str, holder: dict) -> bool:
 
 
 def _remove_lock(lock_uri: str) -> None:
-    from .. import storage
+    from ..services import storage
 
     fs, path = storage.resolve(lock_uri)
     with contextlib.suppress(FileNotFoundError):
@@ -469,7 +469,7 @@ def sweep_lock(storage_path: str, name: str):
     """Hold the sweep or compare `name` while it runs: ``{storage_path}/{name}.lock`` names the holder
     (pid, host, start). Another sweep of the same name refuses (`SweepRunning`) while the holder
     lives; a lock left by a dead process on this host is taken over; the holder removes it at the end."""
-    from .. import storage
+    from ..services import storage
 
     lock_uri = storage.join(storage_path, f"{name}.lock")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -502,7 +502,7 @@ def sweep_lock(storage_path: str, name: str):
 def _refuse_existing(config: ExperimentConfig, uri: str | None, names: list[str], kind: str) -> None:
     """Without ``--resume`` a sweep or compare never adds to one of the same name: its Tune experiment
     in storage or its MLflow runs (parent, or a compare's per-method sweeps) mean `SweepExists`."""
-    from .. import storage
+    from ..services import storage
 
     experiments = [storage.join(config.storage_path(), n) for n in names]
     experiments = [e for e in experiments if storage.exists(e)]
@@ -510,7 +510,7 @@ def _refuse_existing(config: ExperimentConfig, uri: str | None, names: list[str]
     if uri:
         from mlflow.tracking import MlflowClient
 
-        from ..secrets import redact
+        from ..services.secrets import redact
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(config.tracking.experiment_name)
@@ -531,7 +531,7 @@ def _start(config: ExperimentConfig, address: str | None, names: list[str] | Non
            kind: str = "sweep"):
     """Preflight, the tracking store (created under its lock), the name check (without ``--resume``),
     then Ray."""
-    from .. import tracking
+    from ..services import tracking
     from ..launch import init_ray
     from ..preflight import preflight
 
@@ -560,7 +560,7 @@ def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | 
 
 
 def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> SweepResult:
-    from ..secrets import redact
+    from ..services.secrets import redact
 
     sweep = sweep_settings(config)
     method = config.method.name
@@ -608,7 +608,7 @@ def close_open_runs(config: ExperimentConfig, names: list[str], err: BaseExcepti
     the compare run, the sweeps' parent runs and their trial runs, found by their ``alphadpo.sweep`` tag —
     are marked KILLED (an interrupt) or FAILED (an error); `--resume` sets them RUNNING again. A store that
     does not answer is one line: they stay RUNNING there. Never raises."""
-    from .. import tracking
+    from ..services import tracking
 
     if not config.tracking.enabled:
         return
@@ -651,7 +651,7 @@ def _seeds_point(config: ExperimentConfig, sweep: SweepConfig, name: str, search
     """What the seeds phase `name` re-runs: the best search trial's hyperparameters and `sweep.seeds`
     training seeds above every seed the search used (so the winner's selection luck is not counted
     again). Stored with the phase's Tune experiment, so a resumed compare re-runs the same point."""
-    from .. import storage
+    from ..services import storage
 
     uri = storage.join(config.storage_path(), name, "seeds_point.json")
     stored = _read_json(uri) if resume else None
@@ -685,7 +685,7 @@ def _budget(by_method: dict[str, list[dict]], total_steps: int, pairs_per_step: 
 
 
 def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> dict:
-    from .. import tracking
+    from ..services import tracking
 
     sweep = sweep_settings(config)
     # Methods are ranked on the method-independent reward: their own implicit-reward accuracies differ in scale.
@@ -796,7 +796,7 @@ def _log_to_mlflow(config: ExperimentConfig, run_id: str | None, files: dict[str
         return
     from mlflow.tracking import MlflowClient
 
-    from ..tracking import NOTE_TAG, resolve_tracking_uri
+    from ..services.tracking import NOTE_TAG, resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
     for path in files.values():

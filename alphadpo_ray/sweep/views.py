@@ -105,7 +105,7 @@ def publish_compare(client, compare_run_id: str | None, method_runs: dict[str, s
                     rows: list[dict], title: str, description: str | None = None) -> None:
     """Log a comparison's views (module docstring): `method_runs` maps each method to its run; `description`
     (default: `methods_markdown`) becomes the compare run's description."""
-    from ..tracking import NOTE_TAG, log_metrics_once
+    from ..services.tracking import NOTE_TAG, log_metrics_once
 
     per_method = {s["method"]: method_metrics(s) for s in summaries}
     for method, run_id in method_runs.items():

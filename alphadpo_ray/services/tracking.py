@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import AlphaDPOError
+from ..errors import AlphaDPOError
 from .secrets import mask_secrets, redact
 
 RUN_KEY_TAG = "alphadpo.run_key"
@@ -104,7 +104,7 @@ def _copy_template_store(db: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from . import compat
+    from .. import compat
     from .storage import default_cache_dir, file_lock
 
     template = default_cache_dir() / "mlflow-sqlite" / f"{mlflow.__version__}.db"
