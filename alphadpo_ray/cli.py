@@ -14,7 +14,7 @@ def _config(args, preset: dict | None = None):
     Ray job's working-dir copy, places that would be lost with it are refused before anything is written
     (a sweep takes its lock in storage before its preflight)."""
     from .config.experiment import config_from_dict, load_config
-    from .preflight import check_job_outputs
+    from .training.preflight import check_job_outputs
 
     if args.config is None and preset is not None:
         config = config_from_dict(preset, "<embedded defaults>", args.set)
@@ -26,7 +26,7 @@ def _config(args, preset: dict | None = None):
 
 def cmd_reference(args) -> int:
     """Build (or reuse) the built-in task and its SFT reference; print the reference's held-out metrics."""
-    from .prepare import prepare_builtin
+    from .training.prepare import prepare_builtin
 
     config = _config(args)
     built = prepare_builtin(config)
@@ -39,7 +39,7 @@ def cmd_validate(args) -> int:
     """Check every file given: one ``ok`` line per good one, one ``error:`` line per bad one (naming the
     file); exit 2 when any is bad."""
     from .config.experiment import load_config
-    from .preflight import check_deepspeed, check_models
+    from .training.preflight import check_deepspeed, check_models
 
     bad = 0
     for path in args.configs:
@@ -59,7 +59,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .launch import train
+    from .training.launch import train
 
     summary = train(_config(args), restart=args.restart, address=args.address)
     if summary.get("already_finished"):
@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_init_model(args) -> int:
-    from .init_model import InitModelSettings, init_model
+    from .training.init_model import InitModelSettings, init_model
 
     settings = InitModelSettings(family=args.family, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                                  num_layers=args.layers, num_heads=args.heads, sft_steps=args.sft_steps,
@@ -133,7 +133,7 @@ def cmd_compare(args) -> int:
 
 def cmd_study(args) -> int:
     from .config.experiment import load_config
-    from .preflight import check_job_outputs
+    from .training.preflight import check_job_outputs
     from .sweep.run import run_study
     from .sweep.study import study_path
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except AlphaDPOError as err:
         print(f"error: {err}", file=sys.stderr)
-        from .launch import TrainingFailed
+        from .training.launch import TrainingFailed
 
         if resumable and isinstance(err, TrainingFailed):
             print(f"to continue from its last checkpoint: {resume_command(args.command, given)}", file=sys.stderr)

@@ -10,8 +10,8 @@ synthetic words, --vocab), default hidden 1024, 8 layers, 16 heads, intermediate
 tied embeddings: 103.8M parameters. Batch: --pairs random-token pairs, prompt and response halves of
 --seq-len each (no padding), collated with `alphadpo_ray.ml.data.collate_pairs`. One optimizer step:
 
-  project  the recipe's step (`alphadpo_ray.recipe.train_step`, one micro-batch): DeepSpeed engine from
-           `alphadpo_ray.engine.build_policy_engine` (ZeRO --zero-stage, the project's default 3, single-process
+  project  the recipe's step (`alphadpo_ray.training.recipe.train_step`, one micro-batch): DeepSpeed engine from
+           `alphadpo_ray.training.engine.build_policy_engine` (ZeRO --zero-stage, the project's default 3, single-process
            gloo group), collate -> `sequence_logps` (chunked head, training.logprob_chunk_size and
            training.logprob_memory_budget_mb) -> alpha-dpo with the reference log-probs cached in the
            rows -> finite check -> engine.backward -> engine.step (grad clip 1.0, torch AdamW on CPU)
@@ -80,7 +80,7 @@ def project_step(path: str, args, rows: list[dict], pad_id: int, device, total_s
 
     from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.ml.data import collate_pairs
-    from alphadpo_ray.engine import build_policy_engine
+    from alphadpo_ray.training.engine import build_policy_engine
     from alphadpo_ray.ml.logprobs import sequence_logps
     from alphadpo_ray.ml.losses import build_loss
 
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible (torch.cuda.is_available() is False); "
                          "run on a machine with a GPU, or use --device cpu")
-    from alphadpo_ray.engine import quiet_logs
+    from alphadpo_ray.training.engine import quiet_logs
     from alphadpo_ray.ml.models import build_tiny_model_dir, load_model
 
     quiet_logs()

@@ -5,14 +5,14 @@
     .venv/bin/python benchmarks/bench_reference_cache.py --device cuda --model /path/to/hf-model --batch 8
 
 One process builds the policy engine the way every Ray Train worker does
-(`alphadpo_ray.engine.build_policy_engine` from an `ExperimentConfig`: same DeepSpeed config, AdamW,
+(`alphadpo_ray.training.engine.build_policy_engine` from an `ExperimentConfig`: same DeepSpeed config, AdamW,
 schedule; ZeRO-3 by default, as the project's config), on a single-process group (gloo on CPU, nccl
 with --device cuda), with the recipe's per-worker torch threads (1 for the default 1 CPU per worker).
 The reference is the same weights loaded separately (`alphadpo_ray.ml.models.load_model(path,
 eval_mode=True)`): a whole, plain module, i.e. the cheapest reference forward the live variant can
 have (no ZeRO-3 gathering), so the comparison leans towards the live variant. The batch is `--batch`
 synthetic pairs (random token ids; fixed prompt and response lengths, so no padding), collated with
-`alphadpo_ray.ml.data.collate_pairs`. One optimizer step, both variants, as in `alphadpo_ray.recipe`
+`alphadpo_ray.ml.data.collate_pairs`. One optimizer step, both variants, as in `alphadpo_ray.training.recipe`
 (one micro-batch, no accumulation; collation and the divergence check included):
 
   cached  collate (rows carry ref_chosen_logps / ref_rejected_logps) -> sequence_logps(policy) on the
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
 
     from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.ml.data import collate_pairs
-    from alphadpo_ray.engine import build_policy_engine, deepspeed_config, quiet_logs
+    from alphadpo_ray.training.engine import build_policy_engine, deepspeed_config, quiet_logs
     from alphadpo_ray.ml.logprobs import sequence_logps
     from alphadpo_ray.ml.losses import build_loss
     from alphadpo_ray.ml.models import load_model
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
         loss_fns = {v: build_loss("alpha-dpo", **HPARAMS) for v in ("cached", "live")}
 
-        # --- one optimizer step, as in alphadpo_ray.recipe --------------------------------------------------
+        # --- one optimizer step, as in alphadpo_ray.training.recipe --------------------------------------------------
         def step(variant: str) -> tuple[float, float, int]:
             sync()
             t0, c0 = time.perf_counter(), time.process_time()

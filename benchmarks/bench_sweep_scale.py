@@ -115,7 +115,7 @@ def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
     from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.sweep import run as sweep_run
     from alphadpo_ray.sweep import trial as sweep_trial
-    from alphadpo_ray.sweep.tracking import SweepMLflowCallback
+    from alphadpo_ray.sweep.nested_runs import SweepMLflowCallback
 
     totals = {"mlflow": 0.0, "optuna": 0.0, "save": 0.0}
     _timed(SweepMLflowCallback, ["on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"],

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from trl import DPOConfig, DPOTrainer
 
     from alphadpo_ray.config.experiment import BUILTIN, load_config
-    from alphadpo_ray.prepare import prepare_builtin
+    from alphadpo_ray.training.prepare import prepare_builtin
 
     t_imports = time.perf_counter() - T0
     datasets.disable_progress_bars()

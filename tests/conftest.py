@@ -56,7 +56,7 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def builtin_task():
     """The built-in task with its default SFT reference (what experiments/quickstart.yaml uses)."""
-    from alphadpo_ray.sft import prepare_builtin_task
+    from alphadpo_ray.training.sft import prepare_builtin_task
 
     return prepare_builtin_task(progress=False)
 
@@ -68,7 +68,7 @@ def ray_session():
     import ray
 
     from alphadpo_ray.config.experiment import config_from_dict
-    from alphadpo_ray.launch import worker_env
+    from alphadpo_ray.training.launch import worker_env
 
     env = worker_env(config_from_dict({}))
     os.environ.update(env)

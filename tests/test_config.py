@@ -118,7 +118,7 @@ def test_paper_configs_carry_the_official_hyperparameters(name, no_network):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_paper_configs_map_to_the_intended_deepspeed_config(name):
-    from alphadpo_ray.engine import deepspeed_config
+    from alphadpo_ray.training.engine import deepspeed_config
 
     ds = deepspeed_config(load_config(PAPER / name))
     assert ds["train_batch_size"] == 128
@@ -344,7 +344,7 @@ def test_cli_validate_with_set(capsys):
 def test_cli_bad_config_fails_fast_with_one_line_and_never_starts_ray(tmp_path, monkeypatch, capsys, argv, key):
     import ray
 
-    import alphadpo_ray.launch as launch
+    import alphadpo_ray.training.launch as launch
 
     was_initialized = ray.is_initialized()
     ray_calls, train_calls = [], []

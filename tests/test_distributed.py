@@ -157,7 +157,7 @@ def test_runs_get_this_environments_own_extensions_directory(tmp_path, monkeypat
     import sys
 
     from alphadpo_ray.config.experiment import config_from_dict
-    from alphadpo_ray.launch import worker_env
+    from alphadpo_ray.training.launch import worker_env
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("ALPHADPO_RAY_CACHE", str(tmp_path))

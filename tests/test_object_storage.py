@@ -78,8 +78,8 @@ def test_storage_helpers_sweep_lock_and_worker_env_on_the_bucket(s3, monkeypatch
     from alphadpo_ray.services import storage
     from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.errors import ConfigError
-    from alphadpo_ray.launch import worker_env
-    from alphadpo_ray.preflight import check_storage_uri
+    from alphadpo_ray.training.launch import worker_env
+    from alphadpo_ray.training.preflight import check_storage_uri
     from alphadpo_ray.sweep.run import SweepRunning, sweep_lock
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):

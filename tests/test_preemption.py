@@ -81,7 +81,7 @@ def test_each_notice_gets_one_checkpoint_and_a_resume_after_one_counts_a_preempt
 
     from ray.train import PreemptionInfo
 
-    from alphadpo_ray.recipe import _recovered_preemption, preemption_notice
+    from alphadpo_ray.training.recipe import _recovered_preemption, preemption_notice
 
     notices = iter([None, PreemptionInfo(1000, {"a": [1]}), PreemptionInfo(1000, {"a": [1]}),
                     PreemptionInfo(900, {"a": [1], "b": [0]})])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from alphadpo_ray import reference_cache as rc
+from alphadpo_ray.training import reference_cache as rc
 
 TRUNCATION = {"max_length": 64, "max_prompt_length": 32, "truncation_mode": "keep_end"}
 SHA_MAIN = "1" * 40  # what refs/main points at ...

@@ -156,7 +156,7 @@ def test_tracking_uri_with_credentials_is_accepted_and_kept_out_of_the_uri(monke
 
 
 def test_deepspeed_saved_config_has_no_extra_strings():
-    from alphadpo_ray.engine import deepspeed_config, saved_deepspeed_config
+    from alphadpo_ray.training.engine import deepspeed_config, saved_deepspeed_config
 
     config = small_config(Path(tempfile.gettempdir()) / "secrets-unit", deepspeed={"zero_stage": 2, "extra": {
         **_extra(), "zero_optimization": {"reduce_bucket_size": 12345}}})
@@ -172,7 +172,7 @@ def test_tune_forwards_no_credentials_into_runtime_envs(monkeypatch):
     from ray.tune.execution import class_cache
 
     from alphadpo_ray.config.experiment import config_from_dict
-    from alphadpo_ray.launch import _keep_credentials_out_of_runtime_envs, worker_env
+    from alphadpo_ray.training.launch import _keep_credentials_out_of_runtime_envs, worker_env
     from alphadpo_ray.services.secrets import is_secret_name
 
     for name, value in ENV_SECRETS.items():

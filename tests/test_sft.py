@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import alphadpo_ray.sft as sft_mod
-from alphadpo_ray.sft import SFTConfig, builtin_key, prepare_builtin_task
+import alphadpo_ray.training.sft as sft_mod
+from alphadpo_ray.training.sft import SFTConfig, builtin_key, prepare_builtin_task
 from alphadpo_ray.ml.task import TaskConfig, check, generate
 
 TINY_TASK = TaskConfig(train_size=64, held_out_size=16)

@@ -151,7 +151,7 @@ def test_error_after_training_marks_the_run_failed(builtin_task, tmp_path):
     run is FAILED (before: left RUNNING, and the OSError came out as a bare traceback)."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.launch import TrainingFailed, train
+    from alphadpo_ray.training.launch import TrainingFailed, train
 
     name = f"fail-{tmp_path.name[-6:]}"
     config = _held_config(tmp_path, name)
@@ -170,7 +170,7 @@ def test_resume_line_says_which_steps_mlflow_holds_and_which_were_pending(tmp_pa
     The resume line says so and sends them (before: "steps up to 6 already logged")."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray import launch
+    from alphadpo_ray.training import launch
 
     from alphadpo_ray.services import secrets, tracking
     from conftest import small_config

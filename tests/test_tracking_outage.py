@@ -79,7 +79,7 @@ def test_server_killed_mid_run_loses_nothing(ray_session, builtin_task, tmp_path
     reported once, every step arrives exactly once, and the run ends FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     name = f"outage-{tmp_path.name[-6:]}"
     plugin = held_plugin(tmp_path, name, step=6, action="wait")  # step 6 waits for `release`

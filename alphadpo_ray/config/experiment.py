@@ -344,7 +344,7 @@ class RayConfig(_Section):
     in_process_single_worker: bool = Field(True, description="a one-worker run without ray.address (or "
                                            "RAY_ADDRESS) trains in the driver's process: no Ray start, no Train "
                                            "controller or worker actor, the reference scored in-process; same "
-                                           "checkpoints, metrics and resume (alphadpo_ray/in_process.py)")
+                                           "checkpoints, metrics and resume (alphadpo_ray/training/in_process.py)")
 
     @field_validator("address")
     @classmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import results as res
 from .results import hyperparameter_columns, pareto_front, rank_text
 from .stats import Interval, t_interval
-from .tracking import FINISHED, SEEDS, STOPPED
+from .nested_runs import FINISHED, SEEDS, STOPPED
 
 DPI = 120
 MARGIN = 0.06  # fraction of the data's span left free on each side of a fitted axis

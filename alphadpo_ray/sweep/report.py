@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import AlphaDPOError
 from . import plots
 from . import results as res
-from .tracking import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEED_TAG, SEEDS,
+from .nested_runs import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEED_TAG, SEEDS,
                        STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
 
 STALE_AFTER_S = float(os.environ.get("ALPHADPO_RAY_STALE_AFTER_S", 30 * 60))

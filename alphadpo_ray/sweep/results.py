@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..console import table_console
 from . import stats
-from .tracking import FAILED, FINISHED, SEARCH, SEEDS, STOPPED, error_reason, trial_status
+from .nested_runs import FAILED, FINISHED, SEARCH, SEEDS, STOPPED, error_reason, trial_status
 
 INTERRUPTED = "interrupted"  # the sweep was interrupted (Ctrl-C) before this trial ended
 

@@ -42,7 +42,7 @@ from . import journal
 from . import plots
 from . import results as res
 from .study import machine, markdown, print_study, study_tables, write_study
-from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback
+from .nested_runs import KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback
 
 
 CHECKPOINT_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
@@ -107,7 +107,7 @@ class TrialProgress(Callback):
               f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from .tracking import error_reason, trial_error_text
+        from .nested_runs import error_reason, trial_error_text
 
         self._ended_ids().add(trial.trial_id)
         print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
@@ -405,7 +405,7 @@ def _experiment_of(uri: str | None, run_id: str | None) -> str | None:
 
 def _prepare(config: ExperimentConfig, methods: list[str], log):
     """Data + reference cache, once for every method of the sweep (the cache only if one needs it)."""
-    from ..prepare import prepare_run
+    from ..training.prepare import prepare_run
 
     return prepare_run(config, log=log, need_reference=any(needs_reference(m) for m in methods))
 
@@ -532,8 +532,8 @@ def _start(config: ExperimentConfig, address: str | None, names: list[str] | Non
     """Preflight, the tracking store (created under its lock), the name check (without ``--resume``),
     then Ray."""
     from ..services import tracking
-    from ..launch import init_ray
-    from ..preflight import preflight
+    from ..training.launch import init_ray
+    from ..training.preflight import preflight
 
     preflight(config)  # paths, disk, DeepSpeed config, hub ids: before Ray starts
     uri = None

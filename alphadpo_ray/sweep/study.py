@@ -23,7 +23,7 @@ from pathlib import Path
 from ..config.experiment import StudyConfig
 from ..errors import AlphaDPOError
 from . import stats
-from .tracking import FINISHED
+from .nested_runs import FINISHED
 
 STUDY_METRICS = ("accuracy_logratio", "accuracy", "kl", "kl_sampled", "generation_accuracy", "generated_length")
 METRIC_TITLES = {"accuracy_logratio": "accuracy (log-ratio)", "accuracy": "accuracy (own reward)",

@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from . import compat
-from .ml import distributed
-from .config.experiment import ExperimentConfig
+from .. import compat
+from ..ml import distributed
+from ..config.experiment import ExperimentConfig
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -30,10 +30,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from . import compat
-from .services import secrets, train_callbacks
-from .config.experiment import ExperimentConfig
-from .errors import AlphaDPOError
+from .. import compat
+from ..services import secrets, train_callbacks
+from ..config.experiment import ExperimentConfig
+from ..errors import AlphaDPOError
 from .in_process import fit_in_process, runs_in_process
 
 # The Train controller polls workers at this interval; reports block on it (default 2 s).
@@ -80,8 +80,8 @@ def run_fingerprint(config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     """(sha256, settings): the flattened resolved settings that change a run's result — the method with
     every hyperparameter resolved, training, data, model, DeepSpeed, seeds, plugins — less
     `NOT_IDENTITY`, secrets masked (so ``alphadpo_run.json`` can hold them), and their hash."""
-    from .services.tracking import flatten
-    from .services.secrets import mask_secrets
+    from ..services.tracking import flatten
+    from ..services.secrets import mask_secrets
 
     tree = config.to_dict()
     tree["method"] = {"name": config.method.name, **config.method.resolved()}
@@ -102,7 +102,7 @@ def torch_extensions_dir(config: ExperimentConfig) -> str:
     environment on the machine, so each rebuilds what another built last (30-50 s per op)."""
     import sys
 
-    from .services.storage import default_cache_dir
+    from ..services.storage import default_cache_dir
 
     tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     return str(Path(config.cache_dir or default_cache_dir()) / "torch_extensions" / tag)
@@ -112,7 +112,7 @@ def worker_env(config: ExperimentConfig) -> dict[str, str]:
     """The environment of Ray's workers (the job's `runtime_env`): library switches, this environment's
     extensions directory, and the object store's endpoint and region from this environment
     (`OBJECT_STORE_ENV`), never a credential."""
-    from .services.secrets import looks_secret
+    from ..services.secrets import looks_secret
 
     return {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir(config),
@@ -142,7 +142,7 @@ def _keep_credentials_out_of_runtime_envs() -> None:
     trainable. Trials lose nothing on a Ray started from this process (its workers inherit this
     environment); on an existing cluster the nodes' own credentials apply (instance roles, or the
     variables set on the nodes)."""
-    from .services.secrets import is_secret_name
+    from ..services.secrets import is_secret_name
 
     try:
         from ray.tune.execution import class_cache
@@ -174,7 +174,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     or does not answer is one clear error, not Ray's retries and traceback."""
     import ray
 
-    from .console import drop_benign_worker_lines
+    from ..console import drop_benign_worker_lines
     from .preflight import check_cluster_access, check_token_file, gcs_address, spot_warnings
 
     _keep_credentials_out_of_runtime_envs()
@@ -225,7 +225,7 @@ def export_policy(checkpoint, destination: Path) -> Path | None:
     """Copy the final checkpoint's exported policy (safetensors + tokenizer) to `destination`."""
     import shutil
 
-    from .services import storage
+    from ..services import storage
 
     if checkpoint is None:
         return None
@@ -244,7 +244,7 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
     ``restart``: set the run's old storage aside and start over (a new MLflow run). ``address``
     (``--address``): the cluster to run on, over ``ray.address`` / RAY_ADDRESS; given, the run always
     uses Ray Train (never in this process)."""
-    from .services import tracking
+    from ..services import tracking
     from .preflight import preflight
     from .prepare import prepare_run
 
@@ -295,7 +295,7 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
 def _record_finished(identity: RunIdentity, summary: dict) -> None:
     """Mark the run finished in ``alphadpo_run.json`` (its step, its summary) so a re-run of the same
     command answers from it (`_finished_summary`). Every start rewrites the record without the mark."""
-    from .services import storage
+    from ..services import storage
 
     record = _read_json(storage.join(identity.uri, IDENTITY_FILE)) or {}
     record["finished"] = {"steps": summary.get("steps"), "total_steps": summary.get("total_steps"),
@@ -316,7 +316,7 @@ def _finished_summary(identity: RunIdentity) -> dict | None:
         return None
     if summary.get("status") != "finished" or summary.get("checkpoint") != finished.get("checkpoint"):
         return None
-    from .services import storage
+    from ..services import storage
 
     latest = compat.train_snapshot_latest(_read_json(storage.join(identity.uri, compat.TRAIN_SNAPSHOT_FILE)) or {})
     if latest is None or latest != posixpath.basename(str(finished.get("checkpoint") or "").rstrip("/")):
@@ -326,7 +326,7 @@ def _finished_summary(identity: RunIdentity) -> dict | None:
 
 def _check_tracking(config: ExperimentConfig) -> str | None:
     """The MLflow tracking URI (checked reachable, before anything is prepared), or None when off."""
-    from .services import tracking
+    from ..services import tracking
 
     if not config.tracking.enabled:
         return None
@@ -338,7 +338,7 @@ def _check_tracking(config: ExperimentConfig) -> str | None:
 
 def _read_json(uri: str) -> dict | None:
     """A JSON file from run storage (local or object store), or None if missing or unreadable."""
-    from .services import storage
+    from ..services import storage
 
     fs, path = storage.resolve(uri)
     try:
@@ -351,7 +351,7 @@ def _read_json(uri: str) -> dict | None:
 
 def _has_checkpoint(run_uri: str) -> bool:
     """Whether Ray Train would resume the run: its snapshot lists a registered checkpoint."""
-    from .services import storage
+    from ..services import storage
 
     return compat.train_snapshot_has_checkpoint(_read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {})
 
@@ -359,7 +359,7 @@ def _has_checkpoint(run_uri: str) -> bool:
 def _set_aside(run_uri: str) -> str | None:
     """Move a run's storage out of the way (``{run}.replaced-{time}`` beside it); object stores, which
     cannot move folders, delete it. The new location, or None when deleted."""
-    from .services import storage
+    from ..services import storage
 
     if "://" not in run_uri:
         destination = f"{run_uri}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -393,7 +393,7 @@ def _check_identity(config: ExperimentConfig, restart: bool, log) -> RunIdentity
     """Before anything starts: a run with a registered checkpoint continues only under the same
     fingerprint, else this refuses (`RunConfigChanged`). ``restart`` first sets the old storage aside.
     A run stored without a fingerprint (an older version) is continued and gets one."""
-    from .services import storage
+    from ..services import storage
 
     run_uri = storage.join(config.storage_path(), config.run_name)
     fingerprint, settings = run_fingerprint(config)
@@ -416,9 +416,9 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
     one line naming it — so Ray resumes from the intact one and ``ray.num_to_keep`` never counts a bad
     checkpoint as kept (it would delete a good one to keep the bad one). None intact: `CheckpointUnusable`
     naming each and what is wrong, nothing moved (the files can still be restored)."""
-    from .services import storage
+    from ..services import storage
     from .recipe import CheckpointUnusable, checkpoint_problem
-    from .services.secrets import redact
+    from ..services.secrets import redact
 
     snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE))
     latest = compat.train_snapshot_latest(snapshot or {})
@@ -457,7 +457,7 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
 
 def _checkpoint_dirs(run_uri: str) -> set[str]:
     """Names of the ``checkpoint_*`` directories in a run's storage."""
-    from .services import storage
+    from ..services import storage
 
     fs, path = storage.resolve(run_uri)
     try:
@@ -472,8 +472,8 @@ def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
     registered: saves that failed part-way (a full disk, a worker lost mid-upload). They would otherwise
     stay for good, looking like checkpoints. Registered ones — every checkpoint Ray can resume from —
     are never touched. Returns their URIs."""
-    from .services import storage
-    from .services.secrets import redact
+    from ..services import storage
+    from ..services.secrets import redact
 
     snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {}
     fs, path = storage.resolve(run_uri)
@@ -492,7 +492,7 @@ def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
 
 def _record_identity(config: ExperimentConfig, identity: RunIdentity, uri: str | None, run_id: str | None) -> None:
     """Write ``alphadpo_run.json`` (fingerprint, settings, MLflow run) with the run, before it trains."""
-    from .services import storage
+    from ..services import storage
 
     previous = {} if identity.fresh else identity.previous or {}  # a fresh start owns no earlier MLflow run
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -517,7 +517,7 @@ def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIden
     recorded with its storage), a fresh start gets a new one (an old one left RUNNING is closed)."""
     from mlflow.tracking import MlflowClient
 
-    from .services import tracking
+    from ..services import tracking
 
     if not uri:
         return None, -1
@@ -569,7 +569,7 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
     callbacks: list = [train_callbacks.ConsoleProgress()]
     if run_id:
         callbacks.append(train_callbacks.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
-    from .services import storage
+    from ..services import storage
 
     run_uri = storage.join(config.storage_path(), config.run_name)
     before = _checkpoint_dirs(run_uri)
@@ -591,7 +591,7 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
 def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,
                    log=print) -> dict:
     """Export the final policy, write ``summary.json`` and ``config.json`` (`train` then finishes the MLflow run)."""
-    from .services import storage
+    from ..services import storage
 
     out = result.return_value or {}
     run_dir = config.run_dir

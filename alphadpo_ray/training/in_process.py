@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import compat
-from .config.experiment import ExperimentConfig
-from .errors import StorageFull
-from .services.storage import uri_of
+from .. import compat
+from ..config.experiment import ExperimentConfig
+from ..errors import StorageFull
+from ..services.storage import uri_of
 
 
 def runs_in_process(config: ExperimentConfig) -> bool:
