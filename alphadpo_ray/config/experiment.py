@@ -205,7 +205,7 @@ class DataConfig(_Section):
     @field_validator("format")
     @classmethod
     def _format(cls, value: str):
-        from ..ml.data import FORMATS
+        from ..ml.data import FORMATS  # here, not at the top: `datasets` costs ~3 s, `validate` needs it only here
 
         if value not in FORMATS:
             raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
@@ -216,7 +216,7 @@ class DataConfig(_Section):
     def _exists(cls, value: str | None):
         if value is None or value == BUILTIN:
             return value
-        from ..ml.data import SUPPORTED_EXTENSIONS, is_local_source
+        from ..ml.data import SUPPORTED_EXTENSIONS, is_local_source  # (as in `_format`)
 
         expected = f"a {'/'.join(SUPPORTED_EXTENSIONS)} file, 'builtin', or a hub dataset id"
         if not value.strip():

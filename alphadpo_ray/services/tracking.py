@@ -29,8 +29,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .. import compat
 from ..errors import AlphaDPOError
 from .secrets import mask_secrets, redact
+from .storage import default_cache_dir, file_lock
 
 RUN_KEY_TAG = "alphadpo.run_key"
 # MLflow 3's experiment type: "custom_model_development" is the "Machine learning" (runs table) kind, as
@@ -78,8 +80,6 @@ def create_sqlite_store(uri: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from .storage import file_lock
-
     db = Path(uri.removeprefix("sqlite:///"))
     try:
         with file_lock(db.with_name(db.name + ".lock")):
@@ -103,9 +103,6 @@ def _copy_template_store(db: Path) -> None:
 
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from .. import compat
-    from .storage import default_cache_dir, file_lock
 
     template = default_cache_dir() / "mlflow-sqlite" / f"{mlflow.__version__}.db"
     template.parent.mkdir(parents=True, exist_ok=True)
@@ -369,8 +366,6 @@ class PendingMetrics:
         self._floors: dict[str, int] = {}
 
     def _lock(self, suffix: str = ".lock"):
-        from .storage import file_lock
-
         return file_lock(self.path.with_name(self.path.name + suffix))
 
     def add(self, event: dict) -> None:

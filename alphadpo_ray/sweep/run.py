@@ -33,16 +33,22 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ..services import secrets
 from ..config.experiment import ExperimentConfig, config_from_dict
+from ..config.sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
 from ..errors import AlphaDPOError
 from ..ml.losses import method_names, needs_reference
-from ..config.sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
-from . import journal
-from . import plots
-from . import results as res
+from ..services import secrets, storage, storage as run_storage, tracking
+from ..services.secrets import redact
+from ..services.tracking import NOTE_TAG, close_run, log_metrics, resolve_tracking_uri
+from ..training.launch import init_ray
+from ..training.preflight import preflight
+from ..training.prepare import prepare_run
+from . import journal, plots, results as res
+from .nested_runs import (KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback,
+                          error_reason, trial_error_text)
 from .study import machine, markdown, print_study, study_tables, write_study
-from .nested_runs import KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback
+from .trial import run_trial
+from .views import compare_description, publish_compare
 
 
 CHECKPOINT_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
@@ -107,8 +113,6 @@ class TrialProgress(Callback):
               f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from .nested_runs import error_reason, trial_error_text
-
         self._ended_ids().add(trial.trial_id)
         print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
               flush=True)
@@ -237,8 +241,6 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     """The sweep's MLflow parent run (started or resumed) and the callback that writes its child runs."""
     from mlflow.tracking import MlflowClient
 
-    from ..services import tracking
-
     storage = config.storage_path()
     parent_id, _ = tracking.start_or_resume_run(
         uri, config.tracking.experiment_name, name, tracking.run_key(storage, name),
@@ -283,9 +285,6 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
     from ray import tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
-    from .trial import run_trial
-
-    from ..services import storage as run_storage
 
     storage = config.storage_path()
     experiment_dir = run_storage.join(storage, name)
@@ -384,8 +383,6 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
     if result.interrupted:
         raise SweepInterrupted()
     if uri and result.parent_run_id:
-        from ..services.tracking import close_run, log_metrics
-
         # Step = trials in the table: a resumed sweep that ran more trials adds a point, and one that
         # finds nothing new (a second --resume) logs nothing again — each (key, step) once.
         step = len(result.rows)
@@ -405,8 +402,6 @@ def _experiment_of(uri: str | None, run_id: str | None) -> str | None:
 
 def _prepare(config: ExperimentConfig, methods: list[str], log):
     """Data + reference cache, once for every method of the sweep (the cache only if one needs it)."""
-    from ..training.prepare import prepare_run
-
     return prepare_run(config, log=log, need_reference=any(needs_reference(m) for m in methods))
 
 
@@ -426,8 +421,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_json(uri: str) -> dict | None:
-    from ..services import storage
-
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_stream(path) as handle:
@@ -439,8 +432,6 @@ def _read_json(uri: str) -> dict | None:
 
 def _create_lock(lock_uri: str, holder: dict) -> bool:
     """Create the lock file if there is none (atomically on local and NFS paths); True if created."""
-    from ..services import storage
-
     if "://" in lock_uri:  # object stores have no exclusive create: check, then write
         if storage.exists(lock_uri):
             return False
@@ -457,8 +448,6 @@ def _create_lock(lock_uri: str, holder: dict) -> bool:
 
 
 def _remove_lock(lock_uri: str) -> None:
-    from ..services import storage
-
     fs, path = storage.resolve(lock_uri)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
@@ -469,8 +458,6 @@ def sweep_lock(storage_path: str, name: str):
     """Hold the sweep or compare `name` while it runs: ``{storage_path}/{name}.lock`` names the holder
     (pid, host, start). Another sweep of the same name refuses (`SweepRunning`) while the holder
     lives; a lock left by a dead process on this host is taken over; the holder removes it at the end."""
-    from ..services import storage
-
     lock_uri = storage.join(storage_path, f"{name}.lock")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
               "token": uuid.uuid4().hex}
@@ -502,15 +489,11 @@ def sweep_lock(storage_path: str, name: str):
 def _refuse_existing(config: ExperimentConfig, uri: str | None, names: list[str], kind: str) -> None:
     """Without ``--resume`` a sweep or compare never adds to one of the same name: its Tune experiment
     in storage or its MLflow runs (parent, or a compare's per-method sweeps) mean `SweepExists`."""
-    from ..services import storage
-
     experiments = [storage.join(config.storage_path(), n) for n in names]
     experiments = [e for e in experiments if storage.exists(e)]
     runs = []
     if uri:
         from mlflow.tracking import MlflowClient
-
-        from ..services.secrets import redact
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(config.tracking.experiment_name)
@@ -531,10 +514,6 @@ def _start(config: ExperimentConfig, address: str | None, names: list[str] | Non
            kind: str = "sweep"):
     """Preflight, the tracking store (created under its lock), the name check (without ``--resume``),
     then Ray."""
-    from ..services import tracking
-    from ..training.launch import init_ray
-    from ..training.preflight import preflight
-
     preflight(config)  # paths, disk, DeepSpeed config, hub ids: before Ray starts
     uri = None
     if config.tracking.enabled:
@@ -560,8 +539,6 @@ def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | 
 
 
 def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> SweepResult:
-    from ..services.secrets import redact
-
     sweep = sweep_settings(config)
     method = config.method.name
     name = sweep.name or f"{config.name}-sweep"
@@ -608,8 +585,6 @@ def close_open_runs(config: ExperimentConfig, names: list[str], err: BaseExcepti
     the compare run, the sweeps' parent runs and their trial runs, found by their ``alphadpo.sweep`` tag —
     are marked KILLED (an interrupt) or FAILED (an error); `--resume` sets them RUNNING again. A store that
     does not answer is one line: they stay RUNNING there. Never raises."""
-    from ..services import tracking
-
     if not config.tracking.enabled:
         return
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
@@ -651,8 +626,6 @@ def _seeds_point(config: ExperimentConfig, sweep: SweepConfig, name: str, search
     """What the seeds phase `name` re-runs: the best search trial's hyperparameters and `sweep.seeds`
     training seeds above every seed the search used (so the winner's selection luck is not counted
     again). Stored with the phase's Tune experiment, so a resumed compare re-runs the same point."""
-    from ..services import storage
-
     uri = storage.join(config.storage_path(), name, "seeds_point.json")
     stored = _read_json(uri) if resume else None
     if stored:
@@ -685,8 +658,6 @@ def _budget(by_method: dict[str, list[dict]], total_steps: int, pairs_per_step: 
 
 
 def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> dict:
-    from ..services import tracking
-
     sweep = sweep_settings(config)
     # Methods are ranked on the method-independent reward: their own implicit-reward accuracies differ in scale.
     sweep = sweep.model_copy(update={"accuracy_metric": "accuracy_logratio"})
@@ -744,8 +715,6 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
     if uri and compare_id:
         from mlflow.tracking import MlflowClient
 
-        from .views import compare_description, publish_compare
-
         client = MlflowClient(uri)
         for path in files.values():
             client.log_artifact(compare_id, str(path))
@@ -795,8 +764,6 @@ def _log_to_mlflow(config: ExperimentConfig, run_id: str | None, files: dict[str
     if not run_id or not config.tracking.enabled:
         return
     from mlflow.tracking import MlflowClient
-
-    from ..services.tracking import NOTE_TAG, resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
     for path in files.values():

@@ -21,6 +21,7 @@ import platform
 from pathlib import Path
 
 from ..config.experiment import StudyConfig
+from ..console import table_console
 from ..errors import AlphaDPOError
 from . import stats
 from .nested_runs import FINISHED
@@ -223,8 +224,6 @@ def write_study(tables: dict, context: dict, plots: dict, directory: Path) -> di
 def print_study(tables: dict, console=None) -> None:
     """The study's table and verdict on the console."""
     from rich.table import Table
-
-    from ..console import table_console
 
     console = console or table_console()
     entries = tables.get("groups") or tables.get("methods") or []

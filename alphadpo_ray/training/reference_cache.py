@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..ml.data import collate_pairs
+from ..ml.logprobs import sequence_logps
+from ..ml.models import load_model
 from ..services import storage
 
 logger = logging.getLogger(__name__)
@@ -187,10 +190,6 @@ def score_rows(reference_path: str, rows: dict, pad_token_id: int, batch_size: i
 
     ``load``: extra `from_pretrained` arguments (`load_kwargs`)."""
     import torch
-
-    from ..ml.data import collate_pairs
-    from ..ml.logprobs import sequence_logps
-    from ..ml.models import load_model
 
     model = load_model(reference_path, dtype=getattr(torch, dtype_name(dtype)), eval_mode=True,
                        **(load or {})).to(device)
