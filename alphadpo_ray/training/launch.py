@@ -40,7 +40,7 @@ from ..services.storage import default_cache_dir
 from ..services.tracking import flatten
 from .in_process import fit_in_process, runs_in_process
 from .preflight import check_cluster_access, check_token_file, gcs_address, preflight, spot_warnings
-from .prepare import prepare_run
+from . import prepare  # called as prepare.prepare_run: tests replace it to see it is not reached
 from .recipe import CheckpointUnusable, checkpoint_problem, train_loop_per_worker
 
 # The Train controller polls workers at this interval; reports block on it (default 2 s).
@@ -249,7 +249,7 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
         apply_worker_env(config)
     else:
         init_ray(config, address)
-    plan = prepare_run(config, log=log, in_process=in_process)
+    plan = prepare.prepare_run(config, log=log, in_process=in_process)
     where = "1 worker in this process" if in_process else f"{config.ray.num_workers} workers"
     log(f"[run] {config.run_name}: {config.method.name} {config.method.resolved()} | {plan.train_pairs} train / "
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
