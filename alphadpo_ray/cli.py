@@ -7,13 +7,12 @@ import json
 import sys
 
 from .config.presets import COMPARE_QUICKSTART, QUICKSTART_SWEEP
-from .console import quiet_driver
 from .errors import AlphaDPOError
 
 # Each command imports the modules it runs inside its function (the only function-level project imports
 # left in the package, with config/experiment.py's two): `alphadpo-ray --help`, a typo'd command or a bad
 # argument answers in a fraction of a second instead of first importing torch, Ray, DeepSpeed, MLflow and
-# datasets (several seconds on 2 cores).
+# datasets (several seconds on 2 cores); `main` imports the console (compat, asyncio: ~0.5 s) only when run.
 
 
 def _config(args, preset: dict | None = None):
@@ -271,6 +270,8 @@ def invoked_command(args: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
+
+    from .console import quiet_driver
 
     given = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(given)
