@@ -5,13 +5,13 @@
     .venv/bin/python benchmarks/bench_compute_bound.py --memory-budget-mb 0   # every head chunk recomputed
     .venv/bin/python benchmarks/bench_compute_bound.py --device cuda --dtype bf16
 
-Model: a random Llama built locally (`alphadpo_ray.models.build_tiny_model_dir`: byte-level BPE on
+Model: a random Llama built locally (`alphadpo_ray.ml.models.build_tiny_model_dir`: byte-level BPE on
 synthetic words, --vocab), default hidden 1024, 8 layers, 16 heads, intermediate 2816, vocab 1024,
 tied embeddings: 103.8M parameters. Batch: --pairs random-token pairs, prompt and response halves of
---seq-len each (no padding), collated with `alphadpo_ray.data.collate_pairs`. One optimizer step:
+--seq-len each (no padding), collated with `alphadpo_ray.ml.data.collate_pairs`. One optimizer step:
 
-  project  the recipe's step (`alphadpo_ray.recipe.train_step`, one micro-batch): DeepSpeed engine from
-           `alphadpo_ray.engine.build_policy_engine` (ZeRO --zero-stage, the project's default 3, single-process
+  project  the recipe's step (`alphadpo_ray.training.recipe.train_step`, one micro-batch): DeepSpeed engine from
+           `alphadpo_ray.training.engine.build_policy_engine` (ZeRO --zero-stage, the project's default 3, single-process
            gloo group), collate -> `sequence_logps` (chunked head, training.logprob_chunk_size and
            training.logprob_memory_budget_mb) -> alpha-dpo with the reference log-probs cached in the
            rows -> finite check -> engine.backward -> engine.step (grad clip 1.0, torch AdamW on CPU)
@@ -78,11 +78,11 @@ def project_step(path: str, args, rows: list[dict], pad_id: int, device, total_s
     """The recipe's step on a `build_policy_engine` engine; returns (step, description, config, keep-alive)."""
     import torch
 
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.data import collate_pairs
-    from alphadpo_ray.engine import build_policy_engine
-    from alphadpo_ray.logprobs import sequence_logps
-    from alphadpo_ray.losses import build_loss
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.ml.data import collate_pairs
+    from alphadpo_ray.training.engine import build_policy_engine
+    from alphadpo_ray.ml.logprobs import sequence_logps
+    from alphadpo_ray.ml.losses import build_loss
 
     training = {"per_device_train_batch_size": len(rows), "total_batch_size": len(rows),
                 "learning_rate": args.learning_rate, "bf16": args.dtype == "bf16", "max_steps": total_steps,
@@ -130,8 +130,8 @@ def floor_step(path: str, args, rows: list[dict], pad_id: int, device, dtype):
     import torch
     import torch.nn.functional as F
 
-    from alphadpo_ray.data import collate_pairs
-    from alphadpo_ray.models import load_model
+    from alphadpo_ray.ml.data import collate_pairs
+    from alphadpo_ray.ml.models import load_model
 
     model = load_model(path, dtype=dtype).to(device)
     model.train()
@@ -188,9 +188,9 @@ def cached_rows(path: str, pairs: list[dict], pad_id: int, chunk_size: int, devi
     """The rows with the reference log-probs (the initial weights) cached in them, as reference_cache does."""
     import torch
 
-    from alphadpo_ray.data import collate_pairs
-    from alphadpo_ray.logprobs import sequence_logps
-    from alphadpo_ray.models import load_model
+    from alphadpo_ray.ml.data import collate_pairs
+    from alphadpo_ray.ml.logprobs import sequence_logps
+    from alphadpo_ray.ml.models import load_model
 
     device = device or torch.device("cpu")
     reference = load_model(path, dtype=dtype or torch.float32, eval_mode=True).to(device)
@@ -243,8 +243,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible (torch.cuda.is_available() is False); "
                          "run on a machine with a GPU, or use --device cpu")
-    from alphadpo_ray.engine import quiet_logs
-    from alphadpo_ray.models import build_tiny_model_dir, load_model
+    from alphadpo_ray.training.engine import quiet_logs
+    from alphadpo_ray.ml.models import build_tiny_model_dir, load_model
 
     quiet_logs()
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")

@@ -5,7 +5,7 @@ log-probs, as TRL's `precompute_ref_log_probs` does on every run; the built-in t
 from the shared cache, built beforehand), interleaved per repetition:
 
 * ``in-process``  `alphadpo-ray train` with one worker (the default path: trained in the CLI's process,
-                  reference scored in it, no Ray started — `alphadpo_ray/in_process.py`);
+                  reference scored in it, no Ray started — `alphadpo_ray/training/in_process.py`);
 * ``ray-train``   the same command with ``ray.in_process_single_worker=false``: Ray started, the
                   reference scored by a Ray task, a `TorchTrainer` controller and worker (the path every
                   one-worker run took before);

@@ -8,7 +8,7 @@ shape of Llama-3.2-1B (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediat
 tied embeddings: 1.24B parameters), random weights built on the GPU in bf16 and saved to a temp
 directory (no tokenizer: the batch is token ids). Batch: --pairs random-token pairs of --seq-len
 tokens (half prompt, half response, no padding). The step is `bench_compute_bound.project_step`, i.e.
-the recipe's step: DeepSpeed engine from `alphadpo_ray.engine.build_policy_engine` (bf16, ZeRO
+the recipe's step: DeepSpeed engine from `alphadpo_ray.training.engine.build_policy_engine` (bf16, ZeRO
 --zero-stages, single-process NCCL group, --optimizer), `sequence_logps` with the chunked head
 (--chunk-size) at each --memory-budget-mb (kept logits vs recompute), alpha-dpo with the reference
 log-probs cached in the rows (scored once on the GPU before timing), engine.backward, engine.step.
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("bench_gpu_step.py needs a CUDA GPU and torch.cuda.is_available() is False here: run it on a "
                          "GPU machine, or use --dry-run for a tiny CPU check of the script")
-    from alphadpo_ray.engine import quiet_logs
+    from alphadpo_ray.training.engine import quiet_logs
 
     quiet_logs()
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         build_model_dir(path, args, device, dtype)
         build_s = time.perf_counter() - t0
-        from alphadpo_ray.models import load_model
+        from alphadpo_ray.ml.models import load_model
 
         probe = load_model(str(path), dtype=dtype)
         n_params = sum(p.numel() for p in probe.parameters())

@@ -8,7 +8,7 @@
 Random final hidden states [B, T, H] and a random output head Linear(H, V) stand in for a model
 (the decoder's own memory is the same on both paths). Variants:
   straight  logits = head(h) [B, T, V] -> log_softmax -> gather -> masked sum over tokens
-  chunked   alphadpo_ray.logprobs.chunked_token_logps(h, head, ..., chunk_size, memory_budget_mb) -> sum
+  chunked   alphadpo_ray.ml.logprobs.chunked_token_logps(h, head, ..., chunk_size, memory_budget_mb) -> sum
 each in "fwd" (no grad) and "fwd+bwd" (grad w.r.t. h and the head weight; chunks keep their logits
 while they fit the memory budget, the rest are checkpointed and recompute them in backward), for each
 --memory-budget-mb (the memory target is read at the project's default budget).
@@ -102,7 +102,7 @@ class _CudaPeak:
 def worker(args) -> None:
     import torch
 
-    from alphadpo_ray.logprobs import chunked_token_logps
+    from alphadpo_ray.ml.logprobs import chunked_token_logps
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -157,7 +157,7 @@ def timing_worker(args) -> None:
 
     import torch
 
-    from alphadpo_ray.logprobs import chunked_token_logps
+    from alphadpo_ray.ml.logprobs import chunked_token_logps
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -226,7 +226,7 @@ def run_one(args, variant: str, mode: str, chunk_size: int, budget: float, out: 
 
 
 def main(argv=None) -> int:
-    from alphadpo_ray.logprobs import DEFAULT_MEMORY_BUDGET_MB
+    from alphadpo_ray.ml.logprobs import DEFAULT_MEMORY_BUDGET_MB
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab", type=int, default=32000)

@@ -5,14 +5,14 @@
     .venv/bin/python benchmarks/bench_reference_cache.py --device cuda --model /path/to/hf-model --batch 8
 
 One process builds the policy engine the way every Ray Train worker does
-(`alphadpo_ray.engine.build_policy_engine` from an `ExperimentConfig`: same DeepSpeed config, AdamW,
+(`alphadpo_ray.training.engine.build_policy_engine` from an `ExperimentConfig`: same DeepSpeed config, AdamW,
 schedule; ZeRO-3 by default, as the project's config), on a single-process group (gloo on CPU, nccl
 with --device cuda), with the recipe's per-worker torch threads (1 for the default 1 CPU per worker).
-The reference is the same weights loaded separately (`alphadpo_ray.models.load_model(path,
+The reference is the same weights loaded separately (`alphadpo_ray.ml.models.load_model(path,
 eval_mode=True)`): a whole, plain module, i.e. the cheapest reference forward the live variant can
 have (no ZeRO-3 gathering), so the comparison leans towards the live variant. The batch is `--batch`
 synthetic pairs (random token ids; fixed prompt and response lengths, so no padding), collated with
-`alphadpo_ray.data.collate_pairs`. One optimizer step, both variants, as in `alphadpo_ray.recipe`
+`alphadpo_ray.ml.data.collate_pairs`. One optimizer step, both variants, as in `alphadpo_ray.training.recipe`
 (one micro-batch, no accumulation; collation and the divergence check included):
 
   cached  collate (rows carry ref_chosen_logps / ref_rejected_logps) -> sequence_logps(policy) on the
@@ -58,8 +58,8 @@ HPARAMS = {"beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.2}
 
 def _init_process_group(device: str) -> None:
     """A single-process group (world 1), as the project's one-worker paths make it (DeepSpeed's CPU
-    communication op is not JIT-built: see `alphadpo_ray.distributed.skip_cpu_comm_ops`)."""
-    from alphadpo_ray import distributed
+    communication op is not JIT-built: see `alphadpo_ray.ml.distributed.skip_cpu_comm_ops`)."""
+    from alphadpo_ray.ml import distributed
 
     if device == "cuda":
         import torch
@@ -77,7 +77,7 @@ def _synthetic_texts(n: int, seed: int) -> list[str]:
 
 
 def _build_model_dir(path: Path, args) -> None:
-    from alphadpo_ray.models import build_tiny_model, build_tokenizer
+    from alphadpo_ray.ml.models import build_tiny_model, build_tokenizer
 
     tokenizer = build_tokenizer(_synthetic_texts(2000, args.seed), vocab_size=args.vocab)
     model = build_tiny_model("llama", tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
@@ -164,12 +164,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.data import collate_pairs
-    from alphadpo_ray.engine import build_policy_engine, deepspeed_config, quiet_logs
-    from alphadpo_ray.logprobs import sequence_logps
-    from alphadpo_ray.losses import build_loss
-    from alphadpo_ray.models import load_model
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.ml.data import collate_pairs
+    from alphadpo_ray.training.engine import build_policy_engine, deepspeed_config, quiet_logs
+    from alphadpo_ray.ml.logprobs import sequence_logps
+    from alphadpo_ray.ml.losses import build_loss
+    from alphadpo_ray.ml.models import load_model
 
     quiet_logs()
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
         loss_fns = {v: build_loss("alpha-dpo", **HPARAMS) for v in ("cached", "live")}
 
-        # --- one optimizer step, as in alphadpo_ray.recipe --------------------------------------------------
+        # --- one optimizer step, as in alphadpo_ray.training.recipe --------------------------------------------------
         def step(variant: str) -> tuple[float, float, int]:
             sync()
             t0, c0 = time.perf_counter(), time.process_time()

@@ -12,7 +12,7 @@ the 2 cores, as the test suite does, so a Train controller, 2 workers and a Tune
            requests {"CPU": 0.01} and drives a nested `TorchTrainer` (--workers-multi workers, {"CPU": 1}
            each, gloo, RunConfig in a temp dir, run name ``floor_{trial_id}``, `TuneReportCallback` like the
            sweep's trials) whose train function only calls `deepspeed.init_distributed` and
-           `alphadpo_ray.engine.build_policy_engine(config, policy, total_steps=1)` on the built-in task's
+           `alphadpo_ray.training.engine.build_policy_engine(config, policy, total_steps=1)` on the built-in task's
            tiny model, with the multi-worker sweep's trial config, and returns. --trials floor trials in all,
            half before and half after the multi-worker sweep (so load changes during the run hit both).
            Floor per trial = the two `Tuner.fit` wall times / --trials.
@@ -32,7 +32,7 @@ Definitions (the numbers the targets are read from):
   trials, Tune end). Ray start, `prepare_run` (data, SFT reference, reference cache) and `_finish` (tables,
   plots, MLflow artifacts) are timed and printed separately; driver-side imports are done up front.
 * a trial's own training time = its final ``time/recipe_seconds`` − ``time/setup_seconds`` as reported by
-  `alphadpo_ray.recipe` (the training loop and its evaluations, eval at step 0 included). The recipe's
+  `alphadpo_ray.training.recipe` (the training loop and its evaluations, eval at step 0 included). The recipe's
   setup (tokenizer, data read, DeepSpeed engine build) counts as overhead, because the floor trial
   builds the same engine. ``time/recipe_seconds`` is taken before the final checkpoint is written, so
   the final checkpoint write counts as overhead too. The values are taken from the results the driver
@@ -46,7 +46,7 @@ Definitions (the numbers the targets are read from):
   ways. Other engineers' jobs share this machine's 2 cores: single timings are noisy, read medians and the
   printed load averages, and rerun when in doubt.
 * reference passes: `ray.util.state.list_tasks` counts the Ray tasks named ``reference_logps`` (one per
-  shard; `alphadpo_ray.reference_cache`) created during each sweep, and the cache files under
+  shard; `alphadpo_ray.training.reference_cache`) created during each sweep, and the cache files under
   ``{storage}/reference_cache/`` say how many pairs they covered. One pass over the data per sweep =
   one shard per worker, the shards together covering every training pair once; a later sweep on the same
   data and reference makes none. The held-out evaluations also run the reference (exact token KL needs
@@ -180,8 +180,8 @@ def floor_worker(loop_config: dict) -> dict:
     import deepspeed
     import torch
 
-    from alphadpo_ray.config import ExperimentConfig
-    from alphadpo_ray.engine import build_policy_engine, quiet_logs
+    from alphadpo_ray.config.experiment import ExperimentConfig
+    from alphadpo_ray.training.engine import build_policy_engine, quiet_logs
 
     quiet_logs()
     config = ExperimentConfig.model_validate(loop_config["config"])
@@ -244,8 +244,8 @@ def run_floor(config, policy_path: str, storage: str, trials: int, workers: int,
 
 
 def sweep_config(tmp: Path, name: str, workers: int, trials: int, steps: int, zero_stage: int):
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.presets import QUICKSTART_SWEEP
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.config.presets import QUICKSTART_SWEEP
 
     base = json.loads(json.dumps(QUICKSTART_SWEEP))
     base.update(name=name, output_dir=str(tmp / "outputs"))
@@ -380,8 +380,8 @@ def _run(args, tmp: Path, t_start: float, load0) -> int:
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: F401
     from ray.tune.search.optuna import OptunaSearch  # noqa: F401
 
-    from alphadpo_ray.launch import worker_env
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.launch import worker_env
+    from alphadpo_ray.training.prepare import prepare_run
     from alphadpo_ray.sweep.run import run_sweep
 
     imports_s = time.perf_counter() - t0

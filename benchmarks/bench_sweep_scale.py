@@ -111,11 +111,11 @@ def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.search.optuna import OptunaSearch
 
-    from alphadpo_ray import tracking
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.services import tracking
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.sweep import run as sweep_run
     from alphadpo_ray.sweep import trial as sweep_trial
-    from alphadpo_ray.sweep.tracking import SweepMLflowCallback
+    from alphadpo_ray.sweep.nested_runs import SweepMLflowCallback
 
     totals = {"mlflow": 0.0, "optuna": 0.0, "save": 0.0}
     _timed(SweepMLflowCallback, ["on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"],
@@ -212,7 +212,7 @@ def optuna_mode(args) -> None:
     from optuna.distributions import FloatDistribution
 
     from alphadpo_ray.sweep.run import _searcher
-    from alphadpo_ray.sweep_settings import SweepConfig
+    from alphadpo_ray.config.sweep_settings import SweepConfig
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = {"alpha": FloatDistribution(1e-3, 1.0, log=True), "beta": FloatDistribution(0.5, 10.0, log=True),

@@ -12,7 +12,7 @@ one tiny random Llama (transformers' LlamaConfig: --hidden, --layers, tied input
 one is; a word-level tokenizer with one token per id, so TRL's own tokenization yields exactly the ids
 the project's rows hold, checked), with AdamW, the same constant learning rate, dtype and grad clip 1.0:
 
-  project   the recipe's step (`alphadpo_ray.recipe.train_step`): `alphadpo_ray.engine.build_policy_engine`
+  project   the recipe's step (`alphadpo_ray.training.recipe.train_step`): `alphadpo_ray.training.engine.build_policy_engine`
             (DeepSpeed, ZeRO --zero-stage, single-process gloo group), `collate_pairs`, `sequence_logps`
             (chunked, training.logprob_chunk_size), alpha-dpo with the reference log-probs cached in the rows
             (scored once before timing, as `reference_cache` does), engine.backward + engine.step
@@ -164,11 +164,11 @@ def _project(path: str, args, rows: list[dict], device, dtype, total_steps: int)
     """The recipe's engine and step; the reference log-probs are scored once into the rows first."""
     import torch
 
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.data import collate_pairs
-    from alphadpo_ray.engine import build_policy_engine
-    from alphadpo_ray.logprobs import sequence_logps
-    from alphadpo_ray.losses import build_loss
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.ml.data import collate_pairs
+    from alphadpo_ray.training.engine import build_policy_engine
+    from alphadpo_ray.ml.logprobs import sequence_logps
+    from alphadpo_ray.ml.losses import build_loss
 
     _init_process_group(args.device)
     config = config_from_dict({
@@ -344,7 +344,7 @@ def _worker(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    from alphadpo_ray.engine import quiet_logs
+    from alphadpo_ray.training.engine import quiet_logs
 
     quiet_logs()
     mem = _Memory(device)

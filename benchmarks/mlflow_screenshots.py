@@ -124,7 +124,7 @@ def _show_more(driver) -> None:
 
 def browse(uri: str, experiment_id: str, method_runs: dict[str, str], compare_run: str, out: Path) -> dict:
     """Open the pages, wait for what a reader should see, save screenshots; what was found, per page."""
-    from alphadpo_ray.tracking import experiment_url
+    from alphadpo_ray.services.tracking import experiment_url
 
     found: dict = {}
     driver = _browser()
@@ -139,7 +139,7 @@ def browse(uri: str, experiment_id: str, method_runs: dict[str, str], compare_ru
 
 
 def _browse(driver, uri, experiment_id, method_runs, compare_run, out: Path, found: dict) -> dict:
-    from alphadpo_ray.tracking import experiment_url
+    from alphadpo_ray.services.tracking import experiment_url
 
     if True:
         driver.get(experiment_url(uri, experiment_id))

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from alphadpo_ray.config import BUILTIN, load_config
-    from alphadpo_ray.prepare import prepare_builtin
+    from alphadpo_ray.config.experiment import BUILTIN, load_config
+    from alphadpo_ray.training.prepare import prepare_builtin
 
     t_imports = time.perf_counter() - T0
     datasets.disable_progress_bars()

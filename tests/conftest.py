@@ -41,14 +41,14 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory holding a tiny random Llama and its byte-level BPE tokenizer (save_pretrained)."""
-    from alphadpo_ray.models import build_tiny_model_dir
+    from alphadpo_ray.ml.models import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), SAMPLE_TEXTS, vocab_size=320)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from alphadpo_ray.models import load_tokenizer
+    from alphadpo_ray.ml.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -56,7 +56,7 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def builtin_task():
     """The built-in task with its default SFT reference (what experiments/quickstart.yaml uses)."""
-    from alphadpo_ray.sft import prepare_builtin_task
+    from alphadpo_ray.training.sft import prepare_builtin_task
 
     return prepare_builtin_task(progress=False)
 
@@ -67,8 +67,8 @@ def ray_session():
     Train controllers, 2 workers and Tune trials must fit at once)."""
     import ray
 
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.launch import worker_env
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.training.launch import worker_env
 
     env = worker_env(config_from_dict({}))
     os.environ.update(env)
@@ -83,7 +83,7 @@ def small_config(tmp_path, **sections):
     the whole session (so the reference cache is computed once), with a run name unique to the test."""
     import re
 
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
 
     shared_storage = tmp_path.parent / "shared-ray-storage"  # this session's basetemp
     base = {

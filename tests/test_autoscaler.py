@@ -173,7 +173,7 @@ def _figures(ticks: list[dict], actors: list[dict], started: float, trials_reque
 def test_trial_resources_carry_the_workers_custom_resources():
     """What a trial reserves is what the autoscaler scales for: a direct trial is the worker (all of
     resources_per_worker, GPU with use_gpu); a multi-worker trial's actor only needs sweep.trial_cpus."""
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.sweep.run import sweep_settings, trial_resources
 
     def resources(ray_section, sweep=None):

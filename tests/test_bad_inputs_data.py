@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from alphadpo_ray.cli import main as cli_main
-from alphadpo_ray.config import config_from_dict, load_config
-from alphadpo_ray.data import PAIR_REASONS, REASONS, load_preference_data, preference_data_from_rows
-from alphadpo_ray.data import tokenize_pairs_with_report
+from alphadpo_ray.config.experiment import config_from_dict, load_config
+from alphadpo_ray.ml.data import PAIR_REASONS, REASONS, load_preference_data, preference_data_from_rows
+from alphadpo_ray.ml.data import tokenize_pairs_with_report
 from alphadpo_ray.errors import DataError
 
 
@@ -228,7 +228,7 @@ def _written(tmp_path) -> list[str]:
 
 
 def test_prepare_prints_each_split_report_once(tmp_path, tiny_model_dir, caplog):
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.prepare import prepare_run
 
     path = tmp_path / "chat.jsonl"
     question = {"role": "user", "content": "Q " * 50 + "what?"}
@@ -254,7 +254,7 @@ def test_prepare_prints_each_split_report_once(tmp_path, tiny_model_dir, caplog)
 
 
 def test_strict_prepare_fails_naming_the_line_and_writes_nothing(tmp_path, tiny_model_dir):
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.prepare import prepare_run
 
     path = tmp_path / "chat.jsonl"
     path.write_bytes(b"".join(line(chat(i)) for i in range(40)) + line(chat(40))[:39])

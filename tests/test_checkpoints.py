@@ -23,7 +23,7 @@ TRAINING = {"max_steps": 6, "save_steps": 2, "eval_steps": 100, "logging_steps":
 
 def test_manifest_catches_truncation_corruption_and_partial_saves(tmp_path):
     """The manifest check on its own (no Ray): each kind of damage is named."""
-    from alphadpo_ray.recipe import verify_checkpoint, write_manifest
+    from alphadpo_ray.training.recipe import verify_checkpoint, write_manifest
 
     ckpt = tmp_path / "checkpoint_000001"
     (ckpt / "state").mkdir(parents=True)
@@ -70,8 +70,8 @@ def _output(capfd, expected: str, wait: float = 15.0) -> str:
 
 
 def test_bad_latest_checkpoint_falls_back_to_the_newest_intact_one(ray_session, builtin_task, tmp_path, capfd):
-    from alphadpo_ray.launch import train
-    from alphadpo_ray.recipe import CheckpointUnusable
+    from alphadpo_ray.training.launch import train
+    from alphadpo_ray.training.recipe import CheckpointUnusable
 
     config = small_config(tmp_path, name=f"ckpt-fallback-{tmp_path.name[-6:]}", training=TRAINING,
                           ray={"num_to_keep": 3, "max_failures": 0})
@@ -130,7 +130,7 @@ def _run_dir(config) -> Path:
 def _intact(config) -> list[str]:
     """The run's checkpoint_* directories, each checked intact, and exactly what Ray Train's snapshot lists."""
     from alphadpo_ray.compat import TRAIN_SNAPSHOT_FILE as RAY_SNAPSHOT_FILE
-    from alphadpo_ray.recipe import verify_checkpoint
+    from alphadpo_ray.training.recipe import verify_checkpoint
 
     names = [p.name for p in _checkpoints(config)]
     assert all(verify_checkpoint(_run_dir(config) / name) is None for name in names)
@@ -142,7 +142,7 @@ def _intact(config) -> list[str]:
 
 def _quarantined(config, bad: Path, why: str, lines: list[str]) -> bool:
     """`bad` left Ray Train's checkpoint_* names for the quarantine folder, with one line naming it."""
-    from alphadpo_ray.launch import QUARANTINE_DIR
+    from alphadpo_ray.training.launch import QUARANTINE_DIR
 
     said = [line for line in lines if str(bad) in line]
     moved = _run_dir(config) / QUARANTINE_DIR / bad.name
@@ -154,7 +154,7 @@ def test_in_process_run_quarantines_a_truncated_checkpoint_and_keeps_two_intact(
     """The one-worker path (Ray Train's CheckpointManager in this process), `ray.num_to_keep: 2`: a truncated
     newest checkpoint is set aside before the resume, so retention keeps two intact ones (was: it kept the
     truncated one and deleted the intact one the run had resumed from)."""
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     config = small_config(tmp_path, name=f"ckpt-inproc-{tmp_path.name[-6:]}", training=TRAINING,
                           ray={"num_workers": 1, "num_to_keep": 2, "max_failures": 0})
@@ -207,7 +207,7 @@ def test_disk_full_at_a_save_names_the_path_removes_the_partial_checkpoint_and_k
     registered: the next save fails with ENOSPC. The error names the path, the incomplete checkpoint_* directory
     is removed (was: left for good), the earlier checkpoint stays intact and listed, and the run resumes from it
     once there is room again. In-process (1 worker) and through Ray Train's TorchTrainer (2 workers)."""
-    from alphadpo_ray.launch import TrainingFailed, train
+    from alphadpo_ray.training.launch import TrainingFailed, train
 
     if workers > 1:
         request.getfixturevalue("ray_session")

@@ -145,7 +145,7 @@ def test_storage_and_tracking_reach_every_pod(spec, cluster):
 def test_rayjob_runs_a_sweep_that_fits_its_cluster():
     """The RayJob's entrypoint is a valid sweep of a config shipped in the image, and its concurrent
     trials (max_concurrent_trials × workers × GPUs per worker) fit maxReplicas GPU nodes."""
-    from alphadpo_ray.config import load_config
+    from alphadpo_ray.config.experiment import load_config
 
     job = _one(KUBERAY / "rayjob.yaml")["spec"]
     assert job["shutdownAfterJobFinishes"] is True

@@ -89,7 +89,7 @@ def test_rows_carry_curves_from_tune_dataframes():
 def test_a_carried_evaluation_is_logged_at_its_own_step_once():
     """Reports repeat the latest evaluation; MLflow gets it at ``eval/step`` only (a curve point per
     evaluation), the report's own metrics at its step."""
-    from alphadpo_ray.tracking import report_by_step
+    from alphadpo_ray.services.tracking import report_by_step
 
     carried = {"step": 10, "train/loss": 0.5, "eval/step": 0, "eval/kl": 0.0, "objective/score": 0.5}
     assert report_by_step(carried) == [(0, {"eval/step": 0, "eval/kl": 0.0, "objective/score": 0.5}),
@@ -101,7 +101,7 @@ def test_a_carried_evaluation_is_logged_at_its_own_step_once():
 
 def test_seed_is_a_trial_parameter_of_every_method():
     from alphadpo_ray.sweep.trial import trial_config
-    from alphadpo_ray.sweep_settings import SweepConfig, method_space
+    from alphadpo_ray.config.sweep_settings import SweepConfig, method_space
 
     sweep = SweepConfig(search_space={"seed": {"type": "grid", "values": [1, 2]}})
     for method in ("alpha-dpo", "dpo"):
@@ -183,7 +183,7 @@ def test_compare_with_seeds_gives_intervals_and_the_same_order_in_report(ray_ses
 
     # MLflow shows the comparison: the experiment opens as model training; each method's run and the compare
     # run hold the methods' figures, once each, also after `report` and the `--resume` above
-    from alphadpo_ray.tracking import EXPERIMENT_KIND_TAG, NOTE_TAG
+    from alphadpo_ray.services.tracking import EXPERIMENT_KIND_TAG, NOTE_TAG
 
     experiment = client.get_experiment(compare_run.info.experiment_id)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"

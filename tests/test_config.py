@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from alphadpo_ray.cli import main
-from alphadpo_ray.config import ExperimentConfig, config_from_dict, load_config
-from alphadpo_ray.data import is_local_source
+from alphadpo_ray.config.experiment import ExperimentConfig, config_from_dict, load_config
+from alphadpo_ray.ml.data import is_local_source
 from alphadpo_ray.errors import ConfigError
-from alphadpo_ray.losses import method_names, method_spec
-from alphadpo_ray.tracking import MASK, config_params, mask_secrets
+from alphadpo_ray.ml.losses import method_names, method_spec
+from alphadpo_ray.services.secrets import MASK, mask_secrets
+from alphadpo_ray.services.tracking import config_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -80,7 +81,7 @@ def test_every_experiment_config_validates_offline(path, no_network, monkeypatch
     assert config.gradient_accumulation_steps >= 1
     assert config.method.resolved()  # the loss builds with these hyperparameters
     if config.sweep is not None:  # the sweep section and each method's search space validate too
-        from alphadpo_ray.sweep_settings import SweepConfig, method_space
+        from alphadpo_ray.config.sweep_settings import SweepConfig, method_space
 
         assert isinstance(config.sweep, SweepConfig)
         for method in config.sweep.methods or [config.method.name]:
@@ -117,7 +118,7 @@ def test_paper_configs_carry_the_official_hyperparameters(name, no_network):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_paper_configs_map_to_the_intended_deepspeed_config(name):
-    from alphadpo_ray.engine import deepspeed_config
+    from alphadpo_ray.training.engine import deepspeed_config
 
     ds = deepspeed_config(load_config(PAPER / name))
     assert ds["train_batch_size"] == 128
@@ -343,7 +344,7 @@ def test_cli_validate_with_set(capsys):
 def test_cli_bad_config_fails_fast_with_one_line_and_never_starts_ray(tmp_path, monkeypatch, capsys, argv, key):
     import ray
 
-    import alphadpo_ray.launch as launch
+    import alphadpo_ray.training.launch as launch
 
     was_initialized = ray.is_initialized()
     ray_calls, train_calls = [], []

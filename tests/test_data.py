@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 
-from alphadpo_ray.data import (
+from alphadpo_ray.ml.data import (
     REASONS,
     check_lengths,
     collate_pairs,

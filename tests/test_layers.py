@@ -1,5 +1,6 @@
-"""The package's layering: a module imports only from layers below its own (imports inside functions
-count too), and nothing imports another module's private names."""
+"""The package's layering, read from its folders: a module imports only from layers below its own
+(imports inside functions count too), no two modules import each other even indirectly (a circle
+inside one folder included), and nothing imports another module's private names."""
 
 from __future__ import annotations
 
@@ -10,85 +11,102 @@ import alphadpo_ray
 
 PACKAGE = Path(alphadpo_ray.__file__).parent
 
-# Lowest first. A module may import from lower layers only (and within its own subpackage).
+# Lowest first: the root's foundation modules, the folders, then the command line. A module may import
+# from lower entries, and from its own folder as long as that makes no circle.
 LAYERS = [
-    {"compat"},  # the only module that reaches private internals of Ray, Optuna, DeepSpeed, MLflow (libraries only)
-    {"errors", "presets", "console", "plugins"},  # no project imports but compat
-    {"distributed", "storage"},  # collectives; local / object storage
-    {"losses", "logprobs", "task", "models", "data"},  # the maths, models and data
-    {"metrics", "sweep_settings", "plan"},  # held-out metrics, sweep schema + objectives, driver→worker contract
-    {"config"},  # the typed experiment config
-    {"engine", "reference_cache", "sft", "tracking"},  # DeepSpeed engines, reference pass, SFT reference, MLflow
-    {"recipe", "prepare", "preflight", "init_model"},  # a worker's recipe; the driver's preparation and checks (apart)
-    {"in_process"},  # a one-worker run in the driver's process (Ray Train's checkpoint manager, no Ray)
-    {"launch"},  # one training run
-    {"sweep"},  # sweeps and comparisons
-    {"cli"},  # the command line
-    {"__main__"},  # python -m alphadpo_ray
+    "compat",    # the only module that reaches private internals of Ray, Optuna, DeepSpeed, MLflow (libraries only)
+    "errors",    # error types
+    "console",   # a quiet driver console
+    "ml",        # what a worker computes with: collectives, losses + method registry, log-probs, metrics, models, task, data
+    "config",    # the typed experiment config, the sweep: section, presets, plugins
+    "services",  # what a run talks to: storage, MLflow tracking, secrets
+    "training",  # one training run: engines, the worker recipe, the driver's preparation and checks, launch
+    "sweep",     # sweeps, compares, studies, reports
+    "cli",       # the command line
+    "__main__",  # python -m alphadpo_ray
 ]
-LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+LAYER_OF = {name: i for i, name in enumerate(LAYERS)}
 
 
-def _top(path: Path) -> str:
-    rel = path.relative_to(PACKAGE)
-    return rel.parts[0].removesuffix(".py")
+def _module(path: Path) -> str:
+    """Dotted name inside the package: ``ml.data.split``, ``ml.data`` for its __init__, ``cli``."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module(p): p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"}
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[0]
 
 
 def _project_imports(path: Path):
-    """(line, imported top-level module, names) for every relative or absolute import of the package."""
-    tree = ast.parse(path.read_text())
-    depth = len(path.relative_to(PACKAGE).parts) - 1  # 0 for alphadpo_ray/x.py, 1 for alphadpo_ray/sweep/x.py
-    for node in ast.walk(tree):
+    """(line, imported module, names) for every relative or absolute import of the package; `from x import y`
+    with `y` a module counts as an import of that module."""
+    own = _module(path)
+    base = own.split(".") if path.name == "__init__.py" else own.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             names = [a.name for a in node.names]
             if node.level:
-                parts = (node.module or "").split(".") if node.module else []
-                if node.level - 1 < depth:  # inside the same subpackage
-                    yield node.lineno, _top(path), names, (node.module or "")
-                    continue
-                target = parts[0] if parts else None
-                if target is None:  # `from . import x` / `from .. import x`
-                    for name in names:
-                        yield node.lineno, name, [], ""
-                else:
-                    yield node.lineno, target, names, node.module
+                up = base[: len(base) - (node.level - 1)]
+                target = ".".join(up + ([node.module] if node.module else []))
             elif (node.module or "").startswith("alphadpo_ray"):
-                parts = node.module.split(".")
-                yield node.lineno, parts[1] if len(parts) > 1 else names[0], names, node.module
+                target = node.module.removeprefix("alphadpo_ray").lstrip(".")
+            else:
+                continue
+            submodules = [f"{target}.{n}".lstrip(".") for n in names if f"{target}.{n}".lstrip(".") in MODULES]
+            for sub in submodules:
+                yield node.lineno, sub, []
+            if len(submodules) < len(names):
+                yield node.lineno, target, [n for n in names if f"{target}.{n}".lstrip(".") not in MODULES]
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("alphadpo_ray."):
-                    yield node.lineno, alias.name.split(".")[1], [], alias.name
+                    yield node.lineno, alias.name.removeprefix("alphadpo_ray."), []
 
 
 def test_every_module_has_a_layer():
-    modules = {_top(p) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE}
-    assert modules - set(LAYER_OF) == set(), "add new modules to LAYERS"
+    assert {_layer(m) for m in MODULES} - set(LAYER_OF) == set(), "add new root modules or folders to LAYERS"
 
 
-def test_no_module_imports_from_a_layer_above_or_beside_it():
+def test_no_module_imports_from_a_layer_above_it():
     problems = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        if path.parent == PACKAGE and path.name == "__init__.py":
-            continue
-        own = _top(path)
-        for line, target, _, _ in _project_imports(path):
-            if target == own:
-                continue
-            if LAYER_OF[target] >= LAYER_OF[own]:
+    for module, path in sorted(MODULES.items()):
+        for line, target, _ in _project_imports(path):
+            if LAYER_OF[_layer(target)] > LAYER_OF[_layer(module)]:
                 problems.append(f"{path.relative_to(PACKAGE)}:{line} imports {target} "
-                                f"(layer {LAYER_OF[target]}) from layer {LAYER_OF[own]}")
+                                f"({_layer(target)}, above {_layer(module)})")
     assert problems == []
+
+
+def test_no_import_circles():
+    """Imports between modules form no circle — inside a folder too, where layering alone allows one."""
+    graph = {m: {t for _, t, _ in _project_imports(p) if t != m} for m, p in MODULES.items()}
+    circles, state = [], {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                circles.append(" -> ".join(trail[trail.index(target):] + [module, target]) if target in trail
+                               else f"{module} -> {target}")
+            elif target not in state:
+                visit(target, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert circles == []
 
 
 def test_no_module_imports_private_names_of_another():
     problems = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        own = _top(path)
-        for line, target, names, module in _project_imports(path):
-            if target == own and not module.startswith("alphadpo_ray"):
-                continue
-            private = [n for n in names if n.startswith("_") and n != "__future__"]
-            if private:
-                problems.append(f"{path.relative_to(PACKAGE)}:{line} imports {', '.join(private)} from {module or target}")
+    for module, path in sorted(MODULES.items()):
+        for line, target, names in _project_imports(path):
+            private = [n for n in names if n.startswith("_")]
+            if private and target != module:
+                problems.append(f"{path.relative_to(PACKAGE)}:{line} imports {', '.join(private)} from {target}")
     assert problems == []

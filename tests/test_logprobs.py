@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-import alphadpo_ray.logprobs as lp_mod
-from alphadpo_ray.logprobs import SequenceLogps, chunked_token_kl, chunked_token_logps, sequence_logps
-from alphadpo_ray.models import load_model
+import alphadpo_ray.ml.logprobs as lp_mod
+from alphadpo_ray.ml.logprobs import SequenceLogps, chunked_token_kl, chunked_token_logps, sequence_logps
+from alphadpo_ray.ml.models import load_model
 
 ATOL = 1e-5
 
@@ -282,7 +282,7 @@ def test_memory_budget_is_validated():
     for bad in (-1, float("nan"), True, "64"):
         with pytest.raises(ValueError, match="memory_budget_mb"):
             chunked_token_logps(hidden, head, tgt, memory_budget_mb=bad)
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.errors import ConfigError
 
     base = {"name": "x", "model": {"name_or_path": "m"}}
@@ -365,7 +365,7 @@ def test_unknown_head_postprocessing_falls_back_to_logits(tiny_model_dir):
 def test_zero3_head_function_matches_chunked_autograd(scale, softcap, monkeypatch):
     """The ZeRO-3 path (one weight gather per pass, hand-written backward) gives the same values and
     gradients as per-chunk autograd; without partitioned weights its gather is a no-op."""
-    from alphadpo_ray.logprobs import _chunk_token_logps, _Zero3HeadLogps
+    from alphadpo_ray.ml.logprobs import _chunk_token_logps, _Zero3HeadLogps
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False).double()

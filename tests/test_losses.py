@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import alphadpo_ray.losses as losses_mod
-from alphadpo_ray.losses import REQUIRED, LossOutput, PreferenceLoss, build_loss, method_hyperparameters, method_names
+import alphadpo_ray.ml.losses as losses_mod
+from alphadpo_ray.ml.losses import REQUIRED, LossOutput, PreferenceLoss, build_loss, method_hyperparameters, method_names
 
 # Three pairs with explicit numbers: policy/reference summed log-probs and response lengths.
 PC, PJ = [-10.0, -6.0, -8.0], [-12.0, -5.0, -9.0]
@@ -525,7 +525,7 @@ def test_module_imports_only_stdlib_torch_and_the_distributed_seam():
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 assert node.level == 1 and node.module is None and [a.name for a in node.names] == ["distributed"], \
-                    "losses.py imports nothing of the package but its collectives (alphadpo_ray.distributed)"
+                    "losses.py imports nothing of the package but its collectives (alphadpo_ray.ml.distributed)"
                 continue
             roots.add(node.module.split(".")[0])
     assert roots <= {"__future__", "math", "numbers", "dataclasses", "types", "typing", "difflib", "torch"}

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphadpo_ray.logprobs import sequence_logps
-from alphadpo_ray.losses import build_loss
-from alphadpo_ray.metrics import evaluate_preferences, generation_accuracy, sampled_kl
-from alphadpo_ray.models import load_model, load_tokenizer
-from alphadpo_ray.task import TaskConfig, generate
+from alphadpo_ray.ml.logprobs import sequence_logps
+from alphadpo_ray.ml.losses import build_loss
+from alphadpo_ray.ml.metrics import evaluate_preferences, generation_accuracy, sampled_kl
+from alphadpo_ray.ml.models import load_model, load_tokenizer
+from alphadpo_ray.ml.task import TaskConfig, generate
 
-# alphadpo_ray.data (datasets, pyarrow) is imported inside the tests: the spawned workers of the
+# alphadpo_ray.ml.data (datasets, pyarrow) is imported inside the tests: the spawned workers of the
 # distributed test import this module and do not need it.
 
 SIZES = (3, 4, 2, 3)  # pairs per batch: uneven on purpose
@@ -24,7 +24,7 @@ SIZES = (3, 4, 2, 3)  # pairs per batch: uneven on purpose
 
 @pytest.fixture(scope="module")
 def tokens(tiny_tokenizer):
-    from alphadpo_ray.data import preference_data_from_rows, tokenize_pairs
+    from alphadpo_ray.ml.data import preference_data_from_rows, tokenize_pairs
 
     train, _ = generate(TaskConfig(train_size=sum(SIZES), held_out_size=1, length_bias=0.5, seed=11))
     dataset, _ = preference_data_from_rows(train, chat_template=True, tokenizer=tiny_tokenizer)
@@ -34,7 +34,7 @@ def tokens(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def batches(tokens, tiny_tokenizer):
-    from alphadpo_ray.data import collate_pairs
+    from alphadpo_ray.ml.data import collate_pairs
 
     examples, _ = tokens
     out, start = [], 0
@@ -91,7 +91,7 @@ def test_reference_against_itself_scores_exactly_one_half_and_zero_kl(reference,
 
 
 def test_identical_responses_are_ties_for_every_method(policy, reference, tokens, tiny_tokenizer):
-    from alphadpo_ray.data import collate_pairs
+    from alphadpo_ray.ml.data import collate_pairs
 
     examples, _ = tokens
     same = [{**e, "rejected_ids": e["chosen_ids"]} for e in examples[:5]]
@@ -262,7 +262,7 @@ def sft_prompts(builtin_task):
     """Held-out prompts of the built-in task and its SFT reference's tokenizer (responses end in EOS)."""
     import json
 
-    from alphadpo_ray.data import preference_data_from_rows, tokenize_pairs
+    from alphadpo_ray.ml.data import preference_data_from_rows, tokenize_pairs
 
     tokenizer = load_tokenizer(builtin_task.reference_dir)
     rows = [json.loads(line) for line in builtin_task.held_out_file.read_text().splitlines()[:8]]
@@ -304,7 +304,7 @@ def rao_blackwellised_kl(policy, reference, prompts, tokenizer, samples_per_prom
     is decided by y<t) turns it into E_y~πθ Σ_t KL(πθ(·|y<t) ‖ πref(·|y<t)): the same quantity, with
     the token sampling noise integrated out exactly over the vocabulary. `sequence_logps(...).kl` is
     that per-position exact KL summed over the response tokens (EOS included)."""
-    from alphadpo_ray.metrics import _left_padded, _prompt_response_batch, _response_lengths
+    from alphadpo_ray.ml.metrics import _left_padded, _prompt_response_batch, _response_lengths
 
     items = [p for p in prompts for _ in range(samples_per_prompt)]
     kls = []

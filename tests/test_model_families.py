@@ -23,10 +23,10 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS, small_config
 
-import alphadpo_ray.logprobs as lp_mod
-from alphadpo_ray.data.collate import pad_sequences
-from alphadpo_ray.logprobs import sequence_logps
-from alphadpo_ray.models import (
+import alphadpo_ray.ml.logprobs as lp_mod
+from alphadpo_ray.ml.data.collate import pad_sequences
+from alphadpo_ray.ml.logprobs import sequence_logps
+from alphadpo_ray.ml.models import (
     FAMILIES,
     TINY_LOGIT_SOFTCAP,
     TINY_SLIDING_WINDOW,
@@ -292,7 +292,7 @@ def test_trains_under_zero3_and_resumes(ray_session, name, data_file, tmp_path, 
     Train restarts the group and the recipe resumes from the latest checkpoint to step 8 (ray.max_failures
     2: one spare, for a worker lost to a busy shared machine; a resume is deterministic either way).
     For ZERO0_BASELINE families, an uninterrupted ZeRO-0 run follows the same trajectory."""
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     model_dir = build_tiny_model_dir(tmp_path / "model", TEXTS, vocab_size=320, family=name, **SIZE)
     quiet = lambda *_: None  # noqa: E731

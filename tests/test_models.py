@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphadpo_ray.models import CHAT_TEMPLATE, ROLE_TOKENS, build_tiny_model, load_model, load_tokenizer
+from alphadpo_ray.ml.models import CHAT_TEMPLATE, ROLE_TOKENS, build_tiny_model, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

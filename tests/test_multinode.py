@@ -93,7 +93,7 @@ def test_job_outputs_check_refuses_places_inside_the_working_dir_copy(tmp_path, 
     relative places are refused by name; absolute ones and a tracking server pass; outside a job,
     relative places are the user's choice."""
     from alphadpo_ray.errors import ConfigError
-    from alphadpo_ray.preflight import check_job_outputs
+    from alphadpo_ray.training.preflight import check_job_outputs
 
     copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
     (copy / "configs").mkdir(parents=True)

@@ -75,11 +75,11 @@ def test_storage_helpers_sweep_lock_and_worker_env_on_the_bucket(s3, monkeypatch
     credentials never, and never in the storage path."""
     import pyarrow as pa
 
-    from alphadpo_ray import storage
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.services import storage
+    from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.errors import ConfigError
-    from alphadpo_ray.launch import worker_env
-    from alphadpo_ray.preflight import check_storage_uri
+    from alphadpo_ray.training.launch import worker_env
+    from alphadpo_ray.training.preflight import check_storage_uri
     from alphadpo_ray.sweep.run import SweepRunning, sweep_lock
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
+from alphadpo_ray.ml.losses import Hyperparameter, LossOutput, register_method
 
 
 def slow_simpo(pc, pj, rc, rj, lc, lj, *, beta):
@@ -81,7 +81,7 @@ def test_each_notice_gets_one_checkpoint_and_a_resume_after_one_counts_a_preempt
 
     from ray.train import PreemptionInfo
 
-    from alphadpo_ray.recipe import _recovered_preemption, preemption_notice
+    from alphadpo_ray.training.recipe import _recovered_preemption, preemption_notice
 
     notices = iter([None, PreemptionInfo(1000, {"a": [1]}), PreemptionInfo(1000, {"a": [1]}),
                     PreemptionInfo(900, {"a": [1], "b": [0]})])
@@ -133,7 +133,7 @@ class RunLog:
 def _write_config(tmp_path: Path, name: str, cluster: LocalCluster, **sections) -> tuple[Path, object]:
     """The run's YAML (and its MLflow store): 2 workers of 1 CPU and 1 slot each, the slow method under
     a name of this run's own (the test process registers it too, once per name)."""
-    from alphadpo_ray.tracking import create_sqlite_store
+    from alphadpo_ray.services.tracking import create_sqlite_store
 
     method = f"slow-{name}"
     plugin = tmp_path / "slow_method.py"

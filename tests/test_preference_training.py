@@ -17,11 +17,11 @@ import time
 import pytest
 import torch
 
-from alphadpo_ray.data import collate_pairs, preference_data_from_rows, tokenize_pairs
-from alphadpo_ray.logprobs import sequence_logps
-from alphadpo_ray.losses import build_loss
-from alphadpo_ray.models import load_model, load_tokenizer
-from alphadpo_ray.sft import held_out_metrics
+from alphadpo_ray.ml.data import collate_pairs, preference_data_from_rows, tokenize_pairs
+from alphadpo_ray.ml.logprobs import sequence_logps
+from alphadpo_ray.ml.losses import build_loss
+from alphadpo_ray.ml.models import load_model, load_tokenizer
+from alphadpo_ray.training.sft import held_out_metrics
 
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 96  # the SFT reference's defaults
 STEPS, BATCH_PAIRS, LEARNING_RATE = 150, 16, 1e-4

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from alphadpo_ray.config import config_from_dict
+from alphadpo_ray.config.experiment import config_from_dict
 from alphadpo_ray.errors import ConfigError, DataError
 
 
@@ -23,8 +23,8 @@ def _pairs(path, n, prompt="Question {i}?"):
 @pytest.fixture
 def no_models(monkeypatch):
     """Fail the test if the reference pass runs or any model is loaded."""
-    import alphadpo_ray.models as models
-    import alphadpo_ray.reference_cache as reference_cache
+    import alphadpo_ray.ml.models as models
+    import alphadpo_ray.training.reference_cache as reference_cache
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded / the reference pass ran before the data check")
@@ -47,7 +47,7 @@ def _config(tmp_path, model_dir, **sections):
 
 
 def test_training_set_smaller_than_a_global_batch_fails_with_max_steps_set(tmp_path, tiny_model_dir, no_models):
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.prepare import prepare_run
 
     config = _config(tmp_path, tiny_model_dir, data={"source": _pairs(tmp_path / "small.jsonl", 5)})
     with pytest.raises(ConfigError, match=r"training\.total_batch_size \(8\) is larger than the training set "
@@ -56,7 +56,7 @@ def test_training_set_smaller_than_a_global_batch_fails_with_max_steps_set(tmp_p
 
 
 def test_fewer_held_out_pairs_than_workers_fails_before_any_model(tmp_path, tiny_model_dir, no_models):
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.prepare import prepare_run
 
     config = _config(tmp_path, tiny_model_dir, data={"eval_source": _pairs(tmp_path / "one.jsonl", 1)})
     with pytest.raises(DataError, match=r"1 held-out pair\(s\) for ray\.num_workers = 2: .*at least one pair per "
@@ -65,7 +65,7 @@ def test_fewer_held_out_pairs_than_workers_fails_before_any_model(tmp_path, tiny
 
 
 def test_no_usable_rows_fails_before_the_reference_pass(tmp_path, tiny_model_dir, no_models):
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.prepare import prepare_run
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " same", "rejected": " same"}) + "\n"
@@ -91,7 +91,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_anything_starts(
     one being written) need about 14.6 MiB. Was: a warning in GiB ("0.0 GiB free … need about 0.0 GiB") and a run
     that died at its first checkpoint with ENOSPC naming no path."""
     from alphadpo_ray.errors import StorageFull
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     disk = small_disk("8m")
     config = config_from_dict({"name": "too-small", "output_dir": str(tmp_path / "out"),
@@ -151,8 +151,8 @@ def test_spot_switch_fills_the_failure_budget_drain_poll_and_grace():
     """`ray.spot: true` (in the file or by --set) sets what a spot cluster needs, each only where not given
     (before: no switch; a spot kill with the default ray.max_failures 0 ended the run, drain notices polled
     every 5 s); the poll reaches Ray Train through the workers' environment."""
-    from alphadpo_ray.config import SPOT_DEFAULTS
-    from alphadpo_ray.launch import PREEMPTION_POLL_ENV, worker_env
+    from alphadpo_ray.config.experiment import SPOT_DEFAULTS
+    from alphadpo_ray.training.launch import PREEMPTION_POLL_ENV, worker_env
 
     base = {"name": "spot", "tracking": {"enabled": False}}
     plain = config_from_dict(base).ray
@@ -177,9 +177,9 @@ def test_spot_nodes_with_no_failure_budget_warn_before_the_run(tmp_path):
 
     script = (
         "import ray\n"
-        "from alphadpo_ray.config import config_from_dict\n"
-        "from alphadpo_ray.launch import init_ray\n"
-        "from alphadpo_ray.preflight import spot_warnings\n"
+        "from alphadpo_ray.config.experiment import config_from_dict\n"
+        "from alphadpo_ray.training.launch import init_ray\n"
+        "from alphadpo_ray.training.preflight import spot_warnings\n"
         f"base = {{'name': 'spot', 'tracking': {{'enabled': False}}, 'ray': {{'storage_path': {str(tmp_path / 'ray')!r}}}}}\n"
         "init_ray(config_from_dict(base), 'local')\n"
         "spot = config_from_dict(base, overrides=['ray.spot=true'])\n"

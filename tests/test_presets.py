@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from alphadpo_ray.config import config_from_dict, load_config
-from alphadpo_ray.presets import COMPARE_QUICKSTART, QUICKSTART_SWEEP
+from alphadpo_ray.config.experiment import config_from_dict, load_config
+from alphadpo_ray.config.presets import COMPARE_QUICKSTART, QUICKSTART_SWEEP
 
 SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
 

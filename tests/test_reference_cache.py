@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from alphadpo_ray import reference_cache as rc
+from alphadpo_ray.training import reference_cache as rc
 
 TRUNCATION = {"max_length": 64, "max_prompt_length": 32, "truncation_mode": "keep_end"}
 SHA_MAIN = "1" * 40  # what refs/main points at ...
@@ -121,7 +121,7 @@ def test_hub_reference_is_keyed_on_the_commit_actually_loaded(tiny_model_dir, ti
     # the weights transformers actually loads (offline) are that commit's, not the larger hash's
     from safetensors.torch import load_file
 
-    from alphadpo_ray.models import load_model
+    from alphadpo_ray.ml.models import load_model
 
     state = load_model("org/tiny", cache_dir=str(cache)).state_dict()
     snapshots = cache / "models--org--tiny" / "snapshots"
@@ -157,7 +157,7 @@ def test_scoring_uses_the_policy_load_settings_and_dtype_is_keyed(tiny_model_dir
                                                                    monkeypatch):
     """A bf16 cache is not reused by a float32 run; scoring loads with attn_implementation /
     trust_remote_code / the pinned revision (scored in-process, as a one-worker run does)."""
-    from alphadpo_ray import models
+    from alphadpo_ray.ml import models
 
     loads = []
     real_load = models.load_model

@@ -1,7 +1,7 @@
 """Adding a method touches its function, its registry entry and its tests — nothing else.
 
 A toy method lives in a plugin file written by the test (the way a user adds one): it registers
-itself with `alphadpo_ray.losses.register_method`, and a config names it under ``plugins``. It then
+itself with `alphadpo_ray.ml.losses.register_method`, and a config names it under ``plugins``. It then
 validates, gets its search space and paper points from its entry, and runs through `compare`
 (Ray Tune trials that load the plugin in their own processes).
 """
@@ -16,14 +16,14 @@ from conftest import small_config
 
 from alphadpo_ray.cli import main
 from alphadpo_ray.errors import ConfigError
-from alphadpo_ray.losses import method_names, method_spec, unregister_method
+from alphadpo_ray.ml.losses import method_names, method_spec, unregister_method
 
 TOY = "toy-hinge"
 PLUGIN = textwrap.dedent('''
     """A reference-free hinge loss on length-normalised log-probs (SLiC-style), for the registry test."""
     import torch
 
-    from alphadpo_ray.losses import Hyperparameter, LossOutput, register_method
+    from alphadpo_ray.ml.losses import Hyperparameter, LossOutput, register_method
 
 
     def toy_hinge_loss(pc, pj, rc, rj, lc, lj, *, beta, delta):
@@ -53,8 +53,8 @@ def toy_plugin(tmp_path):
 
 
 def test_a_plugin_method_validates_and_gets_its_space_from_its_entry(toy_plugin, tmp_path, capsys):
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.sweep_settings import SweepConfig, method_space, starting_points
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.config.sweep_settings import SweepConfig, method_space, starting_points
 
     config = config_from_dict({"plugins": [toy_plugin], "method": {"name": TOY}})
     assert TOY in method_names() and config.method.resolved() == {"beta": 1.0, "delta": 0.5}  # start value
@@ -81,7 +81,7 @@ def test_a_plugin_method_validates_and_gets_its_space_from_its_entry(toy_plugin,
 
 
 def test_a_broken_plugin_is_a_config_error(tmp_path):
-    from alphadpo_ray.config import config_from_dict
+    from alphadpo_ray.config.experiment import config_from_dict
 
     with pytest.raises(ConfigError, match=r"plugins: could not load .*missing\.py.*plugin file not found"):
         config_from_dict({"plugins": [str(tmp_path / "missing.py")]})
@@ -113,7 +113,7 @@ def test_a_plugin_method_runs_through_compare(ray_session, builtin_task, toy_plu
 def test_every_built_in_hyperparameter_declares_its_range():
     """Config values and `--set` values are checked against the registry's ranges, so each built-in
     hyperparameter has one (a negative gamma_beta_ratio or length_alpha is refused naming the range)."""
-    from alphadpo_ray.losses import hyperparameter_problems
+    from alphadpo_ray.ml.losses import hyperparameter_problems
 
     for name in ("alpha-dpo", "dpo", "simpo", "ipo", "cpo", "kto", "orpo", "r-dpo"):
         for key, h in method_spec(name).hyperparameters.items():

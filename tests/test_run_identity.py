@@ -38,8 +38,8 @@ def test_changed_settings_refuse_restart_and_deleted_storage_start_fresh_runs(ra
     from mlflow.tracking import MlflowClient
 
     from alphadpo_ray.cli import build_parser
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.launch import IDENTITY_FILE, RunConfigChanged, train
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.training.launch import IDENTITY_FILE, RunConfigChanged, train
 
     config = small_config(tmp_path, name=f"identity-{tmp_path.name[-6:]}", **ONE_WORKER,
                           training={"max_steps": 4, "save_steps": 4, "logging_steps": 1,
@@ -54,7 +54,7 @@ def test_changed_settings_refuse_restart_and_deleted_storage_start_fresh_runs(ra
     changed = config_from_dict(config.to_dict(), "changed", ["training.learning_rate=1e-3", "method.beta=10",
                                                               "ray.max_failures=1", "training.logging_steps=2"])
     experiment = client.get_experiment_by_name("tests").experiment_id
-    from alphadpo_ray import launch, prepare
+    from alphadpo_ray.training import launch, prepare
 
     prepared, real_prepare = [], prepare.prepare_run
     monkeypatch.setattr(prepare, "prepare_run", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
@@ -141,7 +141,7 @@ def _kill_when_logged(uri: str, run_name: str, step: int, class_name: str, kille
 def _train_and_kill(config, step: int, class_name: str):
     """train(config) while a thread kills a `class_name` actor once `step` is logged: (summary or the
     exception raised, whether the kill happened)."""
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     killed, stop = threading.Event(), threading.Event()
     earlier = set(_actor_pids(class_name))  # another run's, still shutting down
@@ -166,7 +166,7 @@ def test_resumes_log_each_step_once(ray_session, builtin_task, tmp_path):
     same MLflow run from its checkpoint and again logs each step once."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.launch import TrainingFailed, train
+    from alphadpo_ray.training.launch import TrainingFailed, train
 
     suffix = tmp_path.name[-6:]
     ray_train = {"num_workers": 1, "in_process_single_worker": False}  # these kills need Ray Train's actors
@@ -212,8 +212,8 @@ def test_in_process_run_killed_resumes_under_ray_train(ray_session, builtin_task
     from mlflow.tracking import MlflowClient
     from services import stop_tree
 
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.training.launch import train
 
     config = _held_run(tmp_path, f"held-local-{tmp_path.name[-6:]}", **ONE_WORKER)
     path = tmp_path / "run.yaml"
@@ -255,7 +255,7 @@ def test_in_process_run_retries_from_its_checkpoint(ray_session, builtin_task, t
     max_failures 0 the same failure fails the run, its MLflow run closed FAILED."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.launch import TrainingFailed, train
+    from alphadpo_ray.training.launch import TrainingFailed, train
 
     suffix = tmp_path.name[-6:]
     config = _held_run(tmp_path, f"retry-{suffix}", action="fail", ray={"num_workers": 1, "max_failures": 1},
@@ -320,7 +320,7 @@ def test_compare_with_an_existing_mlflow_parent_refuses(builtin_task, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from alphadpo_ray.sweep.run import SweepExists, run_compare
-    from alphadpo_ray.sweep.tracking import KIND_TAG, SWEEP_TAG
+    from alphadpo_ray.sweep.nested_runs import KIND_TAG, SWEEP_TAG
 
     name = f"idcompare-{tmp_path.name[-6:]}"
     config = _sweep_config(tmp_path, name)

@@ -62,7 +62,8 @@ def _extra() -> dict:
 
 
 def test_masking_by_name_and_by_value_shape():
-    from alphadpo_ray.tracking import MASK, config_params, mask_secrets, redact
+    from alphadpo_ray.services.secrets import MASK, mask_secrets, redact
+    from alphadpo_ray.services.tracking import config_params
 
     config = {
         "deepspeed": {"extra": _extra(), "zero_stage": 2},
@@ -96,7 +97,7 @@ def test_masking_by_name_and_by_value_shape():
 
 
 def test_unreachable_server_error_shows_no_password(tmp_path):
-    from alphadpo_ray.tracking import TrackingUnavailable, check_tracking
+    from alphadpo_ray.services.tracking import TrackingUnavailable, check_tracking
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,7 +132,7 @@ CREDENTIALS_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # /healt
 def test_tracking_uri_with_credentials_is_accepted_and_kept_out_of_the_uri(monkeypatch):
     """The server is up: the probe authenticates with the URI's credentials; the URI used from then on
     (printed, summarised, pickled with callbacks) has none, MLflow reads them from the environment."""
-    from alphadpo_ray.tracking import check_tracking, resolve_tracking_uri
+    from alphadpo_ray.services.tracking import check_tracking, resolve_tracking_uri
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -157,7 +158,7 @@ def test_tracking_uri_with_credentials_is_accepted_and_kept_out_of_the_uri(monke
 
 
 def test_deepspeed_saved_config_has_no_extra_strings():
-    from alphadpo_ray.engine import deepspeed_config, saved_deepspeed_config
+    from alphadpo_ray.training.engine import deepspeed_config, saved_deepspeed_config
 
     config = small_config(Path(tempfile.gettempdir()) / "secrets-unit", deepspeed={"zero_stage": 2, "extra": {
         **_extra(), "zero_optimization": {"reduce_bucket_size": 12345}}})
@@ -172,9 +173,9 @@ def test_deepspeed_saved_config_has_no_extra_strings():
 def test_tune_forwards_no_credentials_into_runtime_envs(monkeypatch):
     from ray.tune.execution import class_cache
 
-    from alphadpo_ray.config import config_from_dict
-    from alphadpo_ray.launch import _keep_credentials_out_of_runtime_envs, worker_env
-    from alphadpo_ray.tracking import is_secret_name
+    from alphadpo_ray.config.experiment import config_from_dict
+    from alphadpo_ray.training.launch import _keep_credentials_out_of_runtime_envs, worker_env
+    from alphadpo_ray.services.secrets import is_secret_name
 
     for name, value in ENV_SECRETS.items():
         monkeypatch.setenv(name, value)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import alphadpo_ray.sft as sft_mod
-from alphadpo_ray.sft import SFTConfig, builtin_key, prepare_builtin_task
-from alphadpo_ray.task import TaskConfig, check, generate
+import alphadpo_ray.training.sft as sft_mod
+from alphadpo_ray.training.sft import SFTConfig, builtin_key, prepare_builtin_task
+from alphadpo_ray.ml.task import TaskConfig, check, generate
 
 TINY_TASK = TaskConfig(train_size=64, held_out_size=16)
 TINY_SFT = SFTConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, steps=30, batch_size=8,
@@ -56,7 +56,7 @@ def test_build_writes_the_expected_files(tiny_cache):
 
 
 def test_reference_loads_and_has_the_requested_size(tiny_cache):
-    from alphadpo_ray.models import load_model, load_tokenizer
+    from alphadpo_ray.ml.models import load_model, load_tokenizer
 
     _, built = tiny_cache
     model = load_model(built.reference_dir, eval_mode=True)
@@ -68,8 +68,8 @@ def test_reference_loads_and_has_the_requested_size(tiny_cache):
 
 def test_train_sft_lowers_the_loss(tiny_cache):
     """30 steps on the tiny task already bring the token NLL well below its start (a working SFT loop)."""
-    from alphadpo_ray.data import preference_data_from_rows, tokenize_sft
-    from alphadpo_ray.models import build_tiny_model, load_tokenizer
+    from alphadpo_ray.ml.data import preference_data_from_rows, tokenize_sft
+    from alphadpo_ray.ml.models import build_tiny_model, load_tokenizer
 
     _, built = tiny_cache
     tokenizer = load_tokenizer(built.reference_dir)

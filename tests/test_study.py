@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from alphadpo_ray.config import StudyConfig, config_from_dict
+from alphadpo_ray.config.experiment import StudyConfig, config_from_dict
 from alphadpo_ray.errors import ConfigError
 from alphadpo_ray.sweep import stats
 from alphadpo_ray.sweep.study import (StudyNotFound, contrast, grouped_table, markdown, study_path, study_tables,

@@ -146,7 +146,7 @@ def test_safe_optuna_search_fails_errored_and_nan_trials():
     """A failed trial's last (stale or NaN) metrics never reach Optuna: it is told FAIL."""
     import optuna
 
-    from alphadpo_ray.sweep_settings import SweepConfig
+    from alphadpo_ray.config.sweep_settings import SweepConfig
     from alphadpo_ray.sweep.run import _searcher
 
     from alphadpo_ray.sweep.run import tune_domains
@@ -173,7 +173,7 @@ def test_journal_reconciles_a_stale_snapshot_and_searcher():
 
     from alphadpo_ray.sweep.journal import merge_trials, reconcile_searcher
     from alphadpo_ray.sweep.run import _searcher, tune_domains
-    from alphadpo_ray.sweep_settings import SweepConfig
+    from alphadpo_ray.config.sweep_settings import SweepConfig
 
     def data(trial_id, status):
         return [json.dumps({"trial_id": trial_id, "status": status}), "{}"]
@@ -463,7 +463,7 @@ def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from alphadpo_ray.sweep.report import report
-    from alphadpo_ray.sweep.tracking import KIND_TAG, METHOD_TAG, SWEEP_TAG, SweepMLflowCallback
+    from alphadpo_ray.sweep.nested_runs import KIND_TAG, METHOD_TAG, SWEEP_TAG, SweepMLflowCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -502,7 +502,7 @@ def test_report_shows_a_stale_running_trial_as_stale(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from alphadpo_ray.sweep import report as report_module
-    from alphadpo_ray.sweep.tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+    from alphadpo_ray.sweep.nested_runs import KIND_TAG, METHOD_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from alphadpo_ray import task as task_lib
-from alphadpo_ray.task import PREAMBLE, TaskConfig, check, format_response, generate, parse_answer
+from alphadpo_ray.ml import task as task_lib
+from alphadpo_ray.ml.task import PREAMBLE, TaskConfig, check, format_response, generate, parse_answer
 
 
 def small(**kw) -> TaskConfig:
@@ -38,7 +38,7 @@ def test_same_config_gives_identical_rows_and_another_seed_differs():
 def test_generation_does_not_depend_on_the_interpreter_hash_seed():
     """Artefacts are cached by the config's hash, so a fresh interpreter must generate the same rows."""
     code = (
-        "import json; from alphadpo_ray.task import TaskConfig, generate; "
+        "import json; from alphadpo_ray.ml.task import TaskConfig, generate; "
         "print(json.dumps(generate(TaskConfig(train_size=50, held_out_size=20, length_bias=0.5, "
         "label_noise=0.2, operations=('sort', 'reverse'), seed=7))))"
     )
@@ -97,7 +97,7 @@ def test_checker_accepts_every_chosen_and_rejects_every_rejected(difficulty, tin
 
 
 def test_checker_on_the_prompts_the_data_pipeline_renders(tiny_tokenizer):
-    from alphadpo_ray.data import preference_data_from_rows
+    from alphadpo_ray.ml.data import preference_data_from_rows
 
     train, _ = generate(small(train_size=40, held_out_size=5))
     dataset, report = preference_data_from_rows(train, chat_template=True, tokenizer=tiny_tokenizer)
@@ -276,7 +276,7 @@ def test_key_is_stable_and_changes_with_every_field():
 
 
 def test_key_is_stable_across_interpreters():
-    code = "from alphadpo_ray.task import TaskConfig; print(TaskConfig(seed=3, length_bias=0.2).key())"
+    code = "from alphadpo_ray.ml.task import TaskConfig; print(TaskConfig(seed=3, length_bias=0.2).key())"
     env = {**os.environ, "PYTHONHASHSEED": "999"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == TaskConfig(seed=3, length_bias=0.2).key()

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphadpo_ray.config import load_config
-from alphadpo_ray.data import preference_data_from_rows, tokenize_pairs
-from alphadpo_ray.losses import build_loss
-from alphadpo_ray.models import build_tokenizer
-from alphadpo_ray.task import PREAMBLE, SFTConfig, TaskConfig, corpus, generate
+from alphadpo_ray.config.experiment import load_config
+from alphadpo_ray.ml.data import preference_data_from_rows, tokenize_pairs
+from alphadpo_ray.ml.losses import build_loss
+from alphadpo_ray.ml.models import build_tokenizer
+from alphadpo_ray.ml.task import PREAMBLE, SFTConfig, TaskConfig, corpus, generate
 
 STUDIES = Path(__file__).resolve().parents[1] / "experiments" / "studies"
 STUDY_NAMES = ["alpha-sensitivity", "alphadpo-vs-simpo", "methods-harder", "methods-length-biased",

@@ -38,7 +38,7 @@ def test_sweep_logs_to_authenticated_server_with_postgres_and_s3(builtin_task, t
                                                                   monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.tracking import TrackingUnavailable, check_tracking
+    from alphadpo_ray.services.tracking import TrackingUnavailable, check_tracking
 
     password = f"team-{uuid.uuid4().hex}"
     with s3_server(tmp_path / "s3") as s3, postgres_server(tmp_path / "pg", ("mlflow", "mlflow_auth")) as pg, \

@@ -1,4 +1,4 @@
-"""`alphadpo_ray.tracking` with real processes and a real store: several runs creating the same new
+"""`alphadpo_ray.services.tracking` with real processes and a real store: several runs creating the same new
 experiment at the same moment (embedded SQLite and a real `mlflow server` on 127.0.0.1)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ RACERS = 6
 RACE = """
 import sys, pathlib, time
 from mlflow.tracking import MlflowClient
-from alphadpo_ray import tracking
+from alphadpo_ray.services import tracking
 uri, here, i = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
 MlflowClient(uri).search_experiments(max_results=1)  # imported and connected before the start
 (here / f"ready-{i}").touch()
@@ -62,7 +62,7 @@ def _check_race(uri: str, outputs: list[str]) -> None:
 def test_same_new_experiment_created_by_several_processes_sqlite(tmp_path):
     """Six processes start a run in the same new experiment of one embedded SQLite store at once: every
     one gets its run, in the one experiment (before: all but one crashed with `already exists`)."""
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.create_sqlite_store(uri)
@@ -151,7 +151,7 @@ def test_error_after_training_marks_the_run_failed(builtin_task, tmp_path):
     run is FAILED (before: left RUNNING, and the OSError came out as a bare traceback)."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.launch import TrainingFailed, train
+    from alphadpo_ray.training.launch import TrainingFailed, train
 
     name = f"fail-{tmp_path.name[-6:]}"
     config = _held_config(tmp_path, name)
@@ -170,7 +170,9 @@ def test_resume_line_says_which_steps_mlflow_holds_and_which_were_pending(tmp_pa
     The resume line says so and sends them (before: "steps up to 6 already logged")."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray import launch, tracking
+    from alphadpo_ray.training import launch
+
+    from alphadpo_ray.services import secrets, tracking
     from conftest import small_config
 
     config = small_config(tmp_path, name="resumed")
@@ -187,7 +189,7 @@ def test_resume_line_says_which_steps_mlflow_holds_and_which_were_pending(tmp_pa
     for step in (4, 5, 6):
         pending.add({"run_id": run_id, "step": step, "ts": int(time.time() * 1000), "metrics": {"train/loss": 0.1}})
     identity = launch.RunIdentity(uri="x", fingerprint="f", settings={}, fresh=False,
-                                  previous={"mlflow_run_id": run_id, "tracking_uri": tracking.redact(uri)})
+                                  previous={"mlflow_run_id": run_id, "tracking_uri": secrets.redact(uri)})
     lines: list[str] = []
     assert launch._start_tracking(config, uri, identity, lines.append) == (run_id, 6)
     assert f"steps up to 3 in MLflow, 4–6 pending on disk ({path}), sent now" in lines[-1], lines
@@ -200,7 +202,7 @@ def test_finish_with_store_gone_says_the_run_stays_running(tmp_path):
     in the store and where its pending metrics wait."""
     from services import free_port
 
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     lines: list[str] = []

@@ -79,7 +79,7 @@ def test_server_killed_mid_run_loses_nothing(ray_session, builtin_task, tmp_path
     reported once, every step arrives exactly once, and the run ends FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     name = f"outage-{tmp_path.name[-6:]}"
     plugin = held_plugin(tmp_path, name, step=6, action="wait")  # step 6 waits for `release`
@@ -137,7 +137,7 @@ def test_server_gone_at_the_end_then_next_start_sends_the_rest(tmp_path, server,
     and the next start sends it (metrics, then the final status)."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
 
     run_id, _ = tracking.start_or_resume_run(server.uri, "outage-end", "r", "key-1", {"a": "1"})
     pending = tracking.PendingMetrics(server.uri, tmp_path / "pending.jsonl")
@@ -170,7 +170,7 @@ def test_killed_driver_run_is_closed_by_the_next_fresh_start(tmp_path):
     as KILLED and gets a new run; a resume continues the recorded run."""
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.create_sqlite_store(uri)
@@ -193,7 +193,7 @@ def test_new_sqlite_stores_are_copies_of_a_migrated_template(tmp_path, monkeypat
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
 
     monkeypatch.setenv("ALPHADPO_RAY_CACHE", str(tmp_path / "cache"))
     template = tmp_path / "cache" / "mlflow-sqlite" / f"{mlflow.__version__}.db"

@@ -29,7 +29,7 @@ def test_quickstart_shaped_run_learns_and_is_tracked(ray_session, builtin_task, 
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     config = small_config(
         tmp_path,
@@ -80,7 +80,7 @@ def test_quickstart_shaped_run_learns_and_is_tracked(ray_session, builtin_task, 
 
 def test_two_workers_match_one_worker_with_double_batch(ray_session, builtin_task, tmp_path):
     """2 workers × b and 1 worker × 2b follow the same loss trajectory (sharding + gathered margin stats)."""
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     common = {"max_steps": 6, "save_steps": 100, "total_batch_size": 8}
     suffix = tmp_path.name[-6:]
@@ -98,7 +98,7 @@ def test_two_workers_match_one_worker_with_double_batch(ray_session, builtin_tas
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stage_trains(ray_session, builtin_task, tmp_path, stage):
     """Each ZeRO stage trains: the held-out log-ratio accuracy leaves the reference's exact 0.5."""
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     config = small_config(tmp_path, name=f"zero{stage}-{tmp_path.name[-6:]}", deepspeed={"zero_stage": stage},
                           training={"max_steps": 6, "save_steps": 6})
@@ -147,7 +147,7 @@ RESUME_TRAINING = {"max_steps": 24, "save_steps": 4, "eval_steps": 8}
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, builtin_task, tmp_path_factory):
     """The reference trajectory both interruption tests must reproduce."""
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     tmp = tmp_path_factory.mktemp("uninterrupted")
     return train(small_config(tmp, name=f"uninterrupted-{tmp.name}", training=RESUME_TRAINING), log=lambda *_: None)
@@ -164,7 +164,7 @@ def _same_trajectory(resumed: dict, reference: dict) -> None:
 def test_worker_killed_mid_run_resumes_same_trajectory(uninterrupted, tmp_path):
     """FailureConfig restarts the worker group from the latest checkpoint; the losses and AlphaDPO's
     running statistics continue exactly as in an uninterrupted run."""
-    from alphadpo_ray.launch import train
+    from alphadpo_ray.training.launch import train
 
     config = small_config(tmp_path, name=f"killed-{tmp_path.name[-6:]}", training=RESUME_TRAINING,
                           ray={"max_failures": 2})
@@ -237,7 +237,7 @@ def test_reference_cache_hit_then_miss_on_new_truncation(ray_session, builtin_ta
     reference, data and truncation reuses the file with no reference pass; new truncation misses."""
     from ray.util.state import list_tasks
 
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.prepare import prepare_run
 
     address = ray_session.get_runtime_context().gcs_address  # this session's Ray, whatever else runs here
 
@@ -274,16 +274,16 @@ def test_reference_cache_hit_then_miss_on_new_truncation(ray_session, builtin_ta
 
 
 def test_reference_free_method_skips_the_cache(ray_session, builtin_task, tmp_path):
-    from alphadpo_ray.prepare import prepare_run
+    from alphadpo_ray.training.prepare import prepare_run
 
     config = small_config(tmp_path, method={"name": "simpo", "beta": 2.5, "gamma_beta_ratio": 0.3})
     assert prepare_run(config, log=lambda *_: None).reference_cache is None
 
 
 def test_unreachable_tracking_server_fails_before_training(builtin_task, tmp_path, monkeypatch):
-    import alphadpo_ray.launch as launch
-    import alphadpo_ray.prepare as prepare
-    from alphadpo_ray.tracking import TrackingUnavailable
+    import alphadpo_ray.training.launch as launch
+    import alphadpo_ray.training.prepare as prepare
+    from alphadpo_ray.services.tracking import TrackingUnavailable
 
     calls = []
     monkeypatch.setattr(launch, "init_ray", lambda *a, **k: calls.append("init_ray"))

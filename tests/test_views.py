@@ -13,7 +13,7 @@ from test_compare_seeds import _method
 def _store(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.tracking import create_sqlite_store
+    from alphadpo_ray.services.tracking import create_sqlite_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     create_sqlite_store(uri)
@@ -44,7 +44,7 @@ def test_method_metrics_share_keys_and_the_description_holds_the_table():
 def test_publish_compare_logs_everything_once(tmp_path):
     """Metrics per method (un-prefixed on its run, ``{method}/…`` on the compare run), the description, the
     trials table: a second publish (a resumed compare, a `report`) adds nothing."""
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
     from alphadpo_ray.sweep import results as res
     from alphadpo_ray.sweep.views import TABLE_FILE, publish_compare
 
@@ -75,7 +75,7 @@ def test_publish_compare_logs_everything_once(tmp_path):
 
 
 def test_data_inputs_once_and_runs_closed_quietly(tmp_path, capfd):
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
 
     uri, client = _store(tmp_path)
     run_id, _ = tracking.start_or_resume_run(uri, "views", "r", "k-r", {})
@@ -95,7 +95,7 @@ def test_data_inputs_once_and_runs_closed_quietly(tmp_path, capfd):
 
 
 def test_ui_hint_runs_as_printed(tmp_path):
-    from alphadpo_ray.tracking import ui_hint
+    from alphadpo_ray.services.tracking import ui_hint
 
     server = ui_hint("http://u:pw@127.0.0.1:5055", "3")
     assert server == "open http://127.0.0.1:5055/#/experiments/3/runs?workflowType=machine_learning"
@@ -110,7 +110,7 @@ def test_ui_hint_runs_as_printed(tmp_path):
 def test_policy_is_a_logged_model_once(tmp_path):
     """The exported policy: a logged model ``policy`` of the run, its config and the run's config as artifacts,
     the weights left where they are (named by a tag); a second call adds nothing."""
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
 
     uri, client = _store(tmp_path)
     run_id, _ = tracking.start_or_resume_run(uri, "views", "r", "k-r", {})
@@ -140,7 +140,7 @@ def test_report_adds_the_views_to_a_compare_made_before_them(tmp_path, capsys):
     description, no table): `report` writes them, once — a second report adds nothing."""
     from mlflow.entities import Metric, RunTag
 
-    from alphadpo_ray import tracking
+    from alphadpo_ray.services import tracking
     from alphadpo_ray.sweep.report import report
 
     uri, client = _store(tmp_path)

@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from .. import compat
+from ..services import storage
 
 JOURNAL_DIR = "trial_journal"
 ENDED = ("TERMINATED", "ERROR")
@@ -192,8 +193,6 @@ def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True)
     before it) the searcher's state is still made to agree with the snapshot's trials: Tune saves and
     uploads those files one by one, so a kill can leave them from different saves. Returns the journal
     records that ended trials the snapshot had not (their MLflow runs may still need closing)."""
-    from .. import storage
-
     fs, experiment = storage.resolve(experiment_uri)
     journal = read_journal(fs, experiment)
     patterns = compat.tune_state_patterns()

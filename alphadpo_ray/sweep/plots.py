@@ -9,12 +9,14 @@ carry ``phase == "seeds"``.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+from . import results as res
 from .results import hyperparameter_columns, pareto_front, rank_text
 from .stats import Interval, t_interval
-from .tracking import FINISHED, SEEDS, STOPPED
+from .nested_runs import FINISHED, SEEDS, STOPPED
 
 DPI = 120
 MARGIN = 0.06  # fraction of the data's span left free on each side of a fitted axis
@@ -389,3 +391,32 @@ def plot_method_intervals(summaries: list[dict], path: Path) -> Path | None:
 __all__ = ["plot_pareto", "plot_kl_curves", "plot_alpha_sensitivity", "plot_method_intervals", "pareto_figure",
            "kl_curves_figure", "alpha_sensitivity_figure", "method_intervals_figure", "pareto_limits",
            "fitted_limits", "curve_band", "alpha_points", "varying_columns", "rank_labels", "method_styles"]
+
+
+def write_plots(rows_by_method: dict[str, list[dict]], accuracy: str, directory: Path, reference_accuracy=None,
+                summaries: list[dict] | None = None) -> dict[str, Path]:
+    """The plots of a sweep or compare (those that have something to show): Pareto fronts, KL over
+    training, α sensitivity, and (with `summaries`) the methods' intervals. `report` draws the same."""
+    reference = None if reference_accuracy is None else {"accuracy": reference_accuracy, "kl": 0.0}
+    all_rows = [r for rows in rows_by_method.values() for r in rows]
+    files = {
+        "pareto_plot": plot_pareto(rows_by_method, accuracy, directory / "pareto.png", reference),
+        "kl_curves_plot": plot_kl_curves(rows_by_method, directory / "kl_curves.png"),
+        "alpha_plot": plot_alpha_sensitivity(all_rows, directory / "alpha_sensitivity.png"),
+    }
+    if summaries is not None:
+        files["intervals_plot"] = plot_method_intervals(summaries, directory / "method_intervals.png")
+    return {k: Path(v) for k, v in files.items() if v}
+
+
+def write_compare_files(by_method: dict[str, list[dict]], summaries: list[dict], directory: Path,
+                        title: str) -> dict[str, Path]:
+    """A compare's tables (trials, methods.json, the printed methods table) and plots: what `compare`
+    writes and logs, and what `report` rebuilds from MLflow."""
+    files = res.write_tables([r for rows in by_method.values() for r in rows], directory)
+    files["methods"] = directory / "methods.json"
+    files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
+    files["methods_table"] = directory / "methods.txt"
+    files["methods_table"].write_text(res.methods_text(summaries, "accuracy_logratio", title))
+    files.update(write_plots(by_method, "accuracy_logratio", directory, 0.5, summaries))
+    return files

@@ -27,10 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config.experiment import StudyConfig
 from ..errors import AlphaDPOError
-from . import results as res
-from .tracking import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEED_TAG, SEEDS,
-                       STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
+from ..services.secrets import redact
+from ..services.tracking import resolve_tracking_uri
+from . import plots, results as res
+from .nested_runs import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SEED_TAG,
+                          STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
+from .study import machine, markdown, print_study, study_tables, write_study
+from .views import publish_compare
 
 STALE_AFTER_S = float(os.environ.get("ALPHADPO_RAY_STALE_AFTER_S", 30 * 60))
 STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed", "RUNNING": "running", "SCHEDULED": "running"}
@@ -141,7 +146,6 @@ def _find_parents(client, target: str, store: str):
 def report(target: str, tracking_uri: str | None = None, output_dir: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from ..tracking import redact, resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading config.json: no bars
     uri = resolve_tracking_uri(tracking_uri)
@@ -179,13 +183,13 @@ def report(target: str, tracking_uri: str | None = None, output_dir: str | None 
     if compare:
         seeded = any(r.get("phase") == SEEDS for r in all_rows)
         title = f"compare {target}: methods ranked on {accuracy}" + (" over seeds" if seeded else "")
-        files = res.write_compare_files(marked, summaries, directory, title)
+        files = plots.write_compare_files(marked, summaries, directory, title)
     else:
         title = f"{target}: methods"
         files = res.write_tables(all_rows, directory)
         files["methods"] = directory / "methods.json"
         files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
-        files.update(res.write_plots(marked, accuracy, directory))
+        files.update(plots.write_plots(marked, accuracy, directory))
     if len(marked) > 1 or compare:
         res.print_methods(summaries, accuracy, title)
     res.print_trials(all_rows, accuracy, f"{target}: trials (from MLflow)")
@@ -211,9 +215,6 @@ def _rebuild_study(study: dict, rows: list[dict], summaries: list[dict] | None, 
     """A study's tables and verdict (`study.md`, `study.json`) from the rows read back from MLflow."""
     import time
 
-    from ..config import StudyConfig
-    from .study import machine, markdown, print_study, study_tables, write_study
-
     tables = study_tables(StudyConfig(**study), rows, summaries)
     context = {"command": f"alphadpo-ray report {target} (rebuilt from MLflow {store})", "machine": machine(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": 0.0, "load_before": "-", "load_after": "-"}
@@ -228,8 +229,6 @@ def _publish(client, compare_run, experiment_ids: list[str], summaries: list[dic
     rebuilt from what was read: a run made before they existed gets them; one that has them gets nothing
     twice. A store that refuses writes (read-only credentials) is said so, the files are written anyway."""
     from mlflow.exceptions import MlflowException
-
-    from .views import publish_compare
 
     method_runs = {r.data.tags.get(METHOD_TAG): r.info.run_id
                    for r in _children(client, experiment_ids, compare_run.info.run_id)

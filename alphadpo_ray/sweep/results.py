@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..console import table_console
 from . import stats
-from .tracking import FAILED, FINISHED, SEARCH, SEEDS, STOPPED, error_reason, trial_status
+from .nested_runs import FAILED, FINISHED, SEARCH, SEEDS, STOPPED, error_reason, trial_status
 
 INTERRUPTED = "interrupted"  # the sweep was interrupted (Ctrl-C) before this trial ended
 
@@ -359,34 +359,3 @@ def methods_text(summaries: list[dict], accuracy: str, title: str) -> str:
     console = Console(file=io.StringIO(), record=True, width=200)
     print_methods(summaries, accuracy, title, console=console)
     return console.export_text()
-
-
-def write_plots(rows_by_method: dict[str, list[dict]], accuracy: str, directory: Path, reference_accuracy=None,
-                summaries: list[dict] | None = None) -> dict[str, Path]:
-    """The plots of a sweep or compare (those that have something to show): Pareto fronts, KL over
-    training, α sensitivity, and (with `summaries`) the methods' intervals. `report` draws the same."""
-    from . import plots  # plots builds on this module
-
-    reference = None if reference_accuracy is None else {"accuracy": reference_accuracy, "kl": 0.0}
-    all_rows = [r for rows in rows_by_method.values() for r in rows]
-    files = {
-        "pareto_plot": plots.plot_pareto(rows_by_method, accuracy, directory / "pareto.png", reference),
-        "kl_curves_plot": plots.plot_kl_curves(rows_by_method, directory / "kl_curves.png"),
-        "alpha_plot": plots.plot_alpha_sensitivity(all_rows, directory / "alpha_sensitivity.png"),
-    }
-    if summaries is not None:
-        files["intervals_plot"] = plots.plot_method_intervals(summaries, directory / "method_intervals.png")
-    return {k: Path(v) for k, v in files.items() if v}
-
-
-def write_compare_files(by_method: dict[str, list[dict]], summaries: list[dict], directory: Path,
-                        title: str) -> dict[str, Path]:
-    """A compare's tables (trials, methods.json, the printed methods table) and plots: what `compare`
-    writes and logs, and what `report` rebuilds from MLflow."""
-    files = write_tables([r for rows in by_method.values() for r in rows], directory)
-    files["methods"] = directory / "methods.json"
-    files["methods"].write_text(json.dumps(summaries, indent=2, default=str))
-    files["methods_table"] = directory / "methods.txt"
-    files["methods_table"].write_text(methods_text(summaries, "accuracy_logratio", title))
-    files.update(write_plots(by_method, "accuracy_logratio", directory, 0.5, summaries))
-    return files

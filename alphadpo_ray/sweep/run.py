@@ -33,13 +33,22 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ..config import ExperimentConfig, config_from_dict
+from ..config.experiment import ExperimentConfig, config_from_dict
+from ..config.sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
 from ..errors import AlphaDPOError
-from ..losses import method_names, needs_reference
-from ..sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
-from . import journal
-from . import results as res
-from .tracking import KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback
+from ..ml.losses import method_names, needs_reference
+from ..services import secrets, storage, storage as run_storage, tracking
+from ..services.secrets import redact
+from ..services.tracking import NOTE_TAG, close_run, log_metrics, resolve_tracking_uri
+from ..training.launch import init_ray
+from ..training.preflight import preflight
+from ..training.prepare import prepare_run
+from . import journal, plots, results as res
+from .nested_runs import (KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback,
+                          error_reason, trial_error_text)
+from .study import machine, markdown, print_study, study_tables, write_study
+from .trial import run_trial
+from .views import compare_description, publish_compare
 
 
 CHECKPOINT_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
@@ -104,8 +113,6 @@ class TrialProgress(Callback):
               f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from .tracking import error_reason, trial_error_text
-
         self._ended_ids().add(trial.trial_id)
         print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
               flush=True)
@@ -234,8 +241,6 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     """The sweep's MLflow parent run (started or resumed) and the callback that writes its child runs."""
     from mlflow.tracking import MlflowClient
 
-    from .. import tracking
-
     storage = config.storage_path()
     parent_id, _ = tracking.start_or_resume_run(
         uri, config.tracking.experiment_name, name, tracking.run_key(storage, name),
@@ -246,7 +251,7 @@ def _parent_run(config: ExperimentConfig, sweep: SweepConfig, method: str, name:
     )
     client = MlflowClient(uri)
     client.log_dict(parent_id, {"search_space": space, "points_to_evaluate": points}, "search_space.json")
-    client.log_dict(parent_id, tracking.mask_secrets(config.to_dict()), "config.json")
+    client.log_dict(parent_id, secrets.mask_secrets(config.to_dict()), "config.json")
     experiment_id = client.get_run(parent_id).info.experiment_id
     return parent_id, SweepMLflowCallback(uri, experiment_id, parent_id, name, method, config.ray.num_workers,
                                           phase=phase, seed=config.training.seed, data=data)
@@ -280,9 +285,6 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
     from ray import tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
-    from .trial import run_trial
-
-    from .. import storage as run_storage
 
     storage = config.storage_path()
     experiment_dir = run_storage.join(storage, name)
@@ -369,7 +371,7 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
     KILLED on the way out, and its summary metrics wait for the ``--resume`` that completes it."""
     accuracy = sweep.accuracy_metric
     files = res.write_tables(result.rows, result.directory)
-    files.update(res.write_plots({result.method: result.rows}, accuracy, result.directory, reference_accuracy))
+    files.update(plots.write_plots({result.method: result.rows}, accuracy, result.directory, reference_accuracy))
     result.files = files
     res.print_trials(result.rows, accuracy, title + (" — interrupted" if result.interrupted else ""))
     if uri and result.parent_run_id:
@@ -381,8 +383,6 @@ def _finish(result: SweepResult, sweep: SweepConfig, uri: str | None, reference_
     if result.interrupted:
         raise SweepInterrupted()
     if uri and result.parent_run_id:
-        from ..tracking import close_run, log_metrics
-
         # Step = trials in the table: a resumed sweep that ran more trials adds a point, and one that
         # finds nothing new (a second --resume) logs nothing again — each (key, step) once.
         step = len(result.rows)
@@ -402,8 +402,6 @@ def _experiment_of(uri: str | None, run_id: str | None) -> str | None:
 
 def _prepare(config: ExperimentConfig, methods: list[str], log):
     """Data + reference cache, once for every method of the sweep (the cache only if one needs it)."""
-    from ..prepare import prepare_run
-
     return prepare_run(config, log=log, need_reference=any(needs_reference(m) for m in methods))
 
 
@@ -423,8 +421,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_json(uri: str) -> dict | None:
-    from .. import storage
-
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_stream(path) as handle:
@@ -436,8 +432,6 @@ def _read_json(uri: str) -> dict | None:
 
 def _create_lock(lock_uri: str, holder: dict) -> bool:
     """Create the lock file if there is none (atomically on local and NFS paths); True if created."""
-    from .. import storage
-
     if "://" in lock_uri:  # object stores have no exclusive create: check, then write
         if storage.exists(lock_uri):
             return False
@@ -454,8 +448,6 @@ def _create_lock(lock_uri: str, holder: dict) -> bool:
 
 
 def _remove_lock(lock_uri: str) -> None:
-    from .. import storage
-
     fs, path = storage.resolve(lock_uri)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
@@ -466,8 +458,6 @@ def sweep_lock(storage_path: str, name: str):
     """Hold the sweep or compare `name` while it runs: ``{storage_path}/{name}.lock`` names the holder
     (pid, host, start). Another sweep of the same name refuses (`SweepRunning`) while the holder
     lives; a lock left by a dead process on this host is taken over; the holder removes it at the end."""
-    from .. import storage
-
     lock_uri = storage.join(storage_path, f"{name}.lock")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
               "token": uuid.uuid4().hex}
@@ -499,15 +489,11 @@ def sweep_lock(storage_path: str, name: str):
 def _refuse_existing(config: ExperimentConfig, uri: str | None, names: list[str], kind: str) -> None:
     """Without ``--resume`` a sweep or compare never adds to one of the same name: its Tune experiment
     in storage or its MLflow runs (parent, or a compare's per-method sweeps) mean `SweepExists`."""
-    from .. import storage
-
     experiments = [storage.join(config.storage_path(), n) for n in names]
     experiments = [e for e in experiments if storage.exists(e)]
     runs = []
     if uri:
         from mlflow.tracking import MlflowClient
-
-        from ..tracking import redact
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(config.tracking.experiment_name)
@@ -528,10 +514,6 @@ def _start(config: ExperimentConfig, address: str | None, names: list[str] | Non
            kind: str = "sweep"):
     """Preflight, the tracking store (created under its lock), the name check (without ``--resume``),
     then Ray."""
-    from .. import tracking
-    from ..launch import init_ray
-    from ..preflight import preflight
-
     preflight(config)  # paths, disk, DeepSpeed config, hub ids: before Ray starts
     uri = None
     if config.tracking.enabled:
@@ -557,8 +539,6 @@ def run_sweep(config: ExperimentConfig, *, resume: bool = False, address: str | 
 
 
 def _run_sweep(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> SweepResult:
-    from ..tracking import redact
-
     sweep = sweep_settings(config)
     method = config.method.name
     name = sweep.name or f"{config.name}-sweep"
@@ -605,8 +585,6 @@ def close_open_runs(config: ExperimentConfig, names: list[str], err: BaseExcepti
     the compare run, the sweeps' parent runs and their trial runs, found by their ``alphadpo.sweep`` tag —
     are marked KILLED (an interrupt) or FAILED (an error); `--resume` sets them RUNNING again. A store that
     does not answer is one line: they stay RUNNING there. Never raises."""
-    from .. import tracking
-
     if not config.tracking.enabled:
         return
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
@@ -630,7 +608,7 @@ def close_open_runs(config: ExperimentConfig, names: list[str], err: BaseExcepti
         if closed:
             log(f"[mlflow] {closed} run(s) of {names[0]} marked {status}")
     except BaseException as failure:  # noqa: BLE001 - unreachable store, or interrupted again while closing
-        log(f"[mlflow] tracking store {tracking.redact(uri)} unreachable ({tracking.redact(str(failure))[:200]}): "
+        log(f"[mlflow] tracking store {secrets.redact(uri)} unreachable ({secrets.redact(str(failure))[:200]}): "
             f"the runs of {names[0]} stay RUNNING in the store until it is resumed")
 
 
@@ -648,8 +626,6 @@ def _seeds_point(config: ExperimentConfig, sweep: SweepConfig, name: str, search
     """What the seeds phase `name` re-runs: the best search trial's hyperparameters and `sweep.seeds`
     training seeds above every seed the search used (so the winner's selection luck is not counted
     again). Stored with the phase's Tune experiment, so a resumed compare re-runs the same point."""
-    from .. import storage
-
     uri = storage.join(config.storage_path(), name, "seeds_point.json")
     stored = _read_json(uri) if resume else None
     if stored:
@@ -682,8 +658,6 @@ def _budget(by_method: dict[str, list[dict]], total_steps: int, pairs_per_step: 
 
 
 def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None, log) -> dict:
-    from .. import tracking
-
     sweep = sweep_settings(config)
     # Methods are ranked on the method-independent reward: their own implicit-reward accuracies differ in scale.
     sweep = sweep.model_copy(update={"accuracy_metric": "accuracy_logratio"})
@@ -731,17 +705,15 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
     summaries = res.rank_methods(by_method, "accuracy_logratio")
     title = f"compare {name}: methods ranked on accuracy_logratio" + (" over seeds" if sweep.seeds else "")
     res.print_methods(summaries, "accuracy_logratio", title)
-    files = res.write_compare_files(by_method, summaries, directory, title)
+    files = plots.write_compare_files(by_method, summaries, directory, title)
     summary = {"name": name, "methods": summaries, "interval_method": res.interval_caption(summaries),
                "budget": budget, "files": {k: str(v) for k, v in files.items()},
-               "mlflow_compare_run_id": compare_id, "tracking_uri": tracking.redact(uri),
+               "mlflow_compare_run_id": compare_id, "tracking_uri": secrets.redact(uri),
                "mlflow_experiment_id": _experiment_of(uri, compare_id), "wall_seconds": round(time.time() - start, 1)}
     files["results"] = directory / "results.json"
     files["results"].write_text(json.dumps(summary, indent=2, default=str))
     if uri and compare_id:
         from mlflow.tracking import MlflowClient
-
-        from .views import compare_description, publish_compare
 
         client = MlflowClient(uri)
         for path in files.values():
@@ -753,3 +725,47 @@ def _run_compare(config: ExperimentConfig, *, resume: bool, address: str | None,
         tracking.close_run(client, compare_id)
     return summary
 
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run_study(config: ExperimentConfig, *, command: str, resume: bool = False, address: str | None = None,
+              log=print) -> dict:
+    """Run the study's sweep or compare, then write and log its report."""
+    study = config.study
+    if study is None:
+        raise AlphaDPOError(f"config {config.name!r} has no study section: run it with `sweep` or `compare`, "
+                            f"or add study: {{kind, title}}")
+    load_before, start = _load(), time.time()
+    if study.kind == "sweep":
+        result = run_sweep(config, resume=resume, address=address, log=log)
+        rows, methods, directory, run_id = result.rows, None, result.directory, result.parent_run_id
+        files, uri = result.files, json.loads((directory / "results.json").read_text()).get("tracking_uri")
+    else:
+        summary = run_compare(config, resume=resume, address=address, log=log)
+        directory = Path(summary["files"]["json"]).parent
+        rows = json.loads(Path(summary["files"]["json"]).read_text())
+        methods, run_id, files, uri = (summary["methods"], summary["mlflow_compare_run_id"], summary["files"],
+                                       summary["tracking_uri"])
+    tables = study_tables(study, rows, methods)
+    context = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+               "wall_seconds": time.time() - start, "load_before": load_before, "load_after": _load()}
+    plots = {k: os.path.relpath(v, directory) for k, v in files.items() if str(v).endswith(".png")}
+    written = write_study(tables, context, plots, directory)
+    _log_to_mlflow(config, run_id, written, markdown(tables, context, {}))
+    print_study(tables)
+    log(f"[study] {study.title}: {written['markdown']}")
+    return {"directory": directory, "tables": tables, "files": written, "mlflow_run_id": run_id, "tracking_uri": uri}
+
+
+def _log_to_mlflow(config: ExperimentConfig, run_id: str | None, files: dict[str, Path], description: str) -> None:
+    """The study's files as artifacts of its run, and its tables and verdict as the run's description."""
+    if not run_id or not config.tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
+    for path in files.values():
+        client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, NOTE_TAG, description)

@@ -1,7 +1,7 @@
 """`alphadpo-ray study NAME`: a ready experiment (a sweep or a compare) and the report that answers its question.
 
-A study is an experiment config with a ``study:`` section (`alphadpo_ray.config.StudyConfig`); the ready
-ones live in ``experiments/studies/NAME.yaml``. Top to bottom:
+A study is an experiment config with a ``study:`` section (`alphadpo_ray.config.experiment.StudyConfig`); the ready
+ones live in ``experiments/studies/NAME.yaml``. Top to bottom (`run.run_study`):
   1. run the config's sweep (one method over a controlled grid) or compare (methods: search, then seeds);
   2. tabulate: a sweep's rows grouped by ``study.group_by`` (seeds pooled into 95 % t-intervals), a
      compare's ranked methods with their intervals, and the optional verdict "does the first method reach
@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
-from ..config import ExperimentConfig, StudyConfig
+from ..config.experiment import StudyConfig
+from ..console import table_console
 from ..errors import AlphaDPOError
 from . import stats
-from .tracking import FINISHED
+from .nested_runs import FINISHED
 
 STUDY_METRICS = ("accuracy_logratio", "accuracy", "kl", "kl_sampled", "generation_accuracy", "generated_length")
 METRIC_TITLES = {"accuracy_logratio": "accuracy (log-ratio)", "accuracy": "accuracy (own reward)",
@@ -213,41 +213,6 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
 
 
-def _load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def run_study(config: ExperimentConfig, *, command: str, resume: bool = False, address: str | None = None,
-              log=print) -> dict:
-    """Run the study's sweep or compare, then write and log its report."""
-    from .run import run_compare, run_sweep
-
-    study = config.study
-    if study is None:
-        raise AlphaDPOError(f"config {config.name!r} has no study section: run it with `sweep` or `compare`, "
-                            f"or add study: {{kind, title}}")
-    load_before, start = _load(), time.time()
-    if study.kind == "sweep":
-        result = run_sweep(config, resume=resume, address=address, log=log)
-        rows, methods, directory, run_id = result.rows, None, result.directory, result.parent_run_id
-        files, uri = result.files, json.loads((directory / "results.json").read_text()).get("tracking_uri")
-    else:
-        summary = run_compare(config, resume=resume, address=address, log=log)
-        directory = Path(summary["files"]["json"]).parent
-        rows = json.loads(Path(summary["files"]["json"]).read_text())
-        methods, run_id, files, uri = (summary["methods"], summary["mlflow_compare_run_id"], summary["files"],
-                                       summary["tracking_uri"])
-    tables = study_tables(study, rows, methods)
-    context = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-               "wall_seconds": time.time() - start, "load_before": load_before, "load_after": _load()}
-    plots = {k: os.path.relpath(v, directory) for k, v in files.items() if str(v).endswith(".png")}
-    written = write_study(tables, context, plots, directory)
-    _log_to_mlflow(config, run_id, written, markdown(tables, context, {}))
-    print_study(tables)
-    log(f"[study] {study.title}: {written['markdown']}")
-    return {"directory": directory, "tables": tables, "files": written, "mlflow_run_id": run_id, "tracking_uri": uri}
-
-
 def write_study(tables: dict, context: dict, plots: dict, directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "study.md", directory / "study.json"
@@ -256,25 +221,9 @@ def write_study(tables: dict, context: dict, plots: dict, directory: Path) -> di
     return {"markdown": md, "json": js}
 
 
-def _log_to_mlflow(config: ExperimentConfig, run_id: str | None, files: dict[str, Path], description: str) -> None:
-    """The study's files as artifacts of its run, and its tables and verdict as the run's description."""
-    if not run_id or not config.tracking.enabled:
-        return
-    from mlflow.tracking import MlflowClient
-
-    from ..tracking import NOTE_TAG, resolve_tracking_uri
-
-    client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
-    for path in files.values():
-        client.log_artifact(run_id, str(path))
-    client.set_tag(run_id, NOTE_TAG, description)
-
-
 def print_study(tables: dict, console=None) -> None:
     """The study's table and verdict on the console."""
     from rich.table import Table
-
-    from ..console import table_console
 
     console = console or table_console()
     entries = tables.get("groups") or tables.get("methods") or []

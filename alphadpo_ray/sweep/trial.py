@@ -1,4 +1,4 @@
-"""One sweep trial = one training run of `alphadpo_ray.recipe` with the trial's hyperparameters.
+"""One sweep trial = one training run of `alphadpo_ray.training.recipe` with the trial's hyperparameters.
 
 Two paths, same recipe, same checkpoints, same metrics:
 
@@ -23,9 +23,12 @@ reason and the searcher is told it failed (see `SafeOptunaSearch`).
 
 from __future__ import annotations
 
-from ..config import ExperimentConfig, config_from_dict
+from ..config.experiment import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
-from ..plan import PreparedRun
+from ..training.engine import quiet_logs
+from ..training.launch import build_trainer
+from ..training.plan import PreparedRun
+from ..training.recipe import TuneSession, run_recipe
 
 TRAINING_KEYS = ("learning_rate", "seed")  # trial parameters that set `training.*`, not the method
 
@@ -58,15 +61,10 @@ def run_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name: 
     config = trial_config(base, method, params, run_name)
     loop_config = {"config": config.to_dict(), "plan": plan}
     if config.ray.num_workers == 1 and (config.sweep is None or config.sweep.direct_single_worker):
-        from ..engine import quiet_logs
-        from ..recipe import TuneSession, run_recipe
-
         quiet_logs()
         out = run_recipe(loop_config, TuneSession())
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
-
-        from ..launch import build_trainer
 
         config = config.model_copy(update={"ray": config.ray.model_copy(update={"storage_path": trainers_path})})
         trainer = build_trainer(config, PreparedRun(**plan), callbacks=[TuneReportCallback()], run_name=run_name)

@@ -16,8 +16,9 @@ MLflow alone, for runs made before these views too) both call `publish_compare`.
 
 from __future__ import annotations
 
-from . import results as res
-from . import stats
+from ..services.tracking import NOTE_TAG, log_metrics_once
+from . import results as res, stats
+from .study import verdict, winner_line
 
 HEADLINE = ("accuracy_logratio", "kl", "kl_sampled", "generation_accuracy", "generated_length")
 TITLES = {"accuracy_logratio": "accuracy (log-ratio)", "kl": "exact KL", "kl_sampled": "sampled KL",
@@ -47,8 +48,6 @@ def method_metrics(summary: dict) -> dict[str, float]:
 def methods_markdown(summaries: list[dict], title: str) -> str:
     """The methods table (mean ± half-width of the 95 % interval), the winner and what the intervals mean,
     as Markdown."""
-    from .study import winner_line
-
     metrics = [m for m in HEADLINE if any(((s.get("intervals") or {}).get(m) or {}).get("mean") is not None
                                            for s in summaries)]
     lines = [f"### {title}", "", "| rank | method | seeds | " + " | ".join(TITLES[m] for m in metrics) + " |",
@@ -75,8 +74,6 @@ def methods_markdown(summaries: list[dict], title: str) -> str:
 def compare_description(summaries: list[dict], title: str, rows: list[dict], study: dict | None = None) -> str:
     """The compare run's description: `methods_markdown`, headed by the study's question and followed by its
     verdict when the config has a ``study`` section with one (`study.verdict`)."""
-    from .study import verdict
-
     text = methods_markdown(summaries, title)
     if study and study.get("question"):
         text = f"**Question.** {study['question']}\n\n" + text
@@ -105,8 +102,6 @@ def publish_compare(client, compare_run_id: str | None, method_runs: dict[str, s
                     rows: list[dict], title: str, description: str | None = None) -> None:
     """Log a comparison's views (module docstring): `method_runs` maps each method to its run; `description`
     (default: `methods_markdown`) becomes the compare run's description."""
-    from ..tracking import NOTE_TAG, log_metrics_once
-
     per_method = {s["method"]: method_metrics(s) for s in summaries}
     for method, run_id in method_runs.items():
         if method in per_method:

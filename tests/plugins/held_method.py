@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from alphadpo_ray.losses import Hyperparameter, LossOutput, dpo_loss, register_method
+from alphadpo_ray.ml.losses import Hyperparameter, LossOutput, dpo_loss, register_method
 
 HERE = Path(__file__).parent
 SETTINGS = json.loads(Path(__file__).with_suffix(".json").read_text())

@@ -18,8 +18,9 @@ import math
 
 import torch
 
-from . import compat, distributed
-from .config import ExperimentConfig
+from .. import compat
+from ..ml import distributed
+from ..config.experiment import ExperimentConfig
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 
-from ..errors import ConfigError, DataError
+from ...errors import ConfigError, DataError
 from .sources import is_local_source
 from .validation import ValidationReport, load_preference_data
 

@@ -23,10 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import compat
-from .config import ExperimentConfig
-from .errors import StorageFull
-from .storage import uri_of
+from .. import compat
+from ..config.experiment import ExperimentConfig
+from ..errors import StorageFull
+from ..services.storage import uri_of
+from .engine import quiet_logs
+from .recipe import run_recipe
 
 
 def runs_in_process(config: ExperimentConfig) -> bool:
@@ -92,9 +94,6 @@ class InProcessSession:
 def fit_in_process(config: ExperimentConfig, plan, callbacks: list, log=print) -> InProcessResult:
     """Run the recipe here; on an error, retry from the latest checkpoint up to ``ray.max_failures`` times
     (-1: without limit), then return the error with the latest checkpoint."""
-    from .engine import quiet_logs
-    from .recipe import run_recipe
-
     quiet_logs()
     session = InProcessSession(config, callbacks)
     loop_config = {"config": config.to_dict(), "plan": plan.to_dict()}

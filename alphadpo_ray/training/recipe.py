@@ -39,8 +39,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .errors import AlphaDPOError, StorageFull
+from ..config.experiment import ExperimentConfig
+from ..config.sweep_settings import objectives
+from ..errors import AlphaDPOError, StorageFull
+from ..ml import distributed
+from ..ml.data import collate_pairs
+from ..ml.logprobs import sequence_logps
+from ..ml.losses import build_loss
+from ..ml.metrics import evaluate_preferences, generation_accuracy, sampled_kl
+from ..ml.models import load_tokenizer
+from ..ml.task import check
+from ..services.secrets import redact
+from ..services.storage import read_table
+from .engine import build_policy_engine, consolidated_state_dict, load_reference, quiet_logs, release_reference
+from .plan import PreparedRun
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "state"
@@ -261,13 +273,6 @@ def run_recipe(loop_config: dict, session) -> dict:
 
 def setup(loop_config: dict, session) -> _Worker:
     """Process group, seeds, tokenizer, this worker's data, the DeepSpeed engine and the loss."""
-    from .config import ExperimentConfig
-    from .engine import build_policy_engine, quiet_logs
-    from .losses import build_loss
-    from .models import load_tokenizer
-    from .plan import PreparedRun
-    from .storage import read_table
-
     start = time.time()
     config = ExperimentConfig.model_validate(loop_config["config"])
     plan = PreparedRun(**loop_config["plan"])
@@ -361,9 +366,6 @@ def _load_checkpoint(w: _Worker, ckpt_dir: Path) -> None:
 def train_step(w: _Worker, step: int) -> tuple[dict | None, int]:
     """One optimizer step (`step` counts from 0): (metrics averaged over workers, tokens this worker
     saw), or (None, tokens) when any worker's loss is not finite (every worker stops together)."""
-    from .data import collate_pairs
-    from .logprobs import sequence_logps
-
     t, engine, device = w.config.training, w.engine, w.device
     accumulation = w.config.gradient_accumulation_steps
     rows = global_batch_rows(step, len(w.train_rows), t.total_batch_size, t.seed)
@@ -435,12 +437,6 @@ def evaluate(w: _Worker, step: int) -> dict:
     accuracy_logratio) and released before training continues. The sampled KL draws the same seeded
     random numbers at every evaluation (common random numbers: its curve moves with the policy, not
     with fresh sampling noise) and leaves training's RNG untouched."""
-    from .data import collate_pairs
-    from .engine import load_reference, release_reference
-    from .metrics import evaluate_preferences, generation_accuracy, sampled_kl
-    from .sweep_settings import objectives
-    from .task import check
-
     t = w.config.training
     reference, handle = load_reference(w.config, w.plan.reference_path, w.device)
     batches = [collate_pairs(w.eval_rows[i : i + t.per_device_eval_batch_size], w.tokenizer.pad_token_id)
@@ -477,8 +473,6 @@ def save_checkpoint(w: _Worker, state: dict, metrics: dict, final: bool) -> None
     number of workers). Ray uploads each worker's directory into the same checkpoint. A save that
     fails before the report leaves nothing in storage; one interrupted during the upload leaves a
     directory whose manifests do not verify, which `resume` never loads."""
-    from .engine import consolidated_state_dict
-
     tmp = tempfile.mkdtemp(prefix=f"alphadpo-ckpt-r{w.rank}-")
     try:
         try:
@@ -639,6 +633,4 @@ def _local_view(fs, path: str | None):
 
 
 def _redact(text: str) -> str:
-    from .tracking import redact
-
     return redact(text)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Special tokens of the tiny (default, "llama") tokenizer. The chat template renders
 #   <|user|>\n{content}\n<|assistant|>\n{content}</s>

@@ -19,20 +19,22 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from . import reference_cache, storage
-from .config import BUILTIN, ExperimentConfig, total_steps
-from .errors import DataError
-from .losses import needs_reference
+from ..config.experiment import BUILTIN, ExperimentConfig, total_steps
+from ..errors import DataError
+from ..ml.data import load_with_held_out, tokenize_pairs_with_report
+from ..ml.losses import needs_reference
+from ..ml.models import load_tokenizer
+from ..ml.task import SFTConfig, TaskConfig
+from ..services import storage
+from . import reference_cache
 from .plan import PreparedRun
+from .sft import prepare_builtin_task
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_builtin(config: ExperimentConfig):
     """The config's built-in task and SFT reference (built once, then reused from the cache)."""
-    from .sft import prepare_builtin_task
-    from .task import SFTConfig, TaskConfig
-
     b = config.data.builtin
     task = TaskConfig(
         train_size=b.train_size, held_out_size=b.held_out_size, difficulty=b.difficulty,
@@ -69,8 +71,6 @@ def prepare_run(config: ExperimentConfig, log=print, need_reference: bool | None
     `need_reference` defaults to whether the config's method uses one; a sweep over several methods
     passes True if any of them does, so the cache is built once for all of them. Every check on the
     data's size runs before the reference model is loaded."""
-    from .models import load_tokenizer
-
     sources = _resolve_sources(config)
     tokenizer = load_tokenizer(sources.tokenizer)
     train_ds, eval_ds, reports = _load_pairs(config, sources, tokenizer, log)
@@ -113,8 +113,6 @@ def _resolve_sources(config: ExperimentConfig) -> _Sources:
 
 def _load_pairs(config: ExperimentConfig, sources: _Sources, tokenizer, log):
     """Validated train and held-out pairs (bad rows skipped and reported, or strict failure), capped."""
-    from .data import load_with_held_out
-
     data = config.data
     train_ds, eval_ds, reports = load_with_held_out(
         sources.train, split=data.split, eval_source=sources.eval, eval_split=data.eval_split,
@@ -136,8 +134,6 @@ def _tokenize(train_ds, eval_ds, tokenizer, truncation: dict, reports: dict | No
     """Token-id tables of both splits (the held-out one keeps its prompt text for generation checks).
     Pairs that cannot be scored after truncation are skipped (or, strict, fail); what truncation did is
     printed once per split and kept in that split's report (`reports[name].truncation`)."""
-    from .data import tokenize_pairs_with_report
-
     columns = ["row", "prompt_ids", "chosen_ids", "rejected_ids"]
     tables = {}
     for name, ds in (("train", train_ds), ("held_out", eval_ds)):

@@ -65,7 +65,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import compat, distributed
+from .. import compat
+from . import distributed
 
 DEFAULT_CHUNK_SIZE = 512
 DEFAULT_MEMORY_BUDGET_MB = 128.0  # float32 logits kept for the backward instead of recomputed (see above)

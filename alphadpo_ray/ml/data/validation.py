@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import datasets
 
-from ..errors import ConfigError, DataError
+from ...errors import ConfigError, DataError
 from .formats import PARSERS, RowProblem, detect_format
 from .sources import RawRows, read_raw, source_name
 

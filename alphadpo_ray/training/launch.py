@@ -30,10 +30,18 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from . import compat
-from .config import ExperimentConfig
-from .errors import AlphaDPOError
+from .. import compat
+from ..config.experiment import ExperimentConfig
+from ..console import drop_benign_worker_lines
+from ..errors import AlphaDPOError
+from ..services import secrets, storage, tracking, train_callbacks
+from ..services.secrets import is_secret_name, looks_secret, mask_secrets, redact
+from ..services.storage import default_cache_dir
+from ..services.tracking import flatten
 from .in_process import fit_in_process, runs_in_process
+from .preflight import check_cluster_access, check_token_file, gcs_address, preflight, spot_warnings
+from . import prepare  # called as prepare.prepare_run: tests replace it to see it is not reached
+from .recipe import CheckpointUnusable, checkpoint_problem, train_loop_per_worker
 
 # The Train controller polls workers at this interval; reports block on it (default 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -79,8 +87,6 @@ def run_fingerprint(config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     """(sha256, settings): the flattened resolved settings that change a run's result — the method with
     every hyperparameter resolved, training, data, model, DeepSpeed, seeds, plugins — less
     `NOT_IDENTITY`, secrets masked (so ``alphadpo_run.json`` can hold them), and their hash."""
-    from .tracking import flatten, mask_secrets
-
     tree = config.to_dict()
     tree["method"] = {"name": config.method.name, **config.method.resolved()}
     settings = {k: v for k, v in flatten(mask_secrets(tree)).items()
@@ -100,8 +106,6 @@ def torch_extensions_dir(config: ExperimentConfig) -> str:
     environment on the machine, so each rebuilds what another built last (30-50 s per op)."""
     import sys
 
-    from .storage import default_cache_dir
-
     tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     return str(Path(config.cache_dir or default_cache_dir()) / "torch_extensions" / tag)
 
@@ -110,8 +114,6 @@ def worker_env(config: ExperimentConfig) -> dict[str, str]:
     """The environment of Ray's workers (the job's `runtime_env`): library switches, this environment's
     extensions directory, and the object store's endpoint and region from this environment
     (`OBJECT_STORE_ENV`), never a credential."""
-    from .tracking import looks_secret
-
     return {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir(config),
         **{k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k) and not looks_secret(os.environ[k])},
@@ -140,8 +142,6 @@ def _keep_credentials_out_of_runtime_envs() -> None:
     trainable. Trials lose nothing on a Ray started from this process (its workers inherit this
     environment); on an existing cluster the nodes' own credentials apply (instance roles, or the
     variables set on the nodes)."""
-    from .tracking import is_secret_name
-
     try:
         from ray.tune.execution import class_cache
     except ImportError:  # pragma: no cover - other Ray versions
@@ -172,9 +172,6 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     or does not answer is one clear error, not Ray's retries and traceback."""
     import ray
 
-    from .console import drop_benign_worker_lines
-    from .preflight import check_cluster_access, check_token_file, gcs_address, spot_warnings
-
     _keep_credentials_out_of_runtime_envs()
     env = apply_worker_env(config)
     if not ray.is_initialized():
@@ -192,8 +189,6 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
 def build_trainer(config: ExperimentConfig, plan, callbacks: list | None = None, run_name: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .recipe import train_loop_per_worker
 
     resources = dict(config.ray.resources_per_worker)
     if config.ray.use_gpu:
@@ -223,8 +218,6 @@ def export_policy(checkpoint, destination: Path) -> Path | None:
     """Copy the final checkpoint's exported policy (safetensors + tokenizer) to `destination`."""
     import shutil
 
-    from . import storage
-
     if checkpoint is None:
         return None
     source = storage.join(checkpoint.path, "policy")  # a path on checkpoint.filesystem (local or object store)
@@ -242,10 +235,6 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
     ``restart``: set the run's old storage aside and start over (a new MLflow run). ``address``
     (``--address``): the cluster to run on, over ``ray.address`` / RAY_ADDRESS; given, the run always
     uses Ray Train (never in this process)."""
-    from . import tracking
-    from .preflight import preflight
-    from .prepare import prepare_run
-
     start = time.time()
     preflight(config, log)  # paths, disk, DeepSpeed config, hub ids: before anything starts
     uri = _check_tracking(config)
@@ -260,7 +249,7 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
         apply_worker_env(config)
     else:
         init_ray(config, address)
-    plan = prepare_run(config, log=log, in_process=in_process)
+    plan = prepare.prepare_run(config, log=log, in_process=in_process)
     where = "1 worker in this process" if in_process else f"{config.ray.num_workers} workers"
     log(f"[run] {config.run_name}: {config.method.name} {config.method.resolved()} | {plan.train_pairs} train / "
         f"{plan.eval_pairs} held-out pairs | {plan.total_steps} steps × {config.training.total_batch_size} pairs | "
@@ -293,8 +282,6 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
 def _record_finished(identity: RunIdentity, summary: dict) -> None:
     """Mark the run finished in ``alphadpo_run.json`` (its step, its summary) so a re-run of the same
     command answers from it (`_finished_summary`). Every start rewrites the record without the mark."""
-    from . import storage
-
     record = _read_json(storage.join(identity.uri, IDENTITY_FILE)) or {}
     record["finished"] = {"steps": summary.get("steps"), "total_steps": summary.get("total_steps"),
                           "summary": summary["summary_path"], "checkpoint": summary.get("checkpoint")}
@@ -314,8 +301,6 @@ def _finished_summary(identity: RunIdentity) -> dict | None:
         return None
     if summary.get("status") != "finished" or summary.get("checkpoint") != finished.get("checkpoint"):
         return None
-    from . import storage
-
     latest = compat.train_snapshot_latest(_read_json(storage.join(identity.uri, compat.TRAIN_SNAPSHOT_FILE)) or {})
     if latest is None or latest != posixpath.basename(str(finished.get("checkpoint") or "").rstrip("/")):
         return None  # its final checkpoint was set aside as bad (`screen_checkpoints`): the run resumes
@@ -324,8 +309,6 @@ def _finished_summary(identity: RunIdentity) -> dict | None:
 
 def _check_tracking(config: ExperimentConfig) -> str | None:
     """The MLflow tracking URI (checked reachable, before anything is prepared), or None when off."""
-    from . import tracking
-
     if not config.tracking.enabled:
         return None
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
@@ -336,8 +319,6 @@ def _check_tracking(config: ExperimentConfig) -> str | None:
 
 def _read_json(uri: str) -> dict | None:
     """A JSON file from run storage (local or object store), or None if missing or unreadable."""
-    from . import storage
-
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_stream(path) as handle:
@@ -349,16 +330,12 @@ def _read_json(uri: str) -> dict | None:
 
 def _has_checkpoint(run_uri: str) -> bool:
     """Whether Ray Train would resume the run: its snapshot lists a registered checkpoint."""
-    from . import storage
-
     return compat.train_snapshot_has_checkpoint(_read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {})
 
 
 def _set_aside(run_uri: str) -> str | None:
     """Move a run's storage out of the way (``{run}.replaced-{time}`` beside it); object stores, which
     cannot move folders, delete it. The new location, or None when deleted."""
-    from . import storage
-
     if "://" not in run_uri:
         destination = f"{run_uri}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.replace(run_uri, destination)
@@ -391,8 +368,6 @@ def _check_identity(config: ExperimentConfig, restart: bool, log) -> RunIdentity
     """Before anything starts: a run with a registered checkpoint continues only under the same
     fingerprint, else this refuses (`RunConfigChanged`). ``restart`` first sets the old storage aside.
     A run stored without a fingerprint (an older version) is continued and gets one."""
-    from . import storage
-
     run_uri = storage.join(config.storage_path(), config.run_name)
     fingerprint, settings = run_fingerprint(config)
     if restart and storage.exists(run_uri):
@@ -414,10 +389,6 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
     one line naming it — so Ray resumes from the intact one and ``ray.num_to_keep`` never counts a bad
     checkpoint as kept (it would delete a good one to keep the bad one). None intact: `CheckpointUnusable`
     naming each and what is wrong, nothing moved (the files can still be restored)."""
-    from . import storage
-    from .recipe import CheckpointUnusable, checkpoint_problem
-    from .tracking import redact
-
     snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE))
     latest = compat.train_snapshot_latest(snapshot or {})
     if latest is None:
@@ -455,8 +426,6 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
 
 def _checkpoint_dirs(run_uri: str) -> set[str]:
     """Names of the ``checkpoint_*`` directories in a run's storage."""
-    from . import storage
-
     fs, path = storage.resolve(run_uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -470,9 +439,6 @@ def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
     registered: saves that failed part-way (a full disk, a worker lost mid-upload). They would otherwise
     stay for good, looking like checkpoints. Registered ones — every checkpoint Ray can resume from —
     are never touched. Returns their URIs."""
-    from . import storage
-    from .tracking import redact
-
     snapshot = _read_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)) or {}
     fs, path = storage.resolve(run_uri)
     removed = []
@@ -490,8 +456,6 @@ def remove_failed_saves(run_uri: str, before: set[str], log=print) -> list[str]:
 
 def _record_identity(config: ExperimentConfig, identity: RunIdentity, uri: str | None, run_id: str | None) -> None:
     """Write ``alphadpo_run.json`` (fingerprint, settings, MLflow run) with the run, before it trains."""
-    from . import storage, tracking
-
     previous = {} if identity.fresh else identity.previous or {}  # a fresh start owns no earlier MLflow run
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     storage.write_json(storage.join(identity.uri, IDENTITY_FILE), {
@@ -499,7 +463,7 @@ def _record_identity(config: ExperimentConfig, identity: RunIdentity, uri: str |
         "fingerprint": identity.fingerprint,
         "settings": identity.settings,
         "mlflow_run_id": run_id or previous.get("mlflow_run_id"),
-        "tracking_uri": tracking.redact(uri) if uri else previous.get("tracking_uri"),
+        "tracking_uri": secrets.redact(uri) if uri else previous.get("tracking_uri"),
         "created": previous.get("created", now),
         "updated": now,
     })
@@ -514,8 +478,6 @@ def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIden
     unsent are sent first; a run continued from a checkpoint continues its MLflow run (the one
     recorded with its storage), a fresh start gets a new one (an old one left RUNNING is closed)."""
     from mlflow.tracking import MlflowClient
-
-    from . import tracking
 
     if not uri:
         return None, -1
@@ -535,14 +497,14 @@ def _start_tracking(config: ExperimentConfig, uri: str | None, identity: RunIden
         log(f"[mlflow] {len(pending.events())} earlier report(s) still wait for the tracking store "
             f"({pending.error}); kept in {pending.path}")
     previous = identity.previous or {}
-    recorded = previous.get("mlflow_run_id") if previous.get("tracking_uri") == tracking.redact(uri) else None
+    recorded = previous.get("mlflow_run_id") if previous.get("tracking_uri") == secrets.redact(uri) else None
     key = tracking.run_key(config.storage_path(), config.run_name)
     run_id, resumed = tracking.start_or_resume_run(
         uri, config.tracking.experiment_name, config.run_name, key, tracking.config_params(config.to_dict()),
         tags={"alphadpo.kind": "train", "method": config.method.name}, resume=not identity.fresh, run_id=recorded,
     )
     logged = tracking.last_logged_step(MlflowClient(uri), run_id) if resumed else -1
-    log(f"[mlflow] {'resumed' if resumed else 'started'} run {run_id} in {tracking.redact(uri)}"
+    log(f"[mlflow] {'resumed' if resumed else 'started'} run {run_id} in {secrets.redact(uri)}"
         + _logged_note(logged, held.get(run_id, logged), waiting.get(run_id, []) if resumed else [], sent,
                        pending.path))
     return run_id, max([logged, *(waiting.get(run_id, []) if resumed and not sent else [])])
@@ -564,13 +526,9 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
          in_process: bool = False):
     """`TorchTrainer.fit()` — or, for a one-worker local run, the recipe in this process
     (`in_process.fit_in_process`) — with console progress and (when tracking) the MLflow metrics callback."""
-    from . import tracking
-
-    callbacks: list = [tracking.ConsoleProgress()]
+    callbacks: list = [train_callbacks.ConsoleProgress()]
     if run_id:
-        callbacks.append(tracking.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
-    from . import storage
-
+        callbacks.append(train_callbacks.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
     run_uri = storage.join(config.storage_path(), config.run_name)
     before = _checkpoint_dirs(run_uri)
     try:
@@ -591,8 +549,6 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
 def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,
                    log=print) -> dict:
     """Export the final policy, write ``summary.json`` and ``config.json`` (`train` then finishes the MLflow run)."""
-    from . import storage, tracking
-
     out = result.return_value or {}
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -614,7 +570,7 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
         "policy": str(policy) if policy else None,
         "storage_path": config.storage_path(),
         "mlflow_run_id": run_id,
-        "tracking_uri": tracking.redact(uri) if uri else None,
+        "tracking_uri": secrets.redact(uri) if uri else None,
         "reference_cache": plan.reference_cache,
         "train_pairs": plan.train_pairs,
         "eval_pairs": plan.eval_pairs,
@@ -626,5 +582,5 @@ def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_
     }
     summary["summary_path"] = str(run_dir / "summary.json")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "config.json").write_text(json.dumps(tracking.mask_secrets(config.to_dict()), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(secrets.mask_secrets(config.to_dict()), indent=2))
     return summary

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import datasets
 
-from ..errors import ConfigError, DataError
+from ...errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 PAIR_REASONS = (

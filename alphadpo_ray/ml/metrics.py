@@ -3,7 +3,7 @@
 For a policy πθ and its reference πref on held-out preference pairs:
 
 * ``accuracy``: fraction of pairs whose chosen response gets the higher implicit reward *of the
-  method being trained* (each method defines its reward differently, see ``alphadpo_ray.losses``,
+  method being trained* (each method defines its reward differently, see ``alphadpo_ray.ml.losses``,
   so this does not compare across methods);
 * ``accuracy_logratio``: the same with the method-independent reward log πθ(y|x)/πref(y|x) of the
   summed log-probs, so methods compare on one scale. Ties count ½ in both, so the reference itself

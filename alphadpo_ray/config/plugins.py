@@ -1,7 +1,7 @@
 """Plugins: modules or ``.py`` files a config names under ``plugins``, imported before it is validated.
 
 A plugin extends the package when imported — typically by adding a method with
-`alphadpo_ray.losses.register_method`. Configs carry the list, so the driver and every Ray worker
+`alphadpo_ray.ml.losses.register_method`. Configs carry the list, so the driver and every Ray worker
 that validates the config import the same plugins (``.py`` paths are made absolute on the driver).
 """
 

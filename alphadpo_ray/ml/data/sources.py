@@ -16,7 +16,7 @@ from typing import Any
 
 import datasets
 
-from ..errors import DataError
+from ...errors import DataError
 from .formats import RowProblem
 
 # File suffix -> `datasets` builder name.

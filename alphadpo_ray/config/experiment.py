@@ -26,11 +26,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import ConfigError
-from .losses import build_loss, hyperparameter_problems, method_names, method_spec
+from ..errors import ConfigError
+from ..ml.losses import build_loss, hyperparameter_problems, method_names, method_spec
 from .plugins import load_plugins
 from .sweep_settings import SweepConfig, method_space
-from .task import SFTConfig, TaskConfig
+from ..ml.task import SFTConfig, TaskConfig
 
 BUILTIN = "builtin"
 
@@ -150,7 +150,7 @@ class SFTSettings(_Section):
 
 
 class BuiltinTaskSettings(_Section):
-    """The built-in verifiable task (see `alphadpo_ray.task`) and its SFT reference."""
+    """The built-in verifiable task (see `alphadpo_ray.ml.task`) and its SFT reference."""
 
     train_size: int = Field(TaskConfig.train_size, ge=8)
     held_out_size: int = Field(TaskConfig.held_out_size, ge=2)
@@ -181,7 +181,7 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     source: str = Field(BUILTIN, description="'builtin', a local .jsonl/.json/.jsonl.gz/.parquet file, or a hub id")
-    format: str = Field("auto", description="auto, or one of alphadpo_ray.data.FORMATS (strings, messages, hh)")
+    format: str = Field("auto", description="auto, or one of alphadpo_ray.ml.data.FORMATS (strings, messages, hh)")
     split: str = "train"
     eval_source: str | None = None
     eval_split: str | None = None
@@ -205,7 +205,7 @@ class DataConfig(_Section):
     @field_validator("format")
     @classmethod
     def _format(cls, value: str):
-        from .data import FORMATS
+        from ..ml.data import FORMATS  # here, not at the top: `datasets` costs ~3 s, `validate` needs it only here
 
         if value not in FORMATS:
             raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
@@ -216,7 +216,7 @@ class DataConfig(_Section):
     def _exists(cls, value: str | None):
         if value is None or value == BUILTIN:
             return value
-        from .data import SUPPORTED_EXTENSIONS, is_local_source
+        from ..ml.data import SUPPORTED_EXTENSIONS, is_local_source  # (as in `_format`)
 
         expected = f"a {'/'.join(SUPPORTED_EXTENSIONS)} file, 'builtin', or a hub dataset id"
         if not value.strip():
@@ -344,7 +344,7 @@ class RayConfig(_Section):
     in_process_single_worker: bool = Field(True, description="a one-worker run without ray.address (or "
                                            "RAY_ADDRESS) trains in the driver's process: no Ray start, no Train "
                                            "controller or worker actor, the reference scored in-process; same "
-                                           "checkpoints, metrics and resume (alphadpo_ray/in_process.py)")
+                                           "checkpoints, metrics and resume (alphadpo_ray/training/in_process.py)")
 
     @field_validator("address")
     @classmethod
@@ -431,7 +431,7 @@ def _load_config_plugins(data: Any) -> None:
 
 class ExperimentConfig(_Section):
     plugins: list[str] = Field(default_factory=list, description="modules or .py files imported first "
-                               "(e.g. ones that add methods with alphadpo_ray.losses.register_method)")
+                               "(e.g. ones that add methods with alphadpo_ray.ml.losses.register_method)")
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "outputs"
     cache_dir: str | None = Field(None, description="built-in task cache; default ALPHADPO_RAY_CACHE or ~/.cache/alphadpo-ray")

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from . import task as task_lib
-from .task import SFTConfig
-from .data import collate_pairs, collate_sft, preference_data_from_rows, tokenize_pairs, tokenize_sft
-from .logprobs import sequence_logps
-from .losses import build_loss
-from .metrics import evaluate_preferences, generation_accuracy
-from .storage import default_cache_dir, file_lock
-from .models import build_tiny_model, build_tokenizer, load_model, load_tokenizer
+from ..ml import task as task_lib
+from ..ml.task import SFTConfig
+from ..ml.data import collate_pairs, collate_sft, preference_data_from_rows, tokenize_pairs, tokenize_sft
+from ..ml.logprobs import sequence_logps
+from ..ml.losses import build_loss
+from ..ml.metrics import evaluate_preferences, generation_accuracy
+from ..services.storage import default_cache_dir, file_lock
+from ..ml.models import build_tiny_model, build_tokenizer, load_model, load_tokenizer
 
 
 @dataclass(frozen=True)

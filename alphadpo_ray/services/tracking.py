@@ -5,11 +5,10 @@
 * `check_tracking` runs before anything expensive: an unreachable server fails the run at once with
   a clear message instead of training for hours untracked; a SQLite store is created once, by the
   driver, before any other process touches it.
-* The resolved config is logged as params with anything whose name looks like a token, key, secret
-  or password masked, and credentials inside other values masked by their shape (URL passwords,
-  known token prefixes); `redact` does the same for every message that shows a URI.
-* Per-step metrics are logged by `MLflowMetricsCallback`, a Ray Train `UserCallback`: it runs in the
-  Train controller (one process) and sees every report, so several workers never write at once.
+* The resolved config is logged as params with its secrets masked (`secrets.mask_secrets`); every
+  message that shows a URI is redacted (`secrets.redact`).
+* Per-step metrics are logged by `train_callbacks.MLflowMetricsCallback`, a Ray Train `UserCallback`: it
+  runs in the Train controller (one process) and sees every report, so several workers never write at once.
 * A run is keyed by (storage path, run name): re-running a stopped run resumes the same MLflow run
   and logs only the steps after those it already holds; a fresh start gets a new MLflow run.
 * A tracking outage never stops training: reports go through an on-disk `PendingMetrics` file and
@@ -23,42 +22,18 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import AlphaDPOError
+from .. import compat
+from ..errors import AlphaDPOError
+from .secrets import mask_secrets, redact
+from .storage import default_cache_dir, file_lock
 
-SECRET_PARTS = {"token", "key", "secret", "password", "passwd", "pwd", "credential", "credentials", "auth", "apikey",
-                "passphrase", "authorization", "bearer", "cookie"}
-# Inside one word, without separators: `hftoken`, `mypassphrase`, `awssecretkey`, `dbpassword`, `privatekey`.
-SECRET_INFIXES = ("secret", "password", "passwd", "passphrase", "credential", "apikey", "accesskey", "privatekey")
-SECRET_SUFFIXES = ("token", "pwd", "auth")  # `hftoken`, `dbpwd`, `mlflowauth` — not `tokenizer`, `max_new_tokens`
-# Credentials by the shape of their value, whatever their key is called: known token prefixes, private keys.
-_TOKEN_SHAPES = re.compile(
-    r"(?<![A-Za-z0-9_-])(?:"
-    r"hf_[A-Za-z0-9]{16,}"  # Hugging Face
-    r"|sk-(?:proj-|ant-)?[A-Za-z0-9_-]{16,}"  # OpenAI, Anthropic
-    r"|(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"  # GitHub
-    r"|glpat-[A-Za-z0-9_-]{16,}"  # GitLab
-    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
-    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|AIza[0-9A-Za-z_-]{30,}"  # Google API keys
-    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"  # JWTs
-    r")"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
-)
-# scheme://AUTHORITY: the userinfo is what comes before the authority's last '@'.
-_URL_AUTHORITY = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^\s/?#'\"<>]+)")
-# A URL's query parameter whose name is a credential's (``s3://bucket/x?access_key=…&secret_key=…``, as
-# pyarrow and Ray accept for object stores): masked when its name is secret (`is_secret_name`).
-_URL_QUERY = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"<>]*\?)(?P<query>[^\s#'\"<>]+)")
-MASK = "***"
 RUN_KEY_TAG = "alphadpo.run_key"
 # MLflow 3's experiment type: "custom_model_development" is the "Machine learning" (runs table) kind, as
 # opposed to "genai_development" (traces). MLflow 3.17's UI shows the view of its global "GenAI / Model
@@ -105,8 +80,6 @@ def create_sqlite_store(uri: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from .storage import file_lock
-
     db = Path(uri.removeprefix("sqlite:///"))
     try:
         with file_lock(db.with_name(db.name + ".lock")):
@@ -130,9 +103,6 @@ def _copy_template_store(db: Path) -> None:
 
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from . import compat
-    from .storage import default_cache_dir, file_lock
 
     template = default_cache_dir() / "mlflow-sqlite" / f"{mlflow.__version__}.db"
     template.parent.mkdir(parents=True, exist_ok=True)
@@ -257,60 +227,6 @@ def _check_server_credentials(uri: str, health: urllib.request.Request, timeout:
             "the server accepts; nothing was started.") from None
     except (urllib.error.URLError, OSError, ValueError):
         return  # it answered /health a moment ago; a passing failure is the outage handling's to ride out
-
-
-def is_secret_name(name: str) -> bool:
-    """A key whose value is a credential: a secret word as a part of the name (`hf_token`, `api-key`,
-    `MLFLOW_TRACKING_PASSWORD`), inside one word (`hftoken`, `passphrase`) or ending it (`dbpwd`)."""
-    lowered = name.lower()
-    parts = {p for p in re.split(r"[^a-z0-9]+|_", lowered) if p}
-    compact = re.sub(r"[^a-z0-9]", "", lowered)
-    return (bool(parts & SECRET_PARTS) or any(s in compact for s in SECRET_INFIXES)
-            or any(p.endswith(SECRET_SUFFIXES) for p in parts))
-
-
-def _mask_userinfo(match: re.Match) -> str:
-    authority = match.group("authority")
-    userinfo, at, host = authority.rpartition("@")
-    if not at:
-        return match.group(0)
-    user, colon, _password = userinfo.partition(":")
-    return f"{match.group('scheme')}{user if colon else MASK}{':' + MASK if colon else ''}@{host}"
-
-
-def _mask_query(match: re.Match) -> str:
-    def masked(param: str) -> str:
-        name, sep, value = param.partition("=")
-        return f"{name}={MASK}" if sep and value and is_secret_name(name) else param
-
-    return match.group("head") + "&".join(masked(p) for p in match.group("query").split("&"))
-
-
-def redact(text: str) -> str:
-    """`text` with the credentials in it masked: the password of every URL (``https://u:pw@host`` →
-    ``https://u:***@host``; a user-only userinfo, often a token, becomes ``***@host``), a URL's query
-    parameters named like credentials (``?secret_key=…`` → ``?secret_key=***``) and every value shaped
-    like a known token (``hf_…``, ``sk-…``, ``ghp_…``, ``AKIA…``, ``xox…-``, JWTs, private-key blocks).
-    For everything the package prints, raises or writes."""
-    if not isinstance(text, str):
-        return text
-    return _TOKEN_SHAPES.sub(MASK, _URL_QUERY.sub(_mask_query, _URL_AUTHORITY.sub(_mask_userinfo, text)))
-
-
-def looks_secret(value: Any) -> bool:
-    """True when a string holds a credential by its shape (see `redact`)."""
-    return isinstance(value, str) and redact(value) != value
-
-
-def mask_secrets(tree: Any) -> Any:
-    """A copy of a nested config that is safe to write: values under secret-looking keys replaced by
-    '***' (see `is_secret_name`), and credentials inside other strings masked by their shape (`redact`)."""
-    if isinstance(tree, dict):
-        return {k: (MASK if is_secret_name(str(k)) and v is not None and not isinstance(v, dict) else mask_secrets(v))
-                for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [mask_secrets(v) for v in tree]
-    return redact(tree) if isinstance(tree, str) else tree
 
 
 def _url_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
@@ -475,8 +391,6 @@ class PendingMetrics:
         self._floors: dict[str, int] = {}
 
     def _lock(self, suffix: str = ".lock"):
-        from .storage import file_lock
-
         return file_lock(self.path.with_name(self.path.name + suffix))
 
     def add(self, event: dict) -> None:
@@ -629,103 +543,6 @@ def close_on_exit(uri: str, run_id: str, err: BaseException, *, pending: Pending
         return finish_run(uri, run_id, status, pending=pending, wait_s=wait_s, log=log)
     except BaseException:  # noqa: BLE001 - interrupted again while closing: leave as it is
         return False
-
-
-try:
-    from ray.train import UserCallback as _UserCallback
-except ImportError:  # pragma: no cover - Ray Train V1
-    _UserCallback = object
-
-
-class _Sender:
-    """A daemon thread that flushes a `PendingMetrics` file when a report arrives, and every `RETRY_S`
-    seconds while the store does not answer; each outage is reported once on the console."""
-
-    def __init__(self, pending: PendingMetrics):
-        self.pending, self.wake, self.down = pending, threading.Event(), False
-        threading.Thread(target=self._loop, name="alphadpo-mlflow-sender", daemon=True).start()
-
-    def add(self, event: dict) -> None:
-        self.pending.add(event)
-        self.wake.set()
-
-    def _loop(self) -> None:
-        while True:
-            self.wake.wait(RETRY_S)
-            self.wake.clear()
-            ok = self.pending.flush()
-            if not ok and not self.down:
-                self.down = True
-                print(f"[mlflow] tracking store unavailable ({self.pending.error}); training goes on, metrics are "
-                      f"kept in {self.pending.path} and sent when it is back", flush=True)
-            elif ok and self.down:
-                self.down = False
-                print("[mlflow] tracking store is back; buffered metrics sent", flush=True)
-
-
-class MLflowMetricsCallback(_UserCallback):
-    """Logs rank 0's (already all-reduced) metrics of every report to one MLflow run, never stopping
-    training.
-
-    It runs in the Train controller (one process, on the driver's node): each report is appended to
-    the run's `PendingMetrics` file (a local write that never waits on the network) and a background
-    `_Sender` sends it. While the store is unreachable the reports stay in the file and the outage is
-    reported once; the driver flushes what is left when the run ends (`finish_run`). Steps up to
-    `logged_through` (already in the run's history when it resumed) and steps replayed after a
-    worker-group restart are not logged again: each step appears once."""
-
-    def __init__(self, tracking_uri: str, run_id: str, pending_path: str | Path | None = None,
-                 logged_through: int = -1):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.pending_path = str(pending_path or default_pending_path(run_id))
-        self.last_step = logged_through
-        self._sender: _Sender | None = None
-        self._failed = False
-
-    def __getstate__(self):
-        return {**self.__dict__, "_sender": None}
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if not metrics:
-            return
-        for step, part in report_by_step(metrics[0]):
-            if step > self.last_step:  # a step replayed after a resume, or an evaluation already logged: skip
-                self.last_step = step
-                self._send(step, {k: v for k, v in numeric_metrics(part).items() if k not in ("step", "total_steps")})
-
-    def _send(self, step: int, values: dict) -> None:
-        try:
-            if self._sender is None:
-                self._sender = _Sender(PendingMetrics(self.tracking_uri, self.pending_path))
-            self._sender.add({"run_id": self.run_id, "step": step, "ts": int(time.time() * 1000), "metrics": values})
-        except Exception as err:  # noqa: BLE001 - e.g. a full local disk: this step is lost, training goes on
-            if not self._failed:
-                self._failed = True
-                print(f"[mlflow] cannot buffer metrics in {self.pending_path} ({err}); some steps will be missing "
-                      "from MLflow", flush=True)
-
-
-class ConsoleProgress(_UserCallback):
-    """One compact progress line per report (step, loss, held-out accuracy and KL, throughput)."""
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if not metrics or "train/loss" not in metrics[0]:
-            return
-        m = metrics[0]
-        line = f"step {int(m['step'])}/{int(m.get('total_steps', 0))}  loss {m['train/loss']:.4f}"
-        line += f"  margin {m.get('train/rewards/margin', float('nan')):+.3f}"
-        if "eval/accuracy" in m:
-            line += f"  | eval@{int(m.get('eval/step', 0))} acc {m['eval/accuracy']:.3f}"
-            if "eval/accuracy_logratio" in m:
-                line += f" acc_logratio {m['eval/accuracy_logratio']:.3f}"
-            if "eval/kl" in m:
-                line += f" kl {m['eval/kl']:.3f}"
-            if "eval/generation_accuracy" in m:
-                line += f" gen {m['eval/generation_accuracy']:.2f}"
-        line += f"  | {m.get('train/tokens_per_second_per_worker', 0):.0f} tok/s/worker"
-        if checkpoint is not None:
-            line += "  [checkpoint]"
-        print(line, flush=True)
 
 
 def mark_training_experiment(client, experiment_id: str) -> None:

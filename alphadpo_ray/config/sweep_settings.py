@@ -9,7 +9,7 @@ a flat ``search_space`` applies each entry to the methods that take that hyperpa
 where the method has α), and a ``search_space: {method-name: {...}}`` entry overrides per method.
 ``learning_rate`` and ``seed`` (``training.seed``: a grid or choice of integers) belong to every method.
 Each method's default space and its known-good points
-(the papers' settings, evaluated first) come from its registry entry (`alphadpo_ray.losses`); the
+(the papers' settings, evaluated first) come from its registry entry (`alphadpo_ray.ml.losses`); the
 learning rate is searched around the base config's value (papers' 7B-model rates do not transfer
 to other model sizes). Every range must stay inside the hyperparameter's valid range.
 
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .losses import Hyperparameter, method_names, method_spec
+from ..ml.losses import Hyperparameter, method_names, method_spec
 
 SPACE_TYPES = ("loguniform", "uniform", "quniform", "choice", "grid")
 _LEARNING_RATE = Hyperparameter(low=0, low_open=True)  # searched for every method

@@ -34,7 +34,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import storage
+from ..ml.data import collate_pairs
+from ..ml.logprobs import sequence_logps
+from ..ml import models  # called as models.load_model: tests record its load settings
+from ..services import storage
 
 logger = logging.getLogger(__name__)
 CACHE_DIR = "reference_cache"
@@ -188,11 +191,7 @@ def score_rows(reference_path: str, rows: dict, pad_token_id: int, batch_size: i
     ``load``: extra `from_pretrained` arguments (`load_kwargs`)."""
     import torch
 
-    from .data import collate_pairs
-    from .logprobs import sequence_logps
-    from .models import load_model
-
-    model = load_model(reference_path, dtype=getattr(torch, dtype_name(dtype)), eval_mode=True,
+    model = models.load_model(reference_path, dtype=getattr(torch, dtype_name(dtype)), eval_mode=True,
                        **(load or {})).to(device)
     n = len(rows["row"])
     out = {k: [] for k in COLUMNS}

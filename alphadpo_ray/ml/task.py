@@ -62,7 +62,7 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """Size of the task's tiny SFT reference and how long to train it (`alphadpo_ray.sft`; ~1-2 min on 2 CPU cores)."""
+    """Size of the task's tiny SFT reference and how long to train it (`alphadpo_ray.training.sft`; ~1-2 min on 2 CPU cores)."""
 
     vocab_size: int = 512
     hidden_size: int = 96

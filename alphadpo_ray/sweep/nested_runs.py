@@ -24,7 +24,8 @@ import re
 
 from ray.tune import Callback
 
-from ..tracking import close_run, last_logged_step, log_data_inputs, log_metrics, numeric_metrics, report_by_step
+from ..services.tracking import (close_run, last_logged_step, log_data_inputs, log_metrics, numeric_metrics,
+                                 report_by_step)
 
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
 ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..errors import ConfigError, DataError
+from ...errors import ConfigError, DataError
 
 HH_MARKER = "\n\nAssistant:"
 REASONS = (

@@ -20,7 +20,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..ml.data import load_preference_data, read_raw, tokenize_sft
+from ..ml.models import FAMILIES, build_tiny_model, build_tokenizer
+from ..ml.task import SFTConfig
+from .sft import train_sft
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,6 @@ def _texts(value) -> list[str]:
 def init_model(data: str, out: str, settings: InitModelSettings = InitModelSettings(), *, force: bool = False,
                log=print) -> dict:
     """Build OUT from DATA (see the module docstring); returns what was built."""
-    from .data import load_preference_data, read_raw, tokenize_sft
-    from .models import FAMILIES, build_tiny_model, build_tokenizer
-    from .sft import train_sft
-    from .task import SFTConfig
-
     s = settings
     if s.family not in FAMILIES:
         raise ConfigError(f"--family: unknown model family {s.family!r}; choose one of {', '.join(FAMILIES)}")

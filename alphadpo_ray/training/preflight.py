@@ -29,8 +29,14 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .config import BUILTIN, ExperimentConfig
-from .errors import AlphaDPOError, ConfigError, StorageFull
+from .. import compat
+from ..config.experiment import BUILTIN, ExperimentConfig
+from ..errors import AlphaDPOError, ConfigError, StorageFull
+from ..ml.data import is_local_source
+from ..ml.models import local_model_problem
+from ..services.secrets import redact
+from ..services.tracking import resolve_tracking_uri
+from .engine import deepspeed_config
 
 # DeepSpeed's pydantic config classes → the config section they parse.
 _DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
@@ -63,8 +69,6 @@ def check_models(config: ExperimentConfig) -> None:
     """Each local model directory the run loads holds what `from_pretrained` needs (config.json and weights
     for a model, vocabulary files for the tokenizer, which comes from model.tokenizer, else the reference,
     else name_or_path), and a path that looks local exists. Part of ``alphadpo-ray validate`` too."""
-    from .models import local_model_problem
-
     m = config.model
     for key, value, what in (
         ("model.name_or_path", m.name_or_path, {"tokenizer": m.tokenizer is None and m.reference is None}),
@@ -87,8 +91,6 @@ def check_deepspeed(config: ExperimentConfig) -> None:
     if not config.deepspeed.extra:
         return
     from pydantic import ValidationError
-
-    from .engine import deepspeed_config
 
     ds = deepspeed_config(config)
     # DeepSpeed checks the batch sizes against this process's world size (1 here): state them for one.
@@ -184,8 +186,6 @@ def check_disk_space(config: ExperimentConfig) -> None:
 def check_storage_uri(storage: str) -> None:
     """No credentials in ``ray.storage_path`` (``s3://bucket/x?secret_key=…``, ``user:password@``): it is
     printed, logged and stored with every run and trial, and handed to every worker."""
-    from .tracking import redact
-
     if redact(storage) != storage:
         raise ConfigError(
             f"ray.storage_path {redact(storage)} holds credentials; give them to the object store's client instead: "
@@ -196,8 +196,6 @@ def check_storage_uri(storage: str) -> None:
 
 def check_paths(config: ExperimentConfig, log=print) -> None:
     """Writable output dir, local storage and SQLite store; refuse when the checkpoints do not fit the disk."""
-    from .tracking import resolve_tracking_uri
-
     _probe_dir("output_dir", Path(config.output_dir).expanduser().resolve())
     if config.cache_dir:
         _probe_dir("cache_dir", Path(config.cache_dir).expanduser().resolve())
@@ -220,8 +218,6 @@ def check_paths(config: ExperimentConfig, log=print) -> None:
 
 def _hub_ids(config: ExperimentConfig) -> list[tuple[str, str, str]]:
     """(config key, repo id, repo type) of every model / dataset the config names by hub id."""
-    from .data import is_local_source
-
     out = []
     for key, value in (("model.name_or_path", config.model.name_or_path), ("model.reference", config.model.reference),
                        ("model.tokenizer", config.model.tokenizer)):
@@ -329,8 +325,6 @@ def check_job_outputs(config: ExperimentConfig) -> None:
     copy = job_working_dir()
     if copy is None:
         return
-    from .tracking import resolve_tracking_uri
-
     places = [("output_dir", Path(config.output_dir).expanduser().resolve())]
     if "://" not in config.ray.storage_path:
         places.append(("ray.storage_path", Path(config.storage_path())))
@@ -421,8 +415,6 @@ def check_cluster_access(address: str) -> None:
     `ray.init`."""
     import grpc
     from ray.exceptions import AuthenticationError
-
-    from . import compat
 
     how = ("Set `export RAY_AUTH_MODE=token` and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
            "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (the default; `ray get-auth-token` on the head node "
