@@ -167,11 +167,13 @@ def quiet_train_report_logger(level: int = logging.WARNING) -> bool:
 RAY_AUTH_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-def filter_worker_output(keep: Callable[[str], bool]) -> bool:
+def filter_worker_output(keep: Callable[[str, int], bool]) -> bool:
     """Wrap the handler through which Ray prints worker output on the driver (``ray_print_logs`` in
-    ``ray._private.ray_logging.global_worker_stdstream_dispatcher``) so only lines `keep` accepts are
-    printed. Private: Ray's only public switch is ``ray.init(log_to_driver=False)``, all or nothing.
-    Idempotent; call after `ray.init`. False when the dispatcher is not there. Checked on ray 2.60.0."""
+    ``ray._private.ray_logging.global_worker_stdstream_dispatcher``) so only lines `keep(line, pid)`
+    accepts are printed (pid: the worker process that wrote the line; its raw output stays in Ray's
+    ``logs/worker-*-{pid}.out|err``). Private: Ray's only public switch is
+    ``ray.init(log_to_driver=False)``, all or nothing. Idempotent; call after `ray.init`. False when
+    the dispatcher is not there. Checked on ray 2.60.0."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # pragma: no cover - another Ray version
@@ -182,7 +184,7 @@ def filter_worker_output(keep: Callable[[str], bool]) -> bool:
                 continue
 
             def filtered(data, _handler=handler):
-                lines = [line for line in data.get("lines", []) if keep(line)]
+                lines = [line for line in data.get("lines", []) if keep(line, data.get("pid", 0))]
                 if lines:
                     _handler({**data, "lines": lines})
 

@@ -57,11 +57,49 @@ KNOWN_BENIGN_WORKER_LINES = (
 )
 
 
+# Threads of Ray's own actors whose death is not a problem of the run. Ray Train's PlacementGroupCleaner
+# asks the state API for its controller with no address; with another Ray instance on the machine Ray
+# cannot tell which one is meant ("Found multiple active Ray instances") and the monitor thread dies
+# with a 30-line trace. Training is unaffected (the cleaner only matters if the driver dies uncleanly).
+KNOWN_BENIGN_THREAD_DEATHS = {
+    "PlacementGroupCleanerMonitor": "Ray Train's placement-group cleaner",
+}
+_THREAD_DEATH = re.compile(r"^Exception in thread ([\w-]+)")
+
+
+class _WorkerLineFilter:
+    """Keep(line, pid): drops `KNOWN_BENIGN_WORKER_LINES`, and the traceback of a thread in
+    `KNOWN_BENIGN_THREAD_DEATHS` (from ``Exception in thread NAME:`` to its exception line, per worker
+    process), printing one line in its place; the trace stays in Ray's ``logs/worker-*-{pid}.err``."""
+
+    def __init__(self, say=print):
+        self.say = say
+        self.dropping: dict[int, str] = {}  # pid → the thread whose traceback is being dropped
+
+    def __call__(self, line: str, pid: int) -> bool:
+        if pid in self.dropping:
+            if line.startswith((" ", "\t", "Traceback (most recent call last)")) or not line.strip():
+                return False
+            what = KNOWN_BENIGN_THREAD_DEATHS[self.dropping.pop(pid)]
+            error = line.strip()
+            why = ("it found several Ray instances on this machine and cannot tell which is this run's"
+                   if "multiple active Ray instances" in error else error[:160])
+            self.say(f"[ray] {what} stopped ({why}); training is unaffected; the trace is in Ray's session "
+                     f"logs, worker-*-{pid}.err", flush=True)
+            return False
+        death = _THREAD_DEATH.match(line)
+        if death and death.group(1) in KNOWN_BENIGN_THREAD_DEATHS:
+            self.dropping[pid] = death.group(1)
+            return False
+        return not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES)
+
+
 def drop_benign_worker_lines() -> None:
     """Ray forwards every worker's output to the driver's console; drop the lines known to be benign
-    (`KNOWN_BENIGN_WORKER_LINES`), through `compat.filter_worker_output` (Ray's private stdstream
-    dispatcher: if it is not there, nothing is filtered). Idempotent; call after `ray.init`."""
-    compat.filter_worker_output(lambda line: not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES))
+    (`KNOWN_BENIGN_WORKER_LINES`, and the traces of `KNOWN_BENIGN_THREAD_DEATHS`, one line each instead),
+    through `compat.filter_worker_output` (Ray's private stdstream dispatcher: if it is not there,
+    nothing is filtered). Idempotent; call after `ray.init`."""
+    compat.filter_worker_output(_WorkerLineFilter())
 
 
 def table_console():

@@ -107,10 +107,11 @@ def test_worker_output_filter_drops_only_rejected_lines():
             saved, dispatcher.handlers = dispatcher.handlers, []
         try:
             dispatcher.add_handler("ray_print_logs", got.append)
-            assert compat.filter_worker_output(lambda line: "benign" not in line)
-            assert compat.filter_worker_output(lambda line: False)  # idempotent: the handler is wrapped once
+            assert compat.filter_worker_output(lambda line, pid: "benign" not in line and pid == 1)
+            assert compat.filter_worker_output(lambda line, pid: False)  # idempotent: the handler is wrapped once
             dispatcher.emit({"pid": 1, "lines": ["kept", "a benign line"]})
             dispatcher.emit({"pid": 1, "lines": ["benign only"]})
+            dispatcher.emit({"pid": 2, "lines": ["kept, but from another pid"]})  # the pid reaches `keep`
             assert got == [{"pid": 1, "lines": ["kept"]}]
         finally:
             with dispatcher._lock:
