@@ -193,6 +193,18 @@ def filter_worker_output(keep: Callable[[str, int], bool]) -> bool:
     return True
 
 
+def train_worker_preempted(error: BaseException) -> bool:
+    """Whether a Train worker's error (as a `ray.train.UserCallback.after_exception` gets it) is its death by
+    a node preemption, the test Ray Train's failure policy charges to ``max_preemption_failures``: a
+    ``WorkerHealthCheckFailedError`` (``ray.train.v2._internal.exceptions``) whose ``health_check_failure``
+    is a `ray.exceptions.RayActorError` with ``preempted`` set. Private: Ray hands callbacks no failure
+    classification. Checked on ray 2.60.0."""
+    from ray.exceptions import RayActorError
+
+    failure = getattr(error, "health_check_failure", error)
+    return isinstance(failure, RayActorError) and bool(failure.preempted)
+
+
 def ray_token_auth() -> tuple[bool, bool]:
     """(token mode on, a token found) as `ray.init` would decide them (RAY_AUTH_MODE; RAY_AUTH_TOKEN,
     RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Private (``ray._raylet``): Ray has no public API to ask

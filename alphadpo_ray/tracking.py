@@ -680,10 +680,69 @@ class MLflowMetricsCallback(_UserCallback):
                       "from MLflow", flush=True)
 
 
+_NODE_IP = re.compile(r"\bip: (\d+\.\d+\.\d+\.\d+)|ipv4:(\d+\.\d+\.\d+\.\d+):")  # in a dead actor's error
+
+
 class ConsoleProgress(_UserCallback):
-    """One compact progress line per report (step, loss, held-out accuracy and KL, throughput)."""
+    """One compact progress line per report (step, loss, held-out accuracy and KL, throughput), and one
+    line per failed worker group (`after_exception`). Runs where the reports arrive: the Train controller
+    (printed there, forwarded to the driver's console), or this process for an in-process run (failure
+    lines through ``log`` when given).
+    ``max_failures`` / ``max_preemption_failures``: the run's budgets (-1: unlimited), counted as Ray Train's
+    failure policy counts them (`compat.train_worker_preempted`); ``resumed``: this start continues from a
+    stored checkpoint."""
+
+    def __init__(self, max_failures: int = -1, max_preemption_failures: int = -1, resumed: bool = False, log=None):
+        self.budget = {"ray.max_failures": max_failures, "ray.max_preemption_failures": max_preemption_failures}
+        self.resumed, self.log = resumed, log
+        self.step, self.checkpoint_step, self._last_failure = 0, None, None
+        self.failures = {key: 0 for key in self.budget}
+
+    def _say(self, line: str) -> None:
+        if self.log is None:
+            print(line, flush=True)
+        else:
+            self.log(line)
+
+    def after_exception(self, run_context, worker_exceptions):
+        """``[failure] node 127.0.0.3 lost at step 11; resuming from step 8 (3 steps lost)``: which node (from a
+        dead worker's error) or which workers and why, the last step reported, and where the run goes on
+        from — the latest checkpoint, or, with none yet, step 0 (``no checkpoint yet: starting over, N steps
+        lost``). Once per failure (the traces stay in the workers' log files)."""
+        key = (self.step, tuple(sorted(worker_exceptions)))
+        if key == self._last_failure:
+            return
+        self._last_failure = key
+        from . import compat
+
+        kind = ("ray.max_preemption_failures" if any(compat.train_worker_preempted(e) for e in worker_exceptions.values())
+                else "ray.max_failures")
+        self.failures[kind] += 1
+        texts = {rank: f"{type(err).__name__}: {err}" for rank, err in sorted(worker_exceptions.items())}
+        nodes = sorted({a or b for text in texts.values() for a, b in _NODE_IP.findall(text)})
+        if nodes:
+            what = f"node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)} lost at step {self.step}"
+        else:
+            text = next(iter(texts.values()))
+            first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
+            what = (f"worker{'s' if len(texts) > 1 else ''} {', '.join(map(str, texts))} failed at step {self.step} "
+                    f"({first[:160]}{'…' if len(first) > 160 else ''})")
+        if self.budget[kind] != -1 and self.failures[kind] > self.budget[kind]:
+            then = f"no failures left ({kind} {self.budget[kind]}): the run stops"
+        elif self.checkpoint_step is not None:
+            lost = self.step - self.checkpoint_step
+            then = f"resuming from step {self.checkpoint_step} ({lost} step{'' if lost == 1 else 's'} lost)"
+        elif self.resumed:
+            then = "resuming from the checkpoint this start resumed from"
+        else:
+            then = (f"no checkpoint yet: starting over, {self.step} step{'' if self.step == 1 else 's'} lost")
+        self._say(f"[failure] {what}; {then}")
 
     def after_report(self, run_context, metrics, checkpoint):
+        if metrics and "step" in metrics[0]:
+            self.step = int(metrics[0]["step"])
+            if checkpoint is not None:
+                self.checkpoint_step = self.step
         if not metrics or "train/loss" not in metrics[0]:
             return
         m = metrics[0]

@@ -118,6 +118,18 @@ def test_worker_output_filter_drops_only_rejected_lines():
                 dispatcher.handlers = saved
 
 
+def test_train_worker_preempted_reads_a_health_check_failure():
+    with contract("ray", "ray.train.v2._internal.exceptions.WorkerHealthCheckFailedError.health_check_failure"):
+        from ray.exceptions import ActorDiedError
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+        died = ActorDiedError()
+        assert not compat.train_worker_preempted(WorkerHealthCheckFailedError("worker gone", failure=died))
+        died._preempted = True  # as Ray sets it from a node death by preemption
+        assert compat.train_worker_preempted(WorkerHealthCheckFailedError("worker gone", failure=died))
+        assert not compat.train_worker_preempted(RuntimeError("Connection closed by peer"))
+
+
 def test_ray_auth_token_setup_logger_exists():
     with contract("ray", f"the logger module {compat.RAY_AUTH_TOKEN_SETUP_LOGGER}"):
         import importlib

@@ -31,3 +31,37 @@ def test_a_benign_thread_death_is_one_line_and_other_output_is_kept():
     assert len(said) == 1 and said[0].startswith("[ray] Ray Train's placement-group cleaner stopped (it found several "
                                                  "Ray instances on this machine")
     assert "worker-*-7.err" in said[0]
+
+
+# A worker node lost mid-step (tests/test_preemption.py's run, shortened): the surviving worker's trace, the
+# controller's, the GCS's and the raylet's lines, then the run going on.
+NODE_LOSS = [
+    (9, "Error in training function:"),
+    (9, "Traceback (most recent call last):"),
+    (9, '  File "/work/alphadpo_ray/distributed.py", line 102, in all_reduce'),
+    (9, "    dist.all_reduce(work, op=_OPS[op])"),
+    (9, "RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:26803. GLHF!"),
+    (9, ""),
+    (5, "Graceful shutdown of backend failed. This is expected if one of the workers has crashed."),
+    (5, "Traceback (most recent call last):"),
+    (5, '  File ".../ray/_private/worker.py", line 1055, in get_objects'),
+    (5, "    raise value"),
+    (5, "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."),
+    (5, "\tclass_name: "),
+    (5, "\tactor_id: aa60cf973f6ce474a6027a8e02000000"),
+    (5, ""),
+    ("gcs_server", "[2026-12-06 19:58:14,561 E 13613 13613] (gcs_server) gcs_placement_group_scheduler.cc:273: "
+                   "Failed to remove 1 bundle(s) for placement group 6b13e6 at node d11030"),
+    ("raylet", "The node with node id: d11030 and address: 127.0.0.2 and node name: 127.0.0.2 has been marked dead "
+               "because the detector has missed too many heartbeats from it."),
+    (5, "[failure] node 127.0.0.2 lost at step 4; resuming from step 4 (0 steps lost)"),
+    (11, "[resume] continuing from step 4 of 16, after the preemption noticed at step 4"),
+    (5, "step 5/16  loss 0.8521  margin -0.272"),
+]
+
+
+def test_a_handled_node_loss_leaves_the_projects_own_lines():
+    said: list[str] = []
+    keep = _WorkerLineFilter(say=lambda line, flush=False: said.append(line))
+    assert [line for pid, line in NODE_LOSS if keep(line, pid)] == [line for _, line in NODE_LOSS[-3:]]
+    assert not said
