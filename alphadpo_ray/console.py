@@ -65,15 +65,20 @@ KNOWN_BENIGN_WORKER_LINES = (
 
 # Traces (a header line, ``Traceback (most recent call last):``, its frames, the exception line and any
 # indented lines after it) dropped from the console per worker process. Value: None when another line
-# already says what happened (a worker group failure: `ConsoleProgress.after_exception`), else what to
-# print instead. Ray Train's PlacementGroupCleaner asks the state API for its controller with no address;
-# with another Ray instance on the machine Ray cannot tell which one is meant ("Found multiple active Ray
-# instances") and its monitor thread dies with a 30-line trace; training is unaffected (the cleaner only
-# matters if the driver dies uncleanly).
+# already says what happened (a worker group failure: `ConsoleProgress.after_exception`), else the line to
+# print instead, once per process ({why}: the exception). Ray Train's PlacementGroupCleaner asks the state
+# API for its controller with no address; with another Ray instance on the machine Ray cannot tell which
+# one is meant ("Found multiple active Ray instances") and its monitor thread dies with a 30-line trace;
+# training is unaffected (the cleaner only matters if the driver dies uncleanly).
 KNOWN_TRACES = (
-    (re.compile(r"^Exception in thread PlacementGroupCleanerMonitor"), "Ray Train's placement-group cleaner"),
+    (re.compile(r"^Exception in thread PlacementGroupCleanerMonitor"),
+     "Ray Train's placement-group cleaner stopped ({why}); training is unaffected"),
     (re.compile(r"^Error in training function:"), None),  # a worker of a failed group (Ray Train's util)
     (re.compile(r"^Graceful shutdown of backend failed"), None),  # the controller, a worker being gone
+    # the controller's request to the autoscaling coordinator timed out (a busy machine): it retries
+    (re.compile(r"^Failed to send resource request for train-"),
+     "Ray Train's controller timed out sending a resource request ({why}; a busy machine or network): it retries, "
+     "training goes on"),
 )
 
 
@@ -85,6 +90,7 @@ class _WorkerLineFilter:
     def __init__(self, say=print):
         self.say = say
         self.tracing: dict[object, tuple[str | None, bool]] = {}  # pid → (replacement, exception line seen)
+        self.said: set[tuple[str, object]] = set()  # (replacement, pid) printed
 
     def __call__(self, line: str, pid) -> bool:
         if pid in self.tracing:
@@ -93,11 +99,12 @@ class _WorkerLineFilter:
                 return False
             if not ended and not line.startswith("Traceback (most recent call last)"):
                 self.tracing[pid] = (what, True)  # the exception line
-                if what:
+                if what and (what, pid) not in self.said:  # once per process
+                    self.said.add((what, pid))
                     why = ("it found several Ray instances on this machine and cannot tell which is this run's"
                            if "multiple active Ray instances" in line else line.strip()[:160])
-                    self.say(f"[ray] {what} stopped ({why}); training is unaffected; the trace is in Ray's "
-                             f"session logs, worker-*-{pid}.err", flush=True)
+                    self.say(f"[ray] {what.format(why=why)}; the trace is in Ray's session logs, worker-*-{pid}.err",
+                             flush=True)
                 return False
             if not ended:
                 return False

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# Each Ray Train worker's report carries its node's IP under this key (the worker → controller side of the
+# contract): `tracking.ConsoleProgress` names the node a lost worker was on. Not a metric (not numeric).
+WORKER_NODE_KEY = "worker/node_ip"
+
 
 @dataclass
 class PreparedRun:

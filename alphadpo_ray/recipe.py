@@ -41,6 +41,7 @@ import torch
 
 from . import distributed
 from .errors import AlphaDPOError, StorageFull
+from .plan import WORKER_NODE_KEY
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "state"
@@ -97,6 +98,7 @@ class TrainSession:
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.node_ip = ray.util.get_node_ip_address()
 
     def get_checkpoint(self):
         import ray.train
@@ -108,7 +110,7 @@ class TrainSession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         try:
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report({**metrics, WORKER_NODE_KEY: self.node_ip}, checkpoint=checkpoint)
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise

@@ -32,7 +32,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from . import compat
 from .errors import AlphaDPOError
+from .plan import WORKER_NODE_KEY
 
 SECRET_PARTS = {"token", "key", "secret", "password", "passwd", "pwd", "credential", "credentials", "auth", "apikey",
                 "passphrase", "authorization", "bearer", "cookie"}
@@ -683,6 +685,25 @@ class MLflowMetricsCallback(_UserCallback):
 _NODE_IP = re.compile(r"\bip: (\d+\.\d+\.\d+\.\d+)|ipv4:(\d+\.\d+\.\d+\.\d+):")  # in a dead actor's error
 
 
+def _node_answers(ip: str, timeout: float = 1.0) -> bool:
+    """Whether the Ray node at `ip` is alive and its raylet accepts a connection (`ray.nodes()`; Ray marks a
+    killed node dead only after missed heartbeats, seconds later, so a node it still lists is asked)."""
+    import socket
+
+    import ray
+
+    try:
+        node = next((n for n in ray.nodes() if n.get("NodeManagerAddress") == ip), None)
+        if node is None or not node.get("Alive"):
+            return False
+        with socket.create_connection((ip, int(node["NodeManagerPort"])), timeout=timeout):
+            return True
+    except OSError:
+        return False
+    except Exception:  # noqa: BLE001 - no answer from Ray itself: say nothing about the node
+        return True
+
+
 class ConsoleProgress(_UserCallback):
     """One compact progress line per report (step, loss, held-out accuracy and KL, throughput), and one
     line per failed worker group (`after_exception`). Runs where the reports arrive: the Train controller
@@ -696,6 +717,7 @@ class ConsoleProgress(_UserCallback):
         self.budget = {"ray.max_failures": max_failures, "ray.max_preemption_failures": max_preemption_failures}
         self.resumed, self.log = resumed, log
         self.step, self.checkpoint_step, self._last_failure = 0, None, None
+        self.nodes: dict[int, str] = {}  # rank → its node's IP, from the reports (`plan.WORKER_NODE_KEY`)
         self.failures = {key: 0 for key in self.budget}
 
     def _say(self, line: str) -> None:
@@ -713,13 +735,16 @@ class ConsoleProgress(_UserCallback):
         if key == self._last_failure:
             return
         self._last_failure = key
-        from . import compat
-
         kind = ("ray.max_preemption_failures" if any(compat.train_worker_preempted(e) for e in worker_exceptions.values())
                 else "ray.max_failures")
         self.failures[kind] += 1
         texts = {rank: f"{type(err).__name__}: {err}" for rank, err in sorted(worker_exceptions.items())}
-        nodes = sorted({a or b for text in texts.values() for a, b in _NODE_IP.findall(text)})
+        dead = [rank for rank, err in worker_exceptions.items() if compat.train_worker_died(err)]
+        nodes = sorted({self.nodes[rank] for rank in dead if rank in self.nodes}
+                       or {a or b for rank in dead for a, b in _NODE_IP.findall(texts[rank])}
+                       # survivors failing first (a peer's connection closed): the silent ranks' nodes, if gone
+                       or {ip for rank, ip in self.nodes.items() if rank not in worker_exceptions and not
+                           _node_answers(ip)})
         if nodes:
             what = f"node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)} lost at step {self.step}"
         else:
@@ -739,6 +764,7 @@ class ConsoleProgress(_UserCallback):
         self._say(f"[failure] {what}; {then}")
 
     def after_report(self, run_context, metrics, checkpoint):
+        self.nodes.update({rank: m[WORKER_NODE_KEY] for rank, m in enumerate(metrics or []) if WORKER_NODE_KEY in m})
         if metrics and "step" in metrics[0]:
             self.step = int(metrics[0]["step"])
             if checkpoint is not None:

@@ -102,7 +102,9 @@ def test_worker_output_filter_drops_only_rejected_lines():
     with contract("ray", "ray._private.ray_logging.global_worker_stdstream_dispatcher"):
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-        got = []
+        from ray._private import worker
+
+        got, printer = [], worker.print_to_stdstream
         with dispatcher._lock:
             saved, dispatcher.handlers = dispatcher.handlers, []
         try:
@@ -116,14 +118,34 @@ def test_worker_output_filter_drops_only_rejected_lines():
         finally:
             with dispatcher._lock:
                 dispatcher.handlers = saved
+            worker.print_to_stdstream = printer
 
 
-def test_train_worker_preempted_reads_a_health_check_failure():
+def test_cluster_error_messages_pass_the_same_filter(capsys):
+    with contract("ray", "ray._private.worker.print_to_stdstream (the error-message printer)"):
+        from ray._private import worker
+
+        saved = worker.print_to_stdstream
+        try:
+            compat.filter_worker_output(lambda line, pid: not (pid == "raylet" and "marked dead" in line))
+            worker.print_to_stdstream({"lines": ["node 127.0.0.9 has been marked dead"], "pid": "raylet",
+                                       "is_err": False}, ignore_prefix=False)
+            worker.print_to_stdstream({"lines": ["a raylet message kept"], "pid": "raylet", "is_err": False},
+                                      ignore_prefix=False)
+            out = capsys.readouterr().out
+            assert "a raylet message kept" in out and "marked dead" not in out
+        finally:
+            worker.print_to_stdstream = saved
+
+
+def test_train_worker_died_or_preempted_reads_a_health_check_failure():
     with contract("ray", "ray.train.v2._internal.exceptions.WorkerHealthCheckFailedError.health_check_failure"):
         from ray.exceptions import ActorDiedError
         from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
         died = ActorDiedError()
+        assert compat.train_worker_died(WorkerHealthCheckFailedError("worker gone", failure=died))
+        assert not compat.train_worker_died(RuntimeError("Connection closed by peer"))
         assert not compat.train_worker_preempted(WorkerHealthCheckFailedError("worker gone", failure=died))
         died._preempted = True  # as Ray sets it from a node death by preemption
         assert compat.train_worker_preempted(WorkerHealthCheckFailedError("worker gone", failure=died))

@@ -65,3 +65,18 @@ def test_a_handled_node_loss_leaves_the_projects_own_lines():
     keep = _WorkerLineFilter(say=lambda line, flush=False: said.append(line))
     assert [line for pid, line in NODE_LOSS if keep(line, pid)] == [line for _, line in NODE_LOSS[-3:]]
     assert not said
+
+
+def test_a_known_transient_trace_is_one_line_once_per_process():
+    """Ray Train's controller on a busy machine: its resource request times out, with a trace, again and again."""
+    said: list[str] = []
+    keep = _WorkerLineFilter(say=lambda line, flush=False: said.append(line))
+    trace = ["Failed to send resource request for train-e573b48a. If this only happens transiently during network "
+             "partition or CPU being overloaded, it's safe to ignore this error. If this error persists, file a GitHub "
+             "issue.", "Traceback (most recent call last):", '  File ".../autoscaling_coordinator_client.py", line 58',
+             "    ray.get(", "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready."]
+    kept = [line for line in trace + trace + ["step 1/30  loss 0.69"] if keep(line, 3)]
+    assert kept == ["step 1/30  loss 0.69"]
+    assert said == ["[ray] Ray Train's controller timed out sending a resource request (ray.exceptions.GetTimeoutError: "
+                    "Get timed out: some object(s) not ready.; a busy machine or network): it retries, training goes on; "
+                    "the trace is in Ray's session logs, worker-*-3.err"]
