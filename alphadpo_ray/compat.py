@@ -167,10 +167,12 @@ def quiet_train_report_logger(level: int = logging.WARNING) -> bool:
 RAY_AUTH_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-def filter_worker_output(keep: Callable[[str], bool]) -> bool:
+def filter_worker_output(keep: Callable[[str, int], bool]) -> bool:
     """Wrap the handler through which Ray prints worker output on the driver (``ray_print_logs`` in
-    ``ray._private.ray_logging.global_worker_stdstream_dispatcher``) so only lines `keep` accepts are
-    printed. Private: Ray's only public switch is ``ray.init(log_to_driver=False)``, all or nothing.
+    ``ray._private.ray_logging.global_worker_stdstream_dispatcher``) so only lines `keep(line, pid)`
+    accepts are printed (pid: the worker process that wrote the line; its raw output stays in Ray's
+    ``logs/worker-*-{pid}.out|err``); the cluster's error messages too (`_filter_error_messages`, pid
+    ``"raylet"``). Private: Ray's only public switch is ``ray.init(log_to_driver=False)``, all or nothing.
     Idempotent; call after `ray.init`. False when the dispatcher is not there. Checked on ray 2.60.0."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -182,13 +184,57 @@ def filter_worker_output(keep: Callable[[str], bool]) -> bool:
                 continue
 
             def filtered(data, _handler=handler):
-                lines = [line for line in data.get("lines", []) if keep(line)]
+                lines = [line for line in data.get("lines", []) if keep(line, data.get("pid", 0))]
                 if lines:
                     _handler({**data, "lines": lines})
 
             filtered._alphadpo_filtered = True
             dispatcher.handlers[i] = (name, filtered)
+    _filter_error_messages(keep)
     return True
+
+
+def _filter_error_messages(keep: Callable[[str, int], bool]) -> None:
+    """The same for the cluster's error messages (a node marked dead, ...), which Ray's
+    ``listen_error_messages`` thread prints through ``ray._private.worker.print_to_stdstream`` with pid
+    ``"raylet"``, not through the dispatcher: that module function is wrapped (looked up at each call)."""
+    from ray._private import worker
+
+    printer = worker.print_to_stdstream
+    if getattr(printer, "_alphadpo_filtered", False):
+        return
+
+    def filtered(data, ignore_prefix: bool):
+        if data.get("pid") != "raylet":
+            return printer(data, ignore_prefix)
+        lines = [line for line in data.get("lines", []) if keep(line, "raylet")]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix)
+
+    filtered._alphadpo_filtered = True
+    worker.print_to_stdstream = filtered
+
+
+def train_worker_died(error: BaseException) -> bool:
+    """Whether a Train worker's error (as a `ray.train.UserCallback.after_exception` gets it) is the worker's
+    death (its process or node gone: a ``WorkerHealthCheckFailedError`` of ``ray.train.v2._internal``
+    wrapping a `ray.exceptions.RayActorError`), not an exception its training function raised. Private as
+    `train_worker_preempted`. Checked on ray 2.60.0."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(getattr(error, "health_check_failure", error), RayActorError)
+
+
+def train_worker_preempted(error: BaseException) -> bool:
+    """Whether a Train worker's error (as a `ray.train.UserCallback.after_exception` gets it) is its death by
+    a node preemption, the test Ray Train's failure policy charges to ``max_preemption_failures``: a
+    ``WorkerHealthCheckFailedError`` (``ray.train.v2._internal.exceptions``) whose ``health_check_failure``
+    is a `ray.exceptions.RayActorError` with ``preempted`` set. Private: Ray hands callbacks no failure
+    classification. Checked on ray 2.60.0."""
+    from ray.exceptions import RayActorError
+
+    failure = getattr(error, "health_check_failure", error)
+    return isinstance(failure, RayActorError) and bool(failure.preempted)
 
 
 def ray_token_auth() -> tuple[bool, bool]:

@@ -50,18 +50,78 @@ def quiet_driver() -> None:
         pass
 
 
-# Worker lines Ray forwards to the driver that are known to be benign, printed on every run.
+# Worker lines Ray forwards to the driver that are known to be benign, or that a handled failure brings and
+# the project's own one-line account replaces (`train_callbacks.ConsoleProgress.after_exception`, the `[resume]`
+# line); each stays in Ray's log files (``logs/worker-*-{pid}.err``, ``raylet.out``, ``gcs_server.out``).
 KNOWN_BENIGN_WORKER_LINES = (
     # Ray Train's own PreemptionWatcher actor, at error level (ray-project/ray#53727): not a problem of the run
     re.compile(r"core_worker\.cc.*Actor with class name: 'PreemptionWatcher'.*max_restarts > 0"),
+    # its notice, which the recipe's `[preemption]` line gives with the step and the checkpoint written
+    re.compile(r"^PreemptionWatcher: preemption detected"),
+    # a lost node: the GCS cannot free its placement-group bundles, the raylet reports it dead
+    re.compile(r"gcs_placement_group_scheduler\.cc.*Failed to remove \d+ bundle"),
+    re.compile(r"has been marked dead because the detector has missed too many heartbeats"),
+)
+
+# Traces (a header line, ``Traceback (most recent call last):``, its frames, the exception line and any
+# indented lines after it) dropped from the console per worker process. Value: None when another line
+# already says what happened (a worker group failure: `ConsoleProgress.after_exception`), else the line to
+# print instead, once per process ({why}: the exception). Ray Train's PlacementGroupCleaner asks the state
+# API for its controller with no address; with another Ray instance on the machine Ray cannot tell which
+# one is meant ("Found multiple active Ray instances") and its monitor thread dies with a 30-line trace;
+# training is unaffected (the cleaner only matters if the driver dies uncleanly).
+KNOWN_TRACES = (
+    (re.compile(r"^Exception in thread PlacementGroupCleanerMonitor"),
+     "Ray Train's placement-group cleaner stopped ({why}); training is unaffected"),
+    (re.compile(r"^Error in training function:"), None),  # a worker of a failed group (Ray Train's util)
+    (re.compile(r"^Graceful shutdown of backend failed"), None),  # the controller, a worker being gone
+    # the controller's request to the autoscaling coordinator timed out (a busy machine): it retries
+    (re.compile(r"^Failed to send resource request for train-"),
+     "Ray Train's controller timed out sending a resource request ({why}; a busy machine or network): it retries, "
+     "training goes on"),
 )
 
 
+class _WorkerLineFilter:
+    """Keep(line, pid): drops `KNOWN_BENIGN_WORKER_LINES` and the traces of `KNOWN_TRACES` (per worker
+    process, from the header to the end of the exception), printing a trace's one-line replacement where it
+    has one; every dropped line stays in Ray's log files."""
+
+    def __init__(self, say=print):
+        self.say = say
+        self.tracing: dict[object, tuple[str | None, bool]] = {}  # pid → (replacement, exception line seen)
+        self.said: set[tuple[str, object]] = set()  # (replacement, pid) printed
+
+    def __call__(self, line: str, pid) -> bool:
+        if pid in self.tracing:
+            what, ended = self.tracing[pid]
+            if line.startswith((" ", "\t")) or not line.strip():
+                return False
+            if not ended and not line.startswith("Traceback (most recent call last)"):
+                self.tracing[pid] = (what, True)  # the exception line
+                if what and (what, pid) not in self.said:  # once per process
+                    self.said.add((what, pid))
+                    why = ("it found several Ray instances on this machine and cannot tell which is this run's"
+                           if "multiple active Ray instances" in line else line.strip()[:160])
+                    self.say(f"[ray] {what.format(why=why)}; the trace is in Ray's session logs, worker-*-{pid}.err",
+                             flush=True)
+                return False
+            if not ended:
+                return False
+            del self.tracing[pid]  # a line after the trace: judged on its own
+        for header, what in KNOWN_TRACES:
+            if header.search(line):
+                self.tracing[pid] = (what, False)
+                return False
+        return not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES)
+
+
 def drop_benign_worker_lines() -> None:
-    """Ray forwards every worker's output to the driver's console; drop the lines known to be benign
-    (`KNOWN_BENIGN_WORKER_LINES`), through `compat.filter_worker_output` (Ray's private stdstream
-    dispatcher: if it is not there, nothing is filtered). Idempotent; call after `ray.init`."""
-    compat.filter_worker_output(lambda line: not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES))
+    """Ray forwards every worker's output to the driver's console; drop the lines known to be benign or
+    replaced by the project's own (`KNOWN_BENIGN_WORKER_LINES`, the traces of `KNOWN_TRACES`), through
+    `compat.filter_worker_output` (Ray's private stdstream dispatcher: if it is not there, nothing is
+    filtered). Idempotent; call after `ray.init`."""
+    compat.filter_worker_output(_WorkerLineFilter())
 
 
 def table_console():

@@ -32,8 +32,10 @@ yardstick FLOP/s.
 
 Timing: per thread count (`torch.set_num_threads`, --threads), one warm-up step of each, then --rounds
 rounds of yardstick, project, floor (interleaved, medians). Each step's phases (forward incl. the
-loss, backward, optimizer step) are timed as well, to show where a gap to the floor comes from, and
-its process CPU seconds (on a shared machine, at 1 thread, less sensitive to other load than wall time).
+loss, backward, optimizer step) are timed as well, to show where a gap to the floor comes from, and its
+CPU seconds (process + children, getrusage), the yardstick's too: where threads compete for cores (load
+above the CPU count) wall time stretches with the share of cores the process gets, so the report puts
+beside each wall figure the cores it got (cpu s / wall s) and the fraction of peak per CPU second.
 Targets (CPU): project >= 0.85 of peak, and project step time <= 1.05 x the floor, at every thread count.
 """
 
@@ -169,19 +171,30 @@ def _sync_time(device) -> float:
     return time.perf_counter()
 
 
-def yardstick(device, dtype) -> float:
-    """FLOP/s of torch.mm on two YARDSTICK_N^2 matrices: median of 3 products."""
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its waited-for children so far (getrusage)."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def yardstick(device, dtype) -> tuple[float, float]:
+    """(FLOP per wall second, FLOP per CPU second) of torch.mm on two YARDSTICK_N^2 matrices: median of 3
+    products each."""
     import torch
 
     a = torch.randn(YARDSTICK_N, YARDSTICK_N, device=device, dtype=dtype)
     b = torch.randn(YARDSTICK_N, YARDSTICK_N, device=device, dtype=dtype)
     torch.mm(a, b)
-    times = []
+    times, cpus = [], []
     for _ in range(3):
-        t0 = _sync_time(device)
+        t0, c0 = _sync_time(device), cpu_seconds()
         torch.mm(a, b)
         times.append(_sync_time(device) - t0)
-    return 2.0 * YARDSTICK_N**3 / statistics.median(times)
+        cpus.append(cpu_seconds() - c0)
+    flop = 2.0 * YARDSTICK_N**3
+    return flop / statistics.median(times), flop / max(statistics.median(cpus), 1e-9)
 
 
 def cached_rows(path: str, pairs: list[dict], pad_id: int, chunk_size: int, device=None, dtype=None) -> list[dict]:
@@ -277,21 +290,24 @@ def main(argv=None) -> int:
         for n in threads:
             if device.type == "cpu":
                 torch.set_num_threads(n)
-            yard, secs, cpus, phases = [], {k: [] for k in steps}, {k: [] for k in steps}, {k: [] for k in steps}
+            yard, yard_cpu = [], []
+            secs, cpus, phases = {k: [] for k in steps}, {k: [] for k in steps}, {k: [] for k in steps}
             for r in range(args.rounds + 1):  # round 0: warm-up
-                y = yardstick(device, dtype)
+                y, y_cpu = yardstick(device, dtype)
                 for name, (step, _, _) in steps.items():
                     ph: dict = {}
-                    t0, c0 = _sync_time(device), time.process_time()
+                    t0, c0 = _sync_time(device), cpu_seconds()
                     step(ph)
-                    dt, dc = _sync_time(device) - t0, time.process_time() - c0
+                    dt, dc = _sync_time(device) - t0, cpu_seconds() - c0
                     if r:
                         secs[name].append(dt)
                         cpus[name].append(dc)
                         phases[name].append(ph)
                 if r:
                     yard.append(y)
-            results[n] = (statistics.median(yard), {k: statistics.median(v) for k, v in secs.items()},
+                    yard_cpu.append(y_cpu)
+            results[n] = ((statistics.median(yard), statistics.median(yard_cpu)),
+                          {k: statistics.median(v) for k, v in secs.items()},
                           {k: statistics.median(v) for k, v in cpus.items()},
                           {k: {p: statistics.median(d[p] for d in v) for p in v[0]} for k, v in phases.items()})
         load1 = os.getloadavg()
@@ -312,22 +328,30 @@ def main(argv=None) -> int:
     print(f"timing: 1 warm-up + {args.rounds} interleaved rounds (yardstick, project, floor) per thread count; medians")
     print(f"load average before {' '.join(f'{x:.2f}' for x in load0)}, after {' '.join(f'{x:.2f}' for x in load1)}")
     print()
-    print(f"{'threads':>7} {'variant':<8} {'s/step':>8} {'cpu s':>8} {'fwd s':>7} {'bwd s':>7} {'opt s':>7} "
-          f"{'tokens/s':>9} {'TFLOP/s':>8} {'yard TFLOP/s':>12} {'of peak':>8} {'vs floor':>8}")
+    print("cpu s = CPU seconds of the process and its children (getrusage) per step; cores = cpu s / s/step (below "
+          "the thread count: the threads did not get their cores); of peak (cpu) = FLOP per CPU second / the "
+          "yardstick's, what the work reaches on the cores it got")
+    print(f"{'threads':>7} {'variant':<8} {'s/step':>8} {'cpu s':>8} {'cores':>6} {'fwd s':>7} {'bwd s':>7} {'opt s':>7} "
+          f"{'tokens/s':>9} {'TFLOP/s':>8} {'yard TFLOP/s':>12} {'of peak':>8} {'(cpu)':>6} {'vs floor':>8} {'(cpu)':>6}")
     verdicts = []
-    for n, (yard, med, cpu, ph) in results.items():
+    for n, ((yard, yard_cpu), med, cpu, ph) in results.items():
         peak = yard if device.type == "cpu" else args.peak_tflops * 1e12
         for name in steps:
             achieved = flops / med[name]
-            print(f"{n:>7} {name:<8} {med[name]:>8.3f} {cpu[name]:>8.3f} {ph[name]['forward']:>7.3f} "
-                  f"{ph[name]['backward']:>7.3f} "
+            print(f"{n:>7} {name:<8} {med[name]:>8.3f} {cpu[name]:>8.3f} {cpu[name] / med[name]:>6.2f} "
+                  f"{ph[name]['forward']:>7.3f} {ph[name]['backward']:>7.3f} "
                   f"{ph[name]['optimizer']:>7.3f} {tokens / med[name]:>9.0f} {achieved / 1e12:>8.4f} "
-                  f"{yard / 1e12:>12.4f} {achieved / peak:>8.3f} {med[name] / med['floor']:>8.3f}")
+                  f"{yard / 1e12:>12.4f} {achieved / peak:>8.3f} {flops / cpu[name] / yard_cpu:>6.3f} "
+                  f"{med[name] / med['floor']:>8.3f} {cpu[name] / cpu['floor']:>6.3f}")
         frac = flops / med["project"] / peak
         ratio = med["project"] / med["floor"]
         label = "of peak" if device.type == "cpu" else f"MFU (peak {args.peak_tflops:g} TFLOP/s)"
+        cores = cpu["project"] / med["project"]
+        competed = (f"; the threads got {cores:.2f} of {n} core(s): per CPU second "
+                    f"{flops / cpu['project'] / yard_cpu:.3f} of peak, {cpu['project'] / cpu['floor']:.3f} x the floor"
+                    if device.type == "cpu" and cores < 0.9 * n else "")
         verdicts.append(f"project {label} at {n} thread(s) = {frac:.3f} (target >= {PEAK_FRACTION_TARGET}): "
-                        f"{'PASS' if frac >= PEAK_FRACTION_TARGET else 'MISS'}")
+                        f"{'PASS' if frac >= PEAK_FRACTION_TARGET else 'MISS'}{competed}")
         verdicts.append(f"project/floor step time at {n} thread(s) = {ratio:.3f} (target <= {FLOOR_RATIO_TARGET}): "
                         f"{'PASS' if ratio <= FLOOR_RATIO_TARGET else 'MISS'}")
     print()

@@ -14,8 +14,10 @@ from the shared cache, built beforehand), interleaved per repetition:
 
 The project's runs also log to a local MLflow store and evaluate the held-out pairs at step 0 and at the
 end (``data.max_eval_samples`` of them); `summary.json` splits their time into setup / steps /
-evaluation, the rest being start, preparation, reference scoring, checkpoint and export. Target:
-in-process wall / TRL wall <= 1.2. Needs the `bench` extra (TRL). ~4-6 min on 2 cores with the defaults.
+evaluation, the rest being start, preparation, reference scoring, checkpoint and export. Every command
+first runs once untimed (one step), so both sides start warm; then --repeats (>= 3) interleaved rounds,
+medians. Target: in-process wall / TRL wall <= 1.2. Needs the `bench` extra (TRL). ~6-8 min on 2 cores with
+the defaults (`--skip ray-train`: ~3 min).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _run(kind: str, command: list[str], log: Path) -> dict:
             seconds = json.loads(summaries[0].read_text()).get("seconds") or {}
             result.update({k: seconds.get(k) for k in ("setup", "steps", "evaluation")})
         trained = re.search(r"train ([0-9.]+) s", done.stdout)
-        if kind == "trl" and trained:
+        if kind.endswith("trl") and trained:
             result.update({"steps": float(trained.group(1)), "evaluation": 0.0})
     return result
 
@@ -86,10 +88,13 @@ def _run(kind: str, command: list[str], log: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of 16 pairs (default 12)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each command; the median is "
+                        "reported (default 3, at least 3)")
     parser.add_argument("--eval-samples", type=int, default=16, help="the project's held-out pairs (default 16)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["in-process", "ray-train", "trl"])
     args = parser.parse_args()
+    if args.repeats < 3:
+        parser.error(f"--repeats {args.repeats}: a median needs at least 3 runs of each command")
 
     began = time.time()
     log = Path(tempfile.gettempdir()) / f"bench_fixed_cost-{os.getpid()}.log"
@@ -97,14 +102,16 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.2f}")
     print(f"settings: {args.steps} steps × 16 pairs, built-in task (quickstart.yaml), 1 worker, ZeRO-0, "
           f"{args.eval_samples} held-out pairs evaluated twice; repeats {args.repeats}; command output: {log}")
-    # one warm-up run builds the built-in task's SFT model into the cache if it is missing (not timed)
-    with tempfile.TemporaryDirectory(prefix="fixed-cost-warm-") as warm:
-        subprocess.run(_project_command(1, args.eval_samples, True), cwd=warm, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=True)
     kinds = [k for k in ("in-process", "ray-train", "trl") if k not in args.skip]
     commands = {"in-process": _project_command(args.steps, args.eval_samples, True),
                 "ray-train": _project_command(args.steps, args.eval_samples, False),
                 "trl": _trl_command(args.steps, args.eval_samples)}
+    # one untimed 1-step run of every command first, so each side starts warm (page cache of its imports,
+    # compiled bytecode, the project's MLflow template and the built-in task's SFT model in the cache)
+    warm_up = {"in-process": _project_command(1, args.eval_samples, True),
+               "ray-train": _project_command(1, args.eval_samples, False), "trl": _trl_command(1, args.eval_samples)}
+    for kind in kinds:
+        _run(f"warm-up {kind}", warm_up[kind], log)
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind in kinds:

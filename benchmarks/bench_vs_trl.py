@@ -21,8 +21,9 @@ the project's rows hold, checked), with AdamW, the same constant learning rate, 
             trainer.training_step (forward, loss, backward) -> trainer._clip_grad_norm -> optimizer.step ->
             lr_scheduler.step -> model.zero_grad
   trl-live  the same with a live reference model (TRL loads its own copy)
-  floor     no framework: pad to the longest row, model(...).logits, log_softmax, gather, masked sum,
-            DPO loss with cached reference log-probs, backward, clip, torch.optim.AdamW
+  floor     the least work the step needs, no framework: pad to the longest row, the model body, the output
+            head and log_softmax at response tokens only (one chunk, no recomputation, no extra metrics),
+            gather, per-row sum, DPO loss with cached reference log-probs, backward, clip, torch.optim.AdamW
 
 TRL's chunked head runs without Triton on CPU: it scores every position of the padded batch (prompt and
 padding included) in [4096, 32768] fp32 tiles with several elementwise passes each, so at 128k and 256k
@@ -36,8 +37,8 @@ step glibc's free memory is returned to the kernel (malloc_trim) and the residen
 reset (/proc/self/clear_refs); state = RSS a variant adds over its build and its first step (weights,
 optimizer moments, DeepSpeed buffers, TRL's reference copy), step = peak RSS growth during its steps,
 peak = state + step. On cuda: torch.cuda allocator figures (memory_allocated deltas, max_memory_allocated).
-The floor needs about 4 x tokens x vocab x 4 bytes of logits; it is skipped (and said so) where that exceeds
-60 % of the memory available.
+The floor needs about 4 x response tokens x vocab x 4 bytes of logits; it is skipped (and said so) where that
+exceeds 60 % of the memory available.
 """
 
 from __future__ import annotations
@@ -286,7 +287,8 @@ def _trl(path: str, args, rows: list[dict], device, dtype, total_steps: int, pre
 
 
 def _floor(path: str, args, rows: list[dict], device, dtype):
-    """Plain PyTorch: full logits, log_softmax, gather, DPO loss, AdamW."""
+    """Plain PyTorch, the least work the step needs: the model body over the padded batch, the output
+    head and log-softmax at response tokens only (one chunk), gather, per-row sum, DPO loss, AdamW."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -309,9 +311,13 @@ def _floor(path: str, args, rows: list[dict], device, dtype):
         return ids.to(device), mask.to(device), resp.to(device)
 
     def logps(ids, mask, resp):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        tok = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        return (tok * resp[:, 1:]).sum(-1)
+        # the least work the step needs: the output head and its log-softmax at response tokens only
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        target = resp[:, 1:]
+        logits = model.lm_head(hidden[target]).float()  # [response tokens, vocab]
+        tok = logits.log_softmax(-1).gather(-1, ids[:, 1:][target].unsqueeze(-1)).squeeze(-1)
+        row = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(target)[target]
+        return torch.zeros(ids.shape[0], device=ids.device, dtype=tok.dtype).index_add(0, row, tok)
 
     with torch.no_grad():
         ref = logps(*batch())
@@ -329,7 +335,7 @@ def _floor(path: str, args, rows: list[dict], device, dtype):
         loss.item()
         return int(mask.sum())
 
-    return step, (model, optimizer), "plain PyTorch, full logits, torch.optim.AdamW"
+    return step, (model, optimizer), "plain PyTorch, logits at response tokens only, torch.optim.AdamW"
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -359,8 +365,9 @@ def _worker(args) -> dict:
     width = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
     total_steps = 2 * (1 + args.repeats) + 4
     out: dict = {"vocab": vocab, "tokens": n_tokens, "padded": 2 * len(rows) * width, "variants": {}}
-    # the floor's logits, log-softmax and their two gradients, fp32
-    floor_need = 4 * 2 * len(rows) * width * vocab * 4 / 2**20
+    # the floor's logits at response tokens, their log-softmax and the two gradients, fp32
+    response_tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    floor_need = 4 * response_tokens * vocab * 4 / 2**20
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         path = Path(tmp) / "model"
         _build(path, args, vocab)

@@ -102,19 +102,54 @@ def test_worker_output_filter_drops_only_rejected_lines():
     with contract("ray", "ray._private.ray_logging.global_worker_stdstream_dispatcher"):
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-        got = []
+        from ray._private import worker
+
+        got, printer = [], worker.print_to_stdstream
         with dispatcher._lock:
             saved, dispatcher.handlers = dispatcher.handlers, []
         try:
             dispatcher.add_handler("ray_print_logs", got.append)
-            assert compat.filter_worker_output(lambda line: "benign" not in line)
-            assert compat.filter_worker_output(lambda line: False)  # idempotent: the handler is wrapped once
+            assert compat.filter_worker_output(lambda line, pid: "benign" not in line and pid == 1)
+            assert compat.filter_worker_output(lambda line, pid: False)  # idempotent: the handler is wrapped once
             dispatcher.emit({"pid": 1, "lines": ["kept", "a benign line"]})
             dispatcher.emit({"pid": 1, "lines": ["benign only"]})
+            dispatcher.emit({"pid": 2, "lines": ["kept, but from another pid"]})  # the pid reaches `keep`
             assert got == [{"pid": 1, "lines": ["kept"]}]
         finally:
             with dispatcher._lock:
                 dispatcher.handlers = saved
+            worker.print_to_stdstream = printer
+
+
+def test_cluster_error_messages_pass_the_same_filter(capsys):
+    with contract("ray", "ray._private.worker.print_to_stdstream (the error-message printer)"):
+        from ray._private import worker
+
+        saved = worker.print_to_stdstream
+        try:
+            compat.filter_worker_output(lambda line, pid: not (pid == "raylet" and "marked dead" in line))
+            worker.print_to_stdstream({"lines": ["node 127.0.0.9 has been marked dead"], "pid": "raylet",
+                                       "is_err": False}, ignore_prefix=False)
+            worker.print_to_stdstream({"lines": ["a raylet message kept"], "pid": "raylet", "is_err": False},
+                                      ignore_prefix=False)
+            out = capsys.readouterr().out
+            assert "a raylet message kept" in out and "marked dead" not in out
+        finally:
+            worker.print_to_stdstream = saved
+
+
+def test_train_worker_died_or_preempted_reads_a_health_check_failure():
+    with contract("ray", "ray.train.v2._internal.exceptions.WorkerHealthCheckFailedError.health_check_failure"):
+        from ray.exceptions import ActorDiedError
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+        died = ActorDiedError()
+        assert compat.train_worker_died(WorkerHealthCheckFailedError("worker gone", failure=died))
+        assert not compat.train_worker_died(RuntimeError("Connection closed by peer"))
+        assert not compat.train_worker_preempted(WorkerHealthCheckFailedError("worker gone", failure=died))
+        died._preempted = True  # as Ray sets it from a node death by preemption
+        assert compat.train_worker_preempted(WorkerHealthCheckFailedError("worker gone", failure=died))
+        assert not compat.train_worker_preempted(RuntimeError("Connection closed by peer"))
 
 
 def test_ray_auth_token_setup_logger_exists():

@@ -243,6 +243,9 @@ def test_sweep_trial_hit_by_preemption_resumes_as_the_same_trial(cluster, builti
     duplicates = _duplicate_steps(client, trial_runs[0])
     assert not duplicates
     assert run.data.metrics["run/preemptions"] == 1
+    output = log.text()  # the notice and the resume once each, no Ray, Train or gloo trace
+    assert not re.search(r"Traceback|Error in training function|Graceful shutdown", output), output[-8000:]
+    assert len(re.findall(r"\[preemption\] notice", output)) == 1 and len(re.findall(r"\[resume\]", output)) == 1
     print(f"\n[figures] sweep trial: notice step {notice_step}, resumed from step {resumed.group(1)}, "
           f"steps lost {lost}, preemptions 1, MLflow duplicates {len(duplicates)}")
 
@@ -273,7 +276,9 @@ def test_train_run_resumes_after_preemption_and_after_node_loss(cluster, builtin
     killed as soon as the just-in-time checkpoint is in (a reclaim before its deadline: Ray 2.60 sees a
     node that died, not one it watched go, and charges ``ray.max_failures``): the run resumes from the
     notice's step. After the step-12 checkpoint a worker node is killed with no notice: the run resumes
-    from step 12. It finishes, counts one preemption, and MLflow holds every step once."""
+    from step 12. It finishes, counts one preemption, and MLflow holds every step once. The console says
+    each once — the notice, then per loss ``[failure] node IP lost at step N; resuming from step M (K steps
+    lost)`` and ``[resume]`` — with no Ray, Train or gloo trace (those stay in Ray's log files)."""
     from mlflow.tracking import MlflowClient
 
     training = {"max_steps": 16, "save_steps": 12, "logging_steps": 1, "eval_steps": 100,
@@ -302,6 +307,19 @@ def test_train_run_resumes_after_preemption_and_after_node_loss(cluster, builtin
     assert 0 < notice_step < 12 and int(first.group(1)) == notice_step  # the just-in-time checkpoint
     assert f"after the preemption noticed at step {notice_step}" in first.group(0)
     assert int(second.group(1)) == 12  # no notice: the latest periodic checkpoint
+
+    output = log.text()
+    assert not re.search(r"Traceback|Error in training function|Graceful shutdown|marked dead|Failed to remove",
+                         output), output[-8000:]
+    failures = re.findall(r"\[failure\] (.*)$", output, re.M)
+    assert len(failures) == 2, output[-8000:]
+    lost = [re.fullmatch(r"node (\S+) lost at step (\d+); resuming from step (\d+) \((\d+) steps? lost\)", f)
+            for f in failures]
+    assert all(lost), failures
+    assert [(m.group(1), int(m.group(3))) for m in lost] == [(victim, notice_step), (loss_victim, 12)], failures
+    assert all(int(m.group(2)) - int(m.group(3)) == int(m.group(4)) for m in lost), failures
+    assert len(re.findall(r"\[preemption\] notice", output)) == 1 and len(re.findall(r"\[resume\]", output)) == 2
+    own = [ln for ln in output.splitlines() if ln.strip() and not re.search(r"step \d+/16  loss", ln)]
     summary = json.loads((config.run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 16
     assert summary["preemptions"] == 1
@@ -313,4 +331,5 @@ def test_train_run_resumes_after_preemption_and_after_node_loss(cluster, builtin
     assert client.get_run(run_id).data.metrics["run/preemptions"] == 1
     print(f"\n[figures] train, preemption: notice step {notice_step}, resumed from step {first.group(1)}, "
           f"steps lost {lost_notice}; node loss without notice: resumed from step {second.group(1)}, steps lost "
-          f"{lost_loss}; preemptions {summary['preemptions']}, MLflow duplicates {len(duplicates)}")
+          f"{lost_loss}; preemptions {summary['preemptions']}, MLflow duplicates {len(duplicates)}; console lines "
+          f"besides progress {len(own)}:\n" + "\n".join(own))

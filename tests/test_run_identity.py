@@ -112,9 +112,10 @@ def _held_run(tmp_path: Path, name: str, action: str = "sleep", **sections):
     ``action="fail"``): step 5 is logged, so a restart from the step-4 checkpoint replays a logged step."""
     folder = tmp_path / name
     plugin = held_plugin(folder, name, step=6, action=action)
+    training = {"max_steps": 8, "save_steps": 4, "logging_steps": 1, "eval_steps": 100,
+                "per_device_train_batch_size": 8, **sections.pop("training", {})}
     return small_config(folder, name=name, plugins=[str(plugin)], method={"name": name, "beta": 2.0},
-                        training={"max_steps": 8, "save_steps": 4, "logging_steps": 1, "eval_steps": 100,
-                                  "per_device_train_batch_size": 8}, **sections)
+                        training=training, **sections)
 
 
 def _kill_when_logged(uri: str, run_name: str, step: int, class_name: str, killed: threading.Event,
@@ -251,7 +252,8 @@ def test_in_process_run_killed_resumes_under_ray_train(ray_session, builtin_task
 
 def test_in_process_run_retries_from_its_checkpoint(ray_session, builtin_task, tmp_path):
     """An in-process run whose step 6 fails once restarts from its step-4 checkpoint within
-    ``ray.max_failures`` (as Ray Train restarts a worker group), logging each step once; with
+    ``ray.max_failures`` (as Ray Train restarts a worker group), logging each step once, and says so in one
+    line; failing before its first checkpoint it says it starts over and how many steps are lost; with
     max_failures 0 the same failure fails the run, its MLflow run closed FAILED."""
     from mlflow.tracking import MlflowClient
 
@@ -263,13 +265,27 @@ def test_in_process_run_retries_from_its_checkpoint(ray_session, builtin_task, t
     lines = []
     summary = train(config, log=lines.append)
     assert summary["status"] == "finished" and len(summary["history"]) == 8
-    assert any("[retry]" in line and "injected failure" in line for line in lines), lines
+    failures = [line for line in lines if line.startswith("[failure]")]
+    assert failures == ["[failure] worker 0 failed at step 5 (RuntimeError: injected failure at step 6); "
+                        "resuming from step 4 (1 step lost)"], lines
     client = MlflowClient(config.tracking.tracking_uri)
     assert _steps(client, summary["mlflow_run_id"]) == list(range(1, 9))
 
+    early = _held_run(tmp_path, f"early-{suffix}", action="fail", ray={"num_workers": 1, "max_failures": 1},
+                      deepspeed={"zero_stage": 0}, training={"save_steps": 8})  # no checkpoint before step 6
+    lines = []
+    assert train(early, log=lines.append)["status"] == "finished"
+    failures = [line for line in lines if line.startswith("[failure]")]
+    assert failures == ["[failure] worker 0 failed at step 5 (RuntimeError: injected failure at step 6); "
+                        "no checkpoint yet: starting over, 5 steps lost"], lines
+
     no_retry = _held_run(tmp_path, f"noretry-{suffix}", action="fail", **ONE_WORKER)
+    lines = []
     with pytest.raises(TrainingFailed, match="injected failure"):
-        train(no_retry, log=_quiet)
+        train(no_retry, log=lines.append)
+    assert [line for line in lines if line.startswith("[failure]")] == [
+        "[failure] worker 0 failed at step 5 (RuntimeError: injected failure at step 6); no failures left "
+        "(ray.max_failures 0): the run stops"], lines
     client = MlflowClient(no_retry.tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FAILED"

@@ -106,10 +106,10 @@ def fit_in_process(config: ExperimentConfig, plan, callbacks: list, log=print) -
             raise
         except Exception as err:  # noqa: BLE001 - counted against max_failures like a worker failure
             failures += 1
+            for callback in callbacks:  # as Ray Train's controller does: `ConsoleProgress` says what happens next
+                getattr(callback, "after_exception", lambda *_: None)(None, {0: err})
             limit = config.ray.max_failures
             if limit != -1 and failures > limit:
                 return InProcessResult(None, session.latest_checkpoint(), err)
-            log(f"[retry] {config.run_name}: {type(err).__name__}: {err}; restarting from the latest checkpoint "
-                f"(failure {failures} of {'unlimited' if limit == -1 else limit})")
             time.sleep(1.0)
             session = InProcessSession(config, callbacks)  # re-reads the registered checkpoints

@@ -258,7 +258,7 @@ def train(config: ExperimentConfig, log=print, restart: bool = False, address: s
     try:
         tracking.log_train_views(uri, run_id, plan=plan)
         _record_identity(config, identity, uri, run_id)
-        result = _fit(config, plan, uri, run_id, logged_through, log, in_process)
+        result = _fit(config, plan, uri, run_id, logged_through, log, in_process, resumed=not identity.fresh)
         summary = _write_summary(config, plan, result, uri, run_id, start, log)
     except BaseException as err:  # Ctrl-C, SIGTERM, a full disk, a failed run: never leave it RUNNING
         if run_id:
@@ -523,10 +523,11 @@ def _logged_note(logged: int, held_before: int, waiting: list[int], sent: bool, 
 
 
 def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, logged_through: int = -1, log=print,
-         in_process: bool = False):
+         in_process: bool = False, resumed: bool = False):
     """`TorchTrainer.fit()` — or, for a one-worker local run, the recipe in this process
     (`in_process.fit_in_process`) — with console progress and (when tracking) the MLflow metrics callback."""
-    callbacks: list = [train_callbacks.ConsoleProgress()]
+    callbacks: list = [train_callbacks.ConsoleProgress(config.ray.max_failures, config.ray.max_preemption_failures,
+                                                        resumed=resumed, log=log if in_process else None)]
     if run_id:
         callbacks.append(train_callbacks.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
     run_uri = storage.join(config.storage_path(), config.run_name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-
 @dataclass
 class PreparedRun:
     """Everything a training worker needs, as paths/URIs and small values (picklable)."""

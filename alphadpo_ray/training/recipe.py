@@ -51,6 +51,7 @@ from ..ml.models import load_tokenizer
 from ..ml.task import check
 from ..services.secrets import redact
 from ..services.storage import read_table
+from ..services.train_callbacks import WORKER_NODE_KEY
 from .engine import build_policy_engine, consolidated_state_dict, load_reference, quiet_logs, release_reference
 from .plan import PreparedRun
 
@@ -109,6 +110,7 @@ class TrainSession:
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.node_ip = ray.util.get_node_ip_address()
 
     def get_checkpoint(self):
         import ray.train
@@ -120,7 +122,7 @@ class TrainSession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         try:
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report({**metrics, WORKER_NODE_KEY: self.node_ip}, checkpoint=checkpoint)
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise
