@@ -107,6 +107,24 @@ def small_config(tmp_path, **sections):
 
 
 @pytest.fixture
+def short_tmp():
+    """`short_tmp()` makes a directory with a short path under /tmp (removed at teardown), for a Ray temp dir
+    (RAY_TMPDIR): Ray's socket paths under it must fit AF_UNIX's 107 bytes, which a pytest temp path
+    (longer under pytest-xdist's per-worker basetemp) does not always leave room for."""
+    import shutil
+
+    made = []
+
+    def make() -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp")))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     """A tiny real filesystem: `small_disk(size)` mounts a tmpfs of `size` (e.g. "8m") under tmp_path and returns
     its path; unmounted at teardown. Skips where mounting needs privileges this process lacks."""

@@ -112,7 +112,7 @@ def test_storage_helpers_sweep_lock_and_worker_env_on_the_bucket(s3, monkeypatch
 
 
 @pytest.mark.slow
-def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_task, tmp_path, tmp_path_factory):
+def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_task, tmp_path, short_tmp):
     """Prepared data, the reference cache, checkpoints and the run's identity land in the bucket; the
     driver (and its Ray) is killed at step 6, after the step-4 checkpoint; the same command continues
     from that checkpoint in the bucket and finishes, exporting the policy from there."""
@@ -122,7 +122,7 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
                           training={"max_steps": 8, "save_steps": 4, "logging_steps": 2, "eval_steps": 100})
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
-    env = _env(s3, tmp_path_factory.mktemp("rt"))
+    env = _env(s3, short_tmp())
     run = f"{STORAGE}/s3train"
 
     def checkpointed_and_held() -> bool:
@@ -154,7 +154,7 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
 
 @pytest.mark.slow
 def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, builtin_task, tmp_path,
-                                                                    tmp_path_factory):
+                                                                    short_tmp):
     """A sweep's Tune experiment, trials, checkpoints and trial journal live in the bucket. Its driver is
     killed once the journal there records a finished trial, with the next one running (Tune's full state
     is saved every 30 s, so it is older); a driver started in another, empty working directory with its
@@ -183,7 +183,7 @@ def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, 
                 ids.add(entry["trial_id"])
         return ids
 
-    first = driver(["sweep", str(path)], tmp_path / "a", _env(s3, tmp_path_factory.mktemp("rt")),
+    first = driver(["sweep", str(path)], tmp_path / "a", _env(s3, short_tmp()),
                     tmp_path / "first.log")
     _wait(lambda: journaled("TERMINATED") and journaled("RUNNING"), first, tmp_path / "first.log", 600,
           "a finished trial and a running one in the bucket's journal")
@@ -193,7 +193,7 @@ def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, 
 
     keys = s3.keys(experiment)
     assert f"{experiment}/tuner.pkl" in keys and any("/checkpoint_" in k for k in keys), keys
-    second = driver(["sweep", str(path), "--resume"], tmp_path / "b", _env(s3, tmp_path_factory.mktemp("rt")),
+    second = driver(["sweep", str(path), "--resume"], tmp_path / "b", _env(s3, short_tmp()),
                      tmp_path / "second.log")
     text = _finish(second, tmp_path / "second.log")
     assert f"resuming s3sweep from s3://{s3.bucket}/{experiment}" in text, text[-4000:]

@@ -34,7 +34,7 @@ def _files_holding(secret: bytes, roots: list[Path]) -> list[str]:
     return found
 
 
-def test_sweep_logs_to_authenticated_server_with_postgres_and_s3(builtin_task, tmp_path, tmp_path_factory,
+def test_sweep_logs_to_authenticated_server_with_postgres_and_s3(builtin_task, tmp_path, short_tmp,
                                                                   monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -60,7 +60,7 @@ def test_sweep_logs_to_authenticated_server_with_postgres_and_s3(builtin_task, t
         )
         path = tmp_path / "sweep.yaml"
         path.write_text(yaml.safe_dump(config.to_dict()))
-        ray_tmp, work = tmp_path_factory.mktemp("rt"), tmp_path / "work"
+        ray_tmp, work = short_tmp(), tmp_path / "work"
         work.mkdir()
         env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **s3.env, "RAY_TMPDIR": str(ray_tmp),
                "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
