@@ -267,12 +267,13 @@ def setup(loop_config: dict, session) -> _Worker:
     from .models import load_tokenizer
     from .plan import PreparedRun
     from .storage import read_table
+    from .threads import set_cpu_threads
 
     start = time.time()
     config = ExperimentConfig.model_validate(loop_config["config"])
     plan = PreparedRun(**loop_config["plan"])
     quiet_logs()
-    torch.set_num_threads(max(1, int(config.ray.resources_per_worker.get("CPU", 1))))
+    set_cpu_threads(config.ray.resources_per_worker.get("CPU", 1))  # no more than its CPUs, fewer on a busy machine
     distributed.init_process_group(config.ray.use_gpu, single_process=session.world == 1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if config.ray.use_gpu else torch.device("cpu")
     _seed_all(config.training.seed)

@@ -224,8 +224,10 @@ def _compute(table: pa.Table, reference: str, pad_token_id: int, num_shards: int
     if in_process:
         import torch
 
+        from .threads import set_cpu_threads
+
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(cpus)))
+        set_cpu_threads(cpus)
         try:
             return pa.table(score_rows(reference, table.select(columns).to_pydict(), pad_token_id, batch_size,
                                        chunk_size, device, dtype, load))

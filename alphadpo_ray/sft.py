@@ -129,6 +129,9 @@ def train_sft(model, examples: list[dict], pad_token_id: int, sft: SFTConfig, pr
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from .threads import set_cpu_threads
+
+    set_cpu_threads()  # the cores free now: oversubscribed OpenMP threads spin (13× slower on a busy machine)
     rng = random.Random(sft.seed)
     torch.manual_seed(sft.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.learning_rate, weight_decay=0.0)

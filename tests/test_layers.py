@@ -14,7 +14,7 @@ PACKAGE = Path(alphadpo_ray.__file__).parent
 LAYERS = [
     {"compat"},  # the only module that reaches private internals of Ray, Optuna, DeepSpeed, MLflow (libraries only)
     {"errors", "presets", "console", "plugins"},  # no project imports but compat
-    {"distributed", "storage"},  # collectives; local / object storage
+    {"distributed", "storage", "threads"},  # collectives; local / object storage; torch's CPU threads
     {"losses", "logprobs", "task", "models", "data"},  # the maths, models and data
     {"metrics", "sweep_settings", "plan"},  # held-out metrics, sweep schema + objectives, driver→worker contract
     {"config"},  # the typed experiment config
@@ -22,6 +22,7 @@ LAYERS = [
     {"recipe", "prepare", "preflight", "init_model"},  # a worker's recipe; the driver's preparation and checks (apart)
     {"in_process"},  # a one-worker run in the driver's process (Ray Train's checkpoint manager, no Ray)
     {"launch"},  # one training run
+    {"self_check"},  # `self-check`: the SFT reference and a short train against the seeds' ranges
     {"sweep"},  # sweeps and comparisons
     {"cli"},  # the command line
     {"__main__"},  # python -m alphadpo_ray
