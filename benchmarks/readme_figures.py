@@ -290,6 +290,9 @@ def print_table(doc: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=5, help="pipeline seeds 0 … N-1")
+    ap.add_argument("--first-seed", type=int, default=0, help="start at this seed (split seeds over runs; "
+                    "--merge joins their JSON)")
+    ap.add_argument("--merge", nargs="*", default=[], metavar="JSON", help="results JSON of other runs to merge in")
     ap.add_argument("--study-seeds", type=int, default=None, help="seeds for the α study (default: --seeds)")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--workdir", default="/tmp/alphadpo-figures", help="scratch directory (cache, stores, outputs)")
@@ -309,6 +312,11 @@ def main(argv=None) -> int:
     out = Path(args.json) if args.json else workdir / "readme-figures.json"
     doc = json.loads(out.read_text()) if out.exists() else {}
     results = doc.get("results", {})
+    for other in args.merge:
+        for phase, runs in (json.loads(Path(other).read_text()).get("results") or {}).items():
+            for seed, rec in runs.items():
+                if rec.get("figures") and not (results.get(phase) or {}).get(seed, {}).get("figures"):
+                    results.setdefault(phase, {})[seed] = rec
     provenance = doc.get("provenance") or {
         "command": "python benchmarks/readme_figures.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
@@ -336,7 +344,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         for phase in phases:
             n = args.study_seeds if (phase == "study" and args.study_seeds is not None) else args.seeds
-            for seed in range(n):
+            for seed in range(args.first_seed, n):
                 if (results.get(phase) or {}).get(str(seed), {}).get("figures"):
                     continue
                 d = workdir / f"seed-{seed}" / phase
