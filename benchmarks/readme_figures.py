@@ -313,6 +313,9 @@ def main(argv=None) -> int:
     doc = json.loads(out.read_text()) if out.exists() else {}
     results = doc.get("results", {})
     for other in args.merge:
+        if not Path(other).exists():
+            print(f"--merge {other}: no such file yet, skipped")
+            continue
         for phase, runs in (json.loads(Path(other).read_text()).get("results") or {}).items():
             for seed, rec in runs.items():
                 if rec.get("figures") and not (results.get(phase) or {}).get(seed, {}).get("figures"):
@@ -328,7 +331,7 @@ def main(argv=None) -> int:
     env.pop("RAY_ADDRESS", None)
     phases = [p for p in PHASES if p in args.phases.split(",")]
 
-    def save():
+    def save(write: bool = True):
         provenance["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
         provenance["seeds_done"] = {p: sorted(int(s) for s, r in (results.get(p) or {}).items() if r.get("figures"))
                                     for p in PHASES}
@@ -336,9 +339,10 @@ def main(argv=None) -> int:
         settings = next((r.get("settings") for r in (results.get("self_check") or {}).values() if r.get("settings")), None)
         new = {"provenance": provenance, **summary, "self_check": self_check_block(summary["figures"], settings),
                "results": results}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(new, indent=2, default=str))
-        tmp.replace(out)
+        if write:
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(new, indent=2, default=str))
+            tmp.replace(out)
         return new
 
     if not args.report_only:
@@ -355,7 +359,7 @@ def main(argv=None) -> int:
                 results.setdefault(phase, {})[str(seed)] = rec
                 print(f"    rc {rec['rc']}, {rec['wall_s']} s; {json.dumps(rec.get('figures'))}", flush=True)
                 save()
-    doc = save()
+    doc = save(write=not args.report_only)  # --report-only leaves the JSON to the run that may still write it
     print_table(doc)
     if args.write_expected:
         expected = {"provenance": {**provenance, "regenerate": "make figures (benchmarks/readme_figures.py "

@@ -25,7 +25,7 @@ def test_never_more_threads_than_cores_fewer_when_busy(monkeypatch):
 def test_openmp_threads_wait_passively_in_the_driver_and_workers():
     code = "import os, alphadpo_ray, torch; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.stdout.strip() == "PASSIVE"
     assert worker_env(config_from_dict({}))["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -45,6 +45,6 @@ train_sft(model, ex, tok.pad_token_id, SFTConfig(steps=1, batch_size=1), progres
 print(torch.get_num_threads())
 """
     env = {**os.environ, "ALPHADPO_RAY_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "1"
