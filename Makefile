@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of PyTorch that lies on this machine's disk; on a GPU machine see README "Installing by hand, and on GPUs".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-quick upgrade-check clean
+.PHONY: setup run test test-quick figures upgrade-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ test: setup
 # The inner loop: no Ray, cluster, server or training run (tests/conftest.py --quick).
 test-quick: setup
 	$(BIN)/python -m pytest -q -rfE --durations=10 --quick tests
+
+# Every figure and claim the README and docs quote, over FIGURE_SEEDS seeds of the whole pipeline (SFT reference
+# included), in scratch directories under /tmp/alphadpo-figures; prints per-seed values, ranges and each claim as
+# HOLDS (k/n) or DOES NOT HOLD, and writes the expectations `alphadpo-ray self-check` reads. CPU-heavy: about
+# 10 min per seed on 2 idle cores, far longer on a busy machine; re-running continues where it stopped.
+FIGURE_SEEDS ?= 5
+FIGURE_ARGS ?=
+figures: setup
+	$(BIN)/python benchmarks/readme_figures.py --seeds $(FIGURE_SEEDS) $(FIGURE_ARGS) \
+	  --write-expected alphadpo_ray/training/expected_figures.json
 
 # A scratch venv (/tmp/alphadpo-upgrade-venv) with the newest versions pyproject.toml's bounds allow, then
 # the compat contract tests and the resume/restore tests there (scripts/upgrade-check.sh). UPGRADE_TESTS

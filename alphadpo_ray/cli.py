@@ -1,4 +1,5 @@
-"""`alphadpo-ray` command line: sweep (the main job), compare, study, report, train, reference, validate, init-model."""
+"""`alphadpo-ray` command line: sweep (the main job), compare, study, report, train, reference, validate, init-model,
+self-check."""
 
 from __future__ import annotations
 
@@ -161,6 +162,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_self_check(args) -> int:
+    """Is this install's result normal? The SFT reference and a short train against the seeds' ranges
+    (`alphadpo_ray.training.self_check`); exit 1 when a figure is far outside them."""
+    from .training.self_check import format_report, load_expected, measure, report
+
+    expected = None if args.measure_only else load_expected(args.expected)
+    settings = dict(expected["settings"]) if expected else {}
+    if args.steps is not None:
+        settings["max_steps"] = args.steps
+    measured = measure(args.seed, settings, workdir=args.workdir, log=lambda *a, **k: None)
+    result = measured if args.measure_only else report(measured, expected)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    print(json.dumps(measured, indent=2) if args.measure_only else format_report(result))
+    return 1 if (not args.measure_only and result["overall"] == "outside") else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alphadpo-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action="store_true", help="render string prompts with the chat template")
     p.add_argument("--seed", type=int, default=0, help="seed for the model's initialisation and SFT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p = sub.add_parser("self-check", help="is my result normal? the SFT reference and a short train against the "
+                       "ranges measured over 5 seeds (a few minutes)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--expected", default=None, help="expectations JSON (default: alphadpo_ray/training/expected_figures.json, "
+                   "written by make figures)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the expectations'; another "
+                   "value is marked not comparable)")
+    p.add_argument("--seed", type=int, default=0, help="pipeline seed k: SFT seed k, training seed 42 + k")
+    p.add_argument("--workdir", default=None, help="where the short run writes (default: a temporary directory)")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--measure-only", action="store_true", help="measure and print the figures, compare nothing "
+                   "(what make figures runs per seed)")
     p = sub.add_parser("report", help="rebuild a sweep's or compare's table and plots from MLflow alone")
     p.add_argument("target", help="sweep/compare name, MLflow run id, or experiment name")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
@@ -225,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"init-model": cmd_init_model, "reference": cmd_reference, "validate": cmd_validate, "train": cmd_train, "sweep": cmd_sweep,
-            "compare": cmd_compare, "study": cmd_study, "report": cmd_report}
+            "compare": cmd_compare, "study": cmd_study, "report": cmd_report,
+            "self-check": cmd_self_check}
 
 
 RESUMABLE = ("train", "sweep", "compare", "study")  # commands that continue a stopped run when re-run

@@ -120,6 +120,7 @@ def worker_env(config: ExperimentConfig) -> dict[str, str]:
         HEALTH_CHECK_ENV: str(config.ray.health_check_interval_s),
         **({PREEMPTION_POLL_ENV: str(config.ray.preemption_poll_s)} if config.ray.preemption_poll_s else {}),
         "TOKENIZERS_PARALLELISM": "false",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # idle OpenMP threads sleep (threads.py)
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "0"),
         # Ray Train's print patch in its workers tees a print to the (wrapped) stdout *and* logs it through

@@ -43,6 +43,7 @@ from ..config.experiment import ExperimentConfig
 from ..config.sweep_settings import objectives
 from ..errors import AlphaDPOError, StorageFull
 from ..ml import distributed
+from ..ml.threads import set_cpu_threads
 from ..ml.data import collate_pairs
 from ..ml.logprobs import sequence_logps
 from ..ml.losses import build_loss
@@ -279,7 +280,7 @@ def setup(loop_config: dict, session) -> _Worker:
     config = ExperimentConfig.model_validate(loop_config["config"])
     plan = PreparedRun(**loop_config["plan"])
     quiet_logs()
-    torch.set_num_threads(max(1, int(config.ray.resources_per_worker.get("CPU", 1))))
+    set_cpu_threads(config.ray.resources_per_worker.get("CPU", 1))  # no more than its CPUs, fewer on a busy machine
     distributed.init_process_group(config.ray.use_gpu, single_process=session.world == 1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if config.ray.use_gpu else torch.device("cpu")
     _seed_all(config.training.seed)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..ml.threads import set_cpu_threads
 from ..ml.data import collate_pairs
 from ..ml.logprobs import sequence_logps
 from ..ml import models  # called as models.load_model: tests record its load settings
@@ -223,8 +224,9 @@ def _compute(table: pa.Table, reference: str, pad_token_id: int, num_shards: int
     if in_process:
         import torch
 
+
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(cpus)))
+        set_cpu_threads(cpus)
         try:
             return pa.table(score_rows(reference, table.select(columns).to_pydict(), pad_token_id, batch_size,
                                        chunk_size, device, dtype, load))

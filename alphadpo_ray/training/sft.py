@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..ml import task as task_lib
+from ..ml.threads import set_cpu_threads
 from ..ml.task import SFTConfig
 from ..ml.data import collate_pairs, collate_sft, preference_data_from_rows, tokenize_pairs, tokenize_sft
 from ..ml.logprobs import sequence_logps
@@ -129,6 +130,8 @@ def train_sft(model, examples: list[dict], pad_token_id: int, sft: SFTConfig, pr
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+
+    set_cpu_threads()  # the cores free now: oversubscribed OpenMP threads spin (13× slower on a busy machine)
     rng = random.Random(sft.seed)
     torch.manual_seed(sft.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.learning_rate, weight_decay=0.0)
