@@ -25,10 +25,14 @@ run: setup
 PER_TEST_TIMEOUT ?= 600
 SUITE_LIMIT ?= 80m
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), a test file each at a time: the scenario tests spend much of their time
+# waiting (Ray nodes starting, a run held at a step, a server killed), so two share the 2 cores. PARALLEL= runs
+# the suite in one process.
+PARALLEL ?= -n 2 --dist loadfile
 
 test: setup
 	timeout --signal=INT --kill-after=120 $(SUITE_LIMIT) \
-	  $(BIN)/python -m pytest -q -rfE --durations=25 --timeout=$(PER_TEST_TIMEOUT) $(PYTEST_ARGS) tests
+	  $(BIN)/python -m pytest -q -rfE --durations=25 --timeout=$(PER_TEST_TIMEOUT) $(PARALLEL) $(PYTEST_ARGS) tests
 
 # The inner loop: no Ray, cluster, server or training run (tests/conftest.py --quick).
 test-quick: setup
