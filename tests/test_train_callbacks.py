@@ -1,0 +1,125 @@
+"""Unit tests of `services/train_callbacks.py`'s `ConsoleProgress`: the progress line of a report and the
+``[failure]`` line for a sequence of reports and worker failures, the failures being the real Ray types a
+Train controller hands `after_exception` (`ActorDiedError` built from Ray's own death context, wrapped in
+the health-check error). No Ray is started."""
+
+from __future__ import annotations
+
+import pytest
+from ray.core.generated.common_pb2 import ActorDiedErrorContext, NodeDeathInfo
+from ray.exceptions import ActorDiedError
+
+from alphadpo_ray.services.train_callbacks import WORKER_NODE_KEY, ConsoleProgress
+
+
+def _died(ip: str = "", preempted: bool = False) -> Exception:
+    """A dead Train worker as Ray Train reports it: a health-check failure wrapping the actor's death."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    death = NodeDeathInfo(reason=NodeDeathInfo.AUTOSCALER_DRAIN_PREEMPTED) if preempted else None
+    context = ActorDiedErrorContext(class_name="RayTrainWorker", actor_id=b"\x01" * 16, node_ip_address=ip,
+                                    error_message="the node died", node_death_info=death)
+    return WorkerHealthCheckFailedError("worker gone", failure=ActorDiedError(context))
+
+
+def _progress(**kwargs) -> tuple[ConsoleProgress, list[str]]:
+    lines: list[str] = []
+    return ConsoleProgress(log=lines.append, **kwargs), lines
+
+
+def test_progress_line_of_a_full_report_with_checkpoint(capsys):
+    progress = ConsoleProgress()
+    metrics = {"step": 5, "total_steps": 10, "train/loss": 0.693147, "train/rewards/margin": 0.12,
+               "eval/step": 4, "eval/accuracy": 0.75, "eval/accuracy_logratio": 0.625, "eval/kl": 0.0134,
+               "eval/generation_accuracy": 0.5, "train/tokens_per_second_per_worker": 123.4}
+    progress.after_report(None, [metrics, {"step": 5}], checkpoint=object())
+    assert capsys.readouterr().out == ("step 5/10  loss 0.6931  margin +0.120  | eval@4 acc 0.750 acc_logratio 0.625 "
+                                       "kl 0.013 gen 0.50  | 123 tok/s/worker  [checkpoint]\n")
+    assert (progress.step, progress.checkpoint_step) == (5, 5)
+
+
+def test_progress_line_of_a_minimal_report_and_silence_without_a_loss(capsys):
+    progress = ConsoleProgress()
+    progress.after_report(None, [{"step": 1, "total_steps": 4, "train/loss": 0.5}], None)
+    assert capsys.readouterr().out == "step 1/4  loss 0.5000  margin +nan  | 0 tok/s/worker\n"
+    progress.after_report(None, [{"step": 2}], None)  # an evaluation-only report: its step counts, no line
+    progress.after_report(None, [], None)
+    assert capsys.readouterr().out == "" and (progress.step, progress.checkpoint_step) == (2, None)
+
+
+def test_failure_of_the_training_function_before_any_checkpoint():
+    progress, lines = _progress()
+    progress.after_report(None, [{"step": 3}], None)
+    progress.after_exception(None, {0: RuntimeError("boom\nsecond line")})
+    assert lines == ["[failure] worker 0 failed at step 3 (RuntimeError: boom); no checkpoint yet: starting over, "
+                     "3 steps lost"]
+
+
+def test_lost_worker_names_its_node_from_the_reports_and_the_checkpoint_it_resumes_from():
+    progress, lines = _progress()
+    nodes = [{"step": 8, WORKER_NODE_KEY: "10.0.0.2"}, {"step": 8, WORKER_NODE_KEY: "10.0.0.3"}]
+    progress.after_report(None, nodes, checkpoint=object())
+    progress.after_report(None, [{"step": 11}, {"step": 11}], None)
+    progress.after_exception(None, {1: _died()})
+    assert lines == ["[failure] node 10.0.0.3 lost at step 11; resuming from step 8 (3 steps lost)"]
+    assert progress.failures == {"ray.max_failures": 1, "ray.max_preemption_failures": 0}
+
+
+def test_lost_nodes_read_from_the_actor_errors_when_no_report_named_them():
+    progress, lines = _progress()
+    progress.after_report(None, [{"step": 1}], None)
+    progress.after_exception(None, {1: _died("10.0.0.9"), 0: _died("10.0.0.7")})
+    assert lines == ["[failure] nodes 10.0.0.7, 10.0.0.9 lost at step 1; no checkpoint yet: starting over, "
+                     "1 step lost"]
+
+
+def test_one_line_per_failure_and_the_budget_says_when_the_run_stops():
+    progress, lines = _progress(max_failures=1)
+    progress.after_report(None, [{"step": 2}], checkpoint=object())
+    progress.after_report(None, [{"step": 3}], None)
+    progress.after_exception(None, {0: ValueError("first")})
+    progress.after_exception(None, {0: ValueError("first, again from the controller")})  # the same failure
+    progress.after_report(None, [{"step": 5}], None)
+    progress.after_exception(None, {0: ValueError("second")})
+    assert lines == ["[failure] worker 0 failed at step 3 (ValueError: first); resuming from step 2 (1 step lost)",
+                     "[failure] worker 0 failed at step 5 (ValueError: second); no failures left "
+                     "(ray.max_failures 1): the run stops"]
+
+
+def test_preemptions_count_against_their_own_budget():
+    progress, lines = _progress(max_failures=0, max_preemption_failures=1)
+    progress.after_report(None, [{"step": 2}], checkpoint=object())
+    progress.after_report(None, [{"step": 4}], None)
+    progress.after_exception(None, {0: _died("10.0.0.5", preempted=True)})
+    progress.after_report(None, [{"step": 6}], None)
+    progress.after_exception(None, {0: _died("10.0.0.6", preempted=True)})
+    assert lines == ["[failure] node 10.0.0.5 lost at step 4; resuming from step 2 (2 steps lost)",
+                     "[failure] node 10.0.0.6 lost at step 6; no failures left (ray.max_preemption_failures 1): "
+                     "the run stops"]
+    assert progress.failures == {"ray.max_failures": 0, "ray.max_preemption_failures": 2}
+
+
+def test_a_resumed_start_without_a_new_checkpoint_resumes_from_its_own():
+    progress, lines = _progress(resumed=True)
+    progress.after_report(None, [{"step": 7}], None)
+    progress.after_exception(None, {0: RuntimeError("x")})
+    assert lines == ["[failure] worker 0 failed at step 7 (RuntimeError: x); resuming from the checkpoint this "
+                     "start resumed from"]
+
+
+def test_several_workers_failing_show_the_first_error_cut_at_160_characters(capsys):
+    progress = ConsoleProgress()  # no log: printed
+    long = "y" * 200
+    progress.after_exception(None, {1: RuntimeError("other"), 0: RuntimeError(long)})
+    first = f"RuntimeError: {long}"[:160]
+    assert capsys.readouterr().out == (f"[failure] workers 0, 1 failed at step 0 ({first}…); no checkpoint yet: "
+                                       "starting over, 0 steps lost\n")
+
+
+@pytest.mark.parametrize("budget", [-1, 5])
+def test_unlimited_or_unspent_budget_never_stops(budget):
+    progress, lines = _progress(max_failures=budget)
+    for step in range(1, 4):
+        progress.after_report(None, [{"step": step}], None)
+        progress.after_exception(None, {0: OSError("disk")})
+    assert len(lines) == 3 and not any("no failures left" in line for line in lines)
