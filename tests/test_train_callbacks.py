@@ -137,3 +137,45 @@ def test_a_failure_repeated_after_the_restart_before_any_report_is_said_and_coun
     assert progress.failures["ray.max_failures"] == 2
     assert lines[-1] == ("[failure] worker 0 failed at step 0 (RuntimeError: cannot load the model); no failures left "
                          "(ray.max_failures 1): the run stops")
+
+
+def test_mlflow_callback_buffers_each_step_once_and_says_the_outage_once(tmp_path, capsys):
+    """Reports go to the run's pending file first (the store at 127.0.0.1:9 does not answer, so they stay):
+    steps already logged and replayed steps are skipped, a carried evaluation is logged at its own step,
+    only finite numbers are metrics; the outage is said once."""
+    import pickle
+    import threading
+    import time
+
+    from alphadpo_ray.services.tracking import PendingMetrics
+    from alphadpo_ray.services.train_callbacks import MLflowMetricsCallback
+
+    uri, path = "http://127.0.0.1:9", tmp_path / "pending.jsonl"
+    callback = MLflowMetricsCallback(uri, "run-1", pending_path=path, logged_through=2)
+    callback.after_report(None, [], None)
+    callback.after_report(None, [{"step": 2, "train/loss": 1.0}], None)  # already in the run's history
+    assert not path.exists() and callback._sender is None
+    report = {"step": 3, "total_steps": 10, "train/loss": 0.5, "eval/step": 3, "eval/accuracy": 0.75,
+              "flag": True, WORKER_NODE_KEY: "10.0.0.2", "bad": float("nan")}
+    callback.after_report(None, [report, {"step": 3, "train/loss": 9.0}], None)  # rank 0's metrics only
+    callback.after_report(None, [report], None)  # replayed after a worker-group restart
+    callback.after_report(None, [{"step": 5, "train/loss": 0.25, "eval/step": 4, "eval/accuracy": 0.8}], None)
+    events = PendingMetrics(uri, path).events()
+    assert [(e["run_id"], e["step"], e["metrics"]) for e in events] == [
+        ("run-1", 3, {"train/loss": 0.5, "eval/step": 3.0, "eval/accuracy": 0.75}),
+        ("run-1", 4, {"eval/step": 4.0, "eval/accuracy": 0.8}),
+        ("run-1", 5, {"train/loss": 0.25})]
+    assert all(isinstance(e["ts"], int) for e in events)
+
+    copy = pickle.loads(pickle.dumps(callback))  # what Ray ships to the Train controller: no thread
+    assert copy._sender is None and copy.last_step == 5 and copy.pending_path == str(path)
+
+    deadline = time.monotonic() + 60
+    while not callback._sender.down and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    assert callback._sender.down
+    out = capsys.readouterr().out
+    assert out.count("[mlflow]") == 1 and (
+        f"[mlflow] tracking store unavailable (http://127.0.0.1:9 does not answer); training goes on, metrics are "
+        f"kept in {path} and sent when it is back") in out
+    assert len(PendingMetrics(uri, path).events()) == 3  # nothing lost
