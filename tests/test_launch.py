@@ -209,3 +209,12 @@ def test_export_policy_copies_the_checkpoints_policy_folder(tmp_path):
     (dest / "stale.bin").write_bytes(b"old")
     assert launch.export_policy(Checkpoint(str(ckpt)), dest) == dest
     assert sorted(p.name for p in dest.iterdir()) == ["model.safetensors"]
+
+
+def test_read_json_gives_a_dict_or_none(tmp_path):
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "cut.json").write_text('{"a": ')
+    assert launch._read_json(str(tmp_path / "ok.json")) == {"a": 1}
+    assert [launch._read_json(str(tmp_path / name)) for name in ("list.json", "cut.json", "missing.json")] == [
+        None, None, None]
