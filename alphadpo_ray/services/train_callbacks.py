@@ -138,9 +138,12 @@ class ConsoleProgress(_UserCallback):
         """``[failure] node 127.0.0.3 lost at step 11; resuming from step 8 (3 steps lost)``: which node (from a
         dead worker's error) or which workers and why, the last step reported, and where the run goes on
         from — the latest checkpoint, or, with none yet, step 0 (``no checkpoint yet: starting over, N steps
-        lost``). Once per failure (the traces stay in the workers' log files)."""
-        key = (self.step, tuple(sorted(worker_exceptions)))
-        if key == self._last_failure:
+        lost``). Once per failure (the traces stay in the workers' log files): under Ray Train a poll that
+        repeats the errors already said (same step, ranks and texts) is skipped — a restarted group's failure
+        differs (its workers' pids and actor ids are in the texts); an in-process run (``log`` given) calls
+        this exactly once per failure, so every call counts."""
+        key = (self.step, tuple(sorted((rank, f"{type(err).__name__}: {err}") for rank, err in worker_exceptions.items())))
+        if self.log is None and key == self._last_failure:
             return
         self._last_failure = key
         kind = ("ray.max_preemption_failures" if any(compat.train_worker_preempted(e) for e in worker_exceptions.values())
