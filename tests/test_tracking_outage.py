@@ -222,7 +222,7 @@ def test_fresh_sqlite_store_created_by_several_processes_at_once(tmp_path):
     go = tmp_path / "go"
     script = (
         "import sys, time, pathlib\n"
-        "from alphadpo_ray import tracking\n"
+        "from alphadpo_ray.services import tracking\n"
         "from mlflow.tracking import MlflowClient\n"
         "go = pathlib.Path(sys.argv[2])\n"
         "go.with_name('ready' + sys.argv[3]).touch()\n"
