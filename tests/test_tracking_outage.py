@@ -235,6 +235,8 @@ def test_fresh_sqlite_store_created_by_several_processes_at_once(tmp_path):
                               stderr=subprocess.STDOUT) for i in range(3)]
     deadline = time.time() + 300  # all three imported and waiting, then released together
     while not all((tmp_path / f"ready{i}").exists() for i in range(3)) and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):  # one died before it was ready: say why now
+            break
         time.sleep(0.05)
     go.touch()
     outputs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
