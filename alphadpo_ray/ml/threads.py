@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 
-WAIT_POLICY = "PASSIVE"
-
-
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else os.cpu_count()."""
     try:

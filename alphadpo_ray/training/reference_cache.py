@@ -224,7 +224,6 @@ def _compute(table: pa.Table, reference: str, pad_token_id: int, num_shards: int
     if in_process:
         import torch
 
-
         threads = torch.get_num_threads()
         set_cpu_threads(cpus)
         try:
