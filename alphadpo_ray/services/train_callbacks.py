@@ -142,14 +142,14 @@ class ConsoleProgress(_UserCallback):
         repeats the errors already said (same step, ranks and texts) is skipped — a restarted group's failure
         differs (its workers' pids and actor ids are in the texts); an in-process run (``log`` given) calls
         this exactly once per failure, so every call counts."""
-        key = (self.step, tuple(sorted((rank, f"{type(err).__name__}: {err}") for rank, err in worker_exceptions.items())))
+        texts = {rank: f"{type(err).__name__}: {err}" for rank, err in sorted(worker_exceptions.items())}
+        key = (self.step, tuple(texts.items()))
         if self.log is None and key == self._last_failure:
             return
         self._last_failure = key
         kind = ("ray.max_preemption_failures" if any(compat.train_worker_preempted(e) for e in worker_exceptions.values())
                 else "ray.max_failures")
         self.failures[kind] += 1
-        texts = {rank: f"{type(err).__name__}: {err}" for rank, err in sorted(worker_exceptions.items())}
         dead = [rank for rank, err in worker_exceptions.items() if compat.train_worker_died(err)]
         nodes = sorted({self.nodes[rank] for rank in dead if rank in self.nodes}
                        or {a or b for rank in dead for a, b in _NODE_IP.findall(texts[rank])}
