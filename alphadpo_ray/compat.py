@@ -93,6 +93,20 @@ def register_train_checkpoint(manager, checkpoint, metrics: dict) -> None:
     asyncio.run(register())
 
 
+def rebuild_train_snapshot(storage_path: str, run_name: str, checkpoints: list[tuple[str, dict]]) -> None:
+    """Write Ray Train's snapshot (`TRAIN_SNAPSHOT_FILE`) for `run_name` anew, listing `checkpoints`
+    (directory name in the run's storage, metrics) in report order, the last one the latest: what a
+    `TorchTrainer` resume then loads. Ray's own manager writes it (`train_checkpoint_manager`, nothing
+    deleted), so the file has exactly Ray's layout; the run must have no snapshot file when called (the
+    manager would load it). Private, as `train_checkpoint_manager`. Checked on ray 2.60.0."""
+    from ray.train import Checkpoint
+
+    storage, manager = train_checkpoint_manager(storage_path, run_name, None)
+    for name, metrics in checkpoints:
+        checkpoint = Checkpoint(storage.build_checkpoint_path_from_name(name), storage.storage_filesystem)
+        register_train_checkpoint(manager, checkpoint, metrics)
+
+
 def latest_train_checkpoint(manager):
     """The manager's latest registered `ray.train.Checkpoint`, or None (its ``latest_checkpoint_result``,
     restored from the snapshot when the manager was made). Private manager, as `train_checkpoint_manager`.

@@ -108,6 +108,23 @@ def test_bad_latest_checkpoint_falls_back_to_the_newest_intact_one(ray_session, 
     assert _final(third) == pytest.approx(_final(first), rel=1e-4, abs=1e-6)
     assert _intact(config)[:2] == [at_2.name, at_4.name] and len(_intact(config)) == 3
 
+    # 2b. Ray's snapshot left empty and the newest save cut short: a run killed while Ray's controller rewrote the
+    # snapshot (seen in CI: every later start failed in Ray with CheckpointManagerInitializationError)
+    from alphadpo_ray.compat import TRAIN_SNAPSHOT_FILE as RAY_SNAPSHOT_FILE
+
+    (_run_dir(config) / RAY_SNAPSHOT_FILE).write_text("")
+    cut_short = _checkpoints(config)[-1]
+    (cut_short / "manifest_rank1.json").unlink()
+    lines = []
+    fourth = train(config, log=lines.append)
+    assert any(line.startswith(f"[checkpoint] {_run_dir(config) / RAY_SNAPSHOT_FILE} was unreadable") and
+               line.endswith(f"rebuilt from the 2 checkpoint(s) in storage; resuming from {at_4.name}")
+               for line in lines), lines
+    assert _quarantined(config, cut_short, "manifest_rank1.json missing (save cut short)", lines)
+    assert "[resume] continuing from step 4 of 6" in _output(capfd, "[resume] continuing")
+    assert _final(fourth) == pytest.approx(_final(first), rel=1e-4, abs=1e-6)
+    assert _intact(config)[:2] == [at_2.name, at_4.name] and len(_intact(config)) == 3
+
     # 3. every checkpoint bad (the newest lost a worker's manifest: a save cut short) → a clear error before Ray
     # starts, naming each; nothing is moved, so the files can still be restored
     newest, older = _checkpoints(config)[-1], _checkpoints(config)[:-1]

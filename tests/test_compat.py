@@ -85,6 +85,14 @@ def test_train_checkpoint_manager_persists_registers_keeps_and_restores(tmp_path
         name, path, _fs = compat.next_train_checkpoint_path(_storage)
         assert name.startswith("checkpoint_") and path.endswith(name)
 
+        # the snapshot rebuilt from the directories alone (it was unreadable): Ray's manager restores it
+        (tmp_path / "store" / "run" / compat.TRAIN_SNAPSHOT_FILE).unlink()
+        compat.rebuild_train_snapshot(storage_path, "run", [(n, {"step": i}) for i, n in enumerate(kept)])
+        _storage, restored = compat.train_checkpoint_manager(storage_path, "run", 2)
+        assert compat.latest_train_checkpoint(restored).path == latest.path
+        assert sorted(p.name for p in (tmp_path / "store" / "run").iterdir() if p.is_dir() and p.name.startswith("checkpoint_")) \
+            == kept  # nothing deleted
+
 
 def test_train_report_logger_is_the_one_quieted():
     with contract("ray", "ray.train.v2._internal.execution.context's report logger"):

@@ -145,6 +145,56 @@ def test_screen_checkpoints_with_none_intact_refuses_and_moves_nothing(tmp_path)
     launch.screen_checkpoints(str(tmp_path / "no-run"))  # nothing stored: nothing to screen
 
 
+def test_an_unreadable_snapshot_is_rebuilt_from_the_intact_checkpoints_and_ray_loads_it(tmp_path):
+    """A run killed while Ray's controller rewrote its snapshot leaves it empty (seen in CI: every later
+    start failed with CheckpointManagerInitializationError). The file is kept, the snapshot rebuilt in
+    Ray's own layout (Ray's manager loads it), the newest intact checkpoint the latest; a newer save cut
+    short is set aside."""
+    storage_path, run = tmp_path / "ray", tmp_path / "ray" / "unit"
+    for step in (2, 4, 6):
+        _checkpoint(run, f"checkpoint_2026-12-06_10-00-0{step}.000000", step)
+    (run / "checkpoint_2026-12-06_10-00-08.000000").mkdir()  # the save the kill cut short: no manifest
+    (run / compat.TRAIN_SNAPSHOT_FILE).write_text("")
+    lines: list[str] = []
+    launch.repair_snapshot(str(storage_path), "unit", log=lines.append)
+
+    kept = sorted(run.glob(f"{compat.TRAIN_SNAPSHOT_FILE}.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_text() == ""
+    _, manager = compat.train_checkpoint_manager(str(storage_path), "unit", None)  # what Ray's controller does
+    latest = compat.latest_train_checkpoint(manager)
+    assert Path(latest.path).name == "checkpoint_2026-12-06_10-00-06.000000"
+    snapshot = json.loads((run / compat.TRAIN_SNAPSHOT_FILE).read_text())
+    assert compat.train_snapshot_checkpoints(snapshot)[:3] == [f"checkpoint_2026-12-06_10-00-0{s}.000000"
+                                                               for s in (2, 4, 6)]
+    assert [r["metrics"]["step"] for r in snapshot["checkpoint_results"]] == [2, 4, 6]
+    assert (run / QUARANTINE_DIR / "checkpoint_2026-12-06_10-00-08.000000").is_dir()
+    assert lines[0] == (f"[checkpoint] {run / compat.TRAIN_SNAPSHOT_FILE} was unreadable (a run stopped while Ray "
+                        f"Train rewrote it): kept as {kept[0]} and rebuilt from the 3 checkpoint(s) in storage; "
+                        "resuming from checkpoint_2026-12-06_10-00-06.000000")
+    assert len(lines) == 2 and "checkpoint_2026-12-06_10-00-08.000000 is not usable (manifest_rank0.json missing" \
+        in lines[1]
+    identity = launch._check_identity(_config(tmp_path), restart=False, log=lines.append)
+    assert not identity.fresh and len(lines) == 2  # a readable snapshot: nothing more to do, the run resumes
+
+
+def test_an_unreadable_snapshot_with_no_intact_checkpoint_refuses_and_without_any_starts_afresh(tmp_path):
+    storage_path, run = tmp_path / "ray", tmp_path / "ray" / "run"
+    _checkpoint(run, "checkpoint_1", 1, corrupt=True)
+    (run / compat.TRAIN_SNAPSHOT_FILE).write_text('{"checkpoint_res')
+    with pytest.raises(CheckpointUnusable, match=r"snapshot checkpoint_manager_snapshot\.json is unreadable and no "
+                                                 r"checkpoint passes its manifest check .*checkpoint_1: model\.bin "):
+        launch.repair_snapshot(str(storage_path), "run")
+    assert (run / compat.TRAIN_SNAPSHOT_FILE).read_text() == '{"checkpoint_res' and (run / "checkpoint_1").is_dir()
+
+    other = storage_path / "other"
+    other.mkdir()
+    (other / compat.TRAIN_SNAPSHOT_FILE).write_text("")
+    lines: list[str] = []
+    launch.repair_snapshot(str(storage_path), "other", log=lines.append)
+    assert not (other / compat.TRAIN_SNAPSHOT_FILE).exists()
+    assert len(lines) == 1 and lines[0].endswith("no checkpoint in storage, so the run starts afresh")
+
+
 def test_finished_summary_answers_only_for_the_same_fingerprint_and_latest_checkpoint(tmp_path):
     run = tmp_path / "run"
     _snapshot(run, ["checkpoint_1", "checkpoint_2"])

@@ -41,7 +41,7 @@ from ..services.tracking import flatten
 from .in_process import fit_in_process, runs_in_process
 from .preflight import check_cluster_access, check_token_file, gcs_address, preflight, spot_warnings
 from . import prepare  # called as prepare.prepare_run: tests replace it to see it is not reached
-from .recipe import CheckpointUnusable, checkpoint_problem, train_loop_per_worker
+from .recipe import MANIFEST, CheckpointUnusable, checkpoint_problem, train_loop_per_worker
 
 # The Train controller polls workers at this interval; reports block on it (default 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -375,6 +375,7 @@ def _check_identity(config: ExperimentConfig, restart: bool, log) -> RunIdentity
         moved = _set_aside(run_uri)
         where = f"moved to {moved}" if moved else "deleted"
         log(f"[restart] {config.run_name}: old run storage {where}; starting over")
+    repair_snapshot(config.storage_path(), config.run_name, log)
     previous = _read_json(storage.join(run_uri, IDENTITY_FILE))
     fresh = not _has_checkpoint(run_uri)
     if previous and not fresh and previous.get("fingerprint") != fingerprint:
@@ -411,6 +412,12 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
         return
     storage.write_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE),
                        compat.train_snapshot_without(snapshot, {n for n, _ in bad}, name))
+    _quarantine(fs, run_path, bad, name, log)
+
+
+def _quarantine(fs, run_path: str, bad: list[tuple[str, str]], resumed_from: str, log) -> None:
+    """Move each bad checkpoint (name, what is wrong) to ``QUARANTINE_DIR`` beside it (deleted on an
+    object store, which cannot move folders), with one line naming it."""
     for bad_name, why in bad:
         source = posixpath.join(run_path, bad_name)
         if isinstance(fs, pafs.LocalFileSystem):
@@ -422,7 +429,62 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
             fs.delete_dir(source)
             done = "deleted"
         log(f"[checkpoint] {redact(storage.uri_of(source, fs))} is not usable ({why}): {done}; resuming from "
-            f"{name} (a bad checkpoint is never counted toward ray.num_to_keep)")
+            f"{resumed_from} (a bad checkpoint is never counted toward ray.num_to_keep)")
+
+
+def repair_snapshot(storage_path: str, run_name: str, log=print) -> None:
+    """Before Ray starts: rebuild Ray Train's checkpoint-manager snapshot when it cannot be read.
+
+    Ray's controller rewrites the snapshot in place, truncating it first, so a run killed (``kill -9``, a
+    lost node) during that write leaves it empty or cut short, and every later start of the run failed
+    in Ray's controller (``CheckpointManagerInitializationError: Expecting value``). The unreadable file
+    is kept beside the run (``….unreadable-{time}``) and the snapshot rebuilt from the ``checkpoint_*``
+    directories in storage: verified newest first (`checkpoint_problem`) until one is intact, that one
+    the latest and the older ones kept before it, in time order; bad newer ones are set aside as
+    `screen_checkpoints` does. Checkpoints Ray had already deleted under ``ray.num_to_keep`` are gone
+    and stay gone. No directory at all: the snapshot is set aside and the run starts afresh. None intact:
+    `CheckpointUnusable`, nothing moved."""
+    run_uri = storage.join(storage_path, run_name)
+    snapshot_uri = storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE)
+    if not storage.exists(snapshot_uri) or _read_json(snapshot_uri) is not None:
+        return
+    fs, run_path = storage.resolve(run_uri)
+    names = sorted(_checkpoint_dirs(run_uri), reverse=True)  # Ray's names sort by time: newest first
+    bad: list[tuple[str, str]] = []
+    for name in names:
+        problem = checkpoint_problem(fs, posixpath.join(run_path, name))
+        if problem is None:
+            break
+        bad.append((name, problem))
+    else:
+        if names:
+            raise CheckpointUnusable(
+                f"cannot resume from {redact(run_uri)}: its Ray Train snapshot {compat.TRAIN_SNAPSHOT_FILE} is "
+                "unreadable and no checkpoint passes its manifest check (restore the files, or delete that "
+                "directory or pick a new run name to start over) — " + "; ".join(f"{n}: {why}" for n, why in bad))
+    snapshot_path = storage.resolve(snapshot_uri)[1]
+    kept_as = f"{snapshot_path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.move(snapshot_path, kept_as)
+    kept = sorted(set(names) - {n for n, _ in bad})
+    where = f"{redact(storage.uri_of(snapshot_path, fs))} was unreadable (a run stopped while Ray Train rewrote it)"
+    if not kept:
+        log(f"[checkpoint] {where}: kept as {redact(storage.uri_of(kept_as, fs))}; no checkpoint in storage, "
+            "so the run starts afresh")
+        return
+    compat.rebuild_train_snapshot(storage_path, run_name,
+                                  [(n, {"step": _manifest_step(fs, posixpath.join(run_path, n))}) for n in kept])
+    log(f"[checkpoint] {where}: kept as {redact(storage.uri_of(kept_as, fs))} and rebuilt from the {len(kept)} "
+        f"checkpoint(s) in storage; resuming from {kept[-1]}")
+    _quarantine(fs, run_path, bad, kept[-1], log)
+
+
+def _manifest_step(fs, checkpoint_path: str) -> int | None:
+    """The step rank 0's manifest records for a checkpoint (`recipe.write_manifest`), or None."""
+    try:
+        with fs.open_input_stream(posixpath.join(checkpoint_path, MANIFEST.format(rank=0))) as handle:
+            return int(json.loads(handle.read())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _checkpoint_dirs(run_uri: str) -> set[str]:
