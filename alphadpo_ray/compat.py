@@ -328,6 +328,40 @@ def edit_variant_generator_state(data: bytes, live: set[str]) -> bytes | None:
     return cloudpickle.dumps(variants)
 
 
+def skip_generated_variants(data: bytes, created: set[str]) -> tuple[bytes, set[str]] | None:
+    """A saved `BasicVariantGenerator` state (cloudpickled dict) advanced past the grid trials in `created`
+    that it had not generated yet when saved: trial ids the journal holds but the saved state lacks. A
+    grid's trials come in a fixed order from the pickled remaining variants, trial i named
+    ``{uuid_prefix}{i:05d}``, so stepping each ``_TrialIterator`` while its next id is in `created`
+    (counting, without building the `Trial`) makes a restore generate none of them again; they join its
+    live trials (`edit_variant_generator_state` then keeps the running ones). Returns (the state, the ids
+    skipped), or None when the state has no such iterators. Private: ``_iterators`` and
+    `_TrialIterator`'s ``counter`` / ``uuid_prefix`` / ``create_trial`` (ray.tune.search.basic_variant);
+    Tune has no public "these trials were already created". Checked on ray 2.60.0."""
+    import ray.cloudpickle as cloudpickle
+
+    variants = cloudpickle.loads(data)
+    if not (isinstance(variants, dict) and isinstance(variants.get("_iterators"), list)):
+        return None
+    skipped: set[str] = set()
+    for iterator in variants["_iterators"]:
+        def count_only(_resolved_vars, _spec, it=iterator):
+            it.counter += 1
+
+        iterator.create_trial = count_only  # instance attribute: shadows the method for these steps only
+        try:
+            while (trial_id := f"{iterator.uuid_prefix}{iterator.counter:05d}") in created:
+                try:
+                    next(iterator)
+                except StopIteration:
+                    break
+                skipped.add(trial_id)
+        finally:
+            del iterator.create_trial
+    variants["_live_trials"] = set(variants.get("_live_trials") or ()) | skipped  # created: live until ended
+    return cloudpickle.dumps(variants), skipped
+
+
 def load_optuna_searcher(searcher, data: bytes) -> None:
     """Load a saved `OptunaSearch` state (``searcher-state-*.pkl``) into `searcher`, as
     `OptunaSearch.restore` does (``__dict__.update`` of the pickled dict), from bytes rather than a local

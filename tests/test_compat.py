@@ -248,6 +248,30 @@ def test_tune_state_files_match_what_tune_writes(tmp_path):
         assert fresh._live_trials == {"x"}
 
 
+def test_skip_generated_variants_steps_a_saved_grid_past_created_trials(tmp_path):
+    from ray import tune
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import BasicVariantGenerator
+
+    with contract("ray", "BasicVariantGenerator's _iterators / _TrialIterator counter, uuid_prefix, create_trial"):
+        tune.register_trainable("compat_grid", lambda config: None)
+        grid = BasicVariantGenerator()
+        grid.add_configurations([Experiment("g", "compat_grid", config={"a": tune.grid_search([1, 2, 3])})])
+        first = grid.next_trial()
+        grid.save_to_dir(str(tmp_path), "s")
+        (saved,) = [p for p in tmp_path.iterdir() if fnmatch.fnmatch(p.name, compat.tune_state_patterns()["variants"])]
+        pickle_state = saved.read_bytes()
+        second = grid.next_trial()  # created after the save
+        edited, skipped = compat.skip_generated_variants(pickle_state, {second.trial_id, "other"})
+        assert skipped == {second.trial_id}
+        saved.write_bytes(edited)
+        restored = BasicVariantGenerator()
+        restored.restore_from_dir(str(tmp_path))
+        third = restored.next_trial()
+        assert (third.trial_id, third.config) == (f"{first.trial_id[:-5]}00002", {"a": 3})
+        assert restored._live_trials >= {second.trial_id} and restored.next_trial() is None  # the grid is done
+
+
 def test_optuna_search_parts_and_saved_state_round_trip():
     import optuna
     from optuna.trial import TrialState, create_trial

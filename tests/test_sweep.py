@@ -184,11 +184,11 @@ def test_journal_reconciles_a_stale_snapshot_and_searcher():
     snapshot = [data("a", "TERMINATED"), data("b", "RUNNING")]
     journal = {"a": record("a", "TERMINATED", 1), "b": record("b", "TERMINATED", 3),
                "d": record("d", "RUNNING", 4), "e": record("e", "TERMINATED", 2)}
-    merged, ended = merge_trials(snapshot, journal, add_missing=True)
+    merged, ended = merge_trials(snapshot, journal, add=set(journal))
     assert [(json.loads(s)["trial_id"], json.loads(s)["status"]) for s, _ in merged] == \
         [("a", "TERMINATED"), ("b", "TERMINATED"), ("e", "TERMINATED"), ("d", "RUNNING")]
     assert [r["trial_id"] for r in ended] == ["b", "e"]
-    assert len(merge_trials(snapshot, journal, add_missing=False)[0]) == 2  # a grid: nothing added
+    assert len(merge_trials(snapshot, journal, add=set())[0]) == 2  # nothing to add: nothing added
 
     searcher = _searcher(SweepConfig(), [])
     searcher.set_search_properties(None, None, tune_domains({"alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}, True))

@@ -75,8 +75,7 @@ class SweepConfig(BaseModel):
     experiment_checkpoint_s: float | None = Field(
         None, ge=0, description="seconds between Tune's full saves of the sweep's state (what --resume restores "
         "with the trial journal, which records every trial's start, checkpoints and end at once, so a finished "
-        "trial is never re-run); default 30 s — a grid sweep: every controller step on local storage, Tune's "
-        "adaptive period (≥ 10 s) on object stores")
+        "trial is never re-run); default 30 s")
     tpe_startup_trials: int = Field(10, ge=1, description="tpe: random trials before TPE models the results")
     tpe_multivariate: bool = Field(True, description="tpe: model the hyperparameters jointly (α, β, γ/β and "
                                    "the learning rate interact)")

@@ -127,10 +127,10 @@ def _newest(fs: pafs.FileSystem, experiment: str, pattern: str) -> str | None:
     return posixpath.join(experiment, max(matching)) if matching else None
 
 
-def merge_trials(trial_data: list, journal: dict[str, dict], add_missing: bool) -> tuple[list, list[dict]]:
+def merge_trials(trial_data: list, journal: dict[str, dict], add: set[str]) -> tuple[list, list[dict]]:
     """The snapshot's ``trial_data`` with the journal's newer records: a record replaces the snapshot's
-    entry unless the snapshot has that trial ended; with `add_missing`, trials the snapshot lacks are
-    appended. Returns the merged list and the journal records that ended a trial the snapshot had not."""
+    entry unless the snapshot has that trial ended; trials in `add` the snapshot lacks are appended (by
+    time). Returns the merged list and the journal records that ended a trial the snapshot had not."""
     merged, ended, seen = [], [], set()
     for entry in trial_data:
         trial_id, status = (json.loads(entry[0])[k] for k in ("trial_id", "status"))
@@ -143,7 +143,7 @@ def merge_trials(trial_data: list, journal: dict[str, dict], add_missing: bool) 
         if record["status"] in ENDED:
             ended.append(record)
     for trial_id, record in sorted(journal.items(), key=lambda item: item[1]["time"]):
-        if trial_id not in seen and add_missing:
+        if trial_id not in seen and trial_id in add:
             merged.append(record["trial_data"])
             if record["status"] in ENDED:
                 ended.append(record)
@@ -185,14 +185,15 @@ def reconcile_searcher(searcher, trials: dict[str, tuple[str, dict, dict]]) -> N
         completed.add(trial_id)
 
 
-def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True) -> list[dict]:
+def reconcile(experiment_uri: str, make_searcher=None) -> list[dict]:
     """Before `Tuner.restore`: fold the journal into the newest experiment state and make the searcher's
     saved state agree (see the module docstring). `make_searcher` builds an empty searcher of the sweep's
-    kind to load the saved one into (None for grid sweeps, whose trials Tune generates in a fixed order:
-    then only trials the snapshot holds are updated, `add_missing` False). Without a journal (a sweep from
-    before it) the searcher's state is still made to agree with the snapshot's trials: Tune saves and
-    uploads those files one by one, so a kill can leave them from different saves. Returns the journal
-    records that ended trials the snapshot had not (their MLflow runs may still need closing)."""
+    kind to load the saved one into (None for a grid sweep, whose trials Tune generates in a fixed order
+    from its saved variant generator: trials started after the snapshot are added and the generator is
+    advanced past them, `compat.skip_generated_variants`). Without a journal (a sweep from before it) the
+    searcher's state is still made to agree with the snapshot's trials: Tune saves and uploads those
+    files one by one, so a kill can leave them from different saves. Returns the journal records that
+    ended trials the snapshot had not (their MLflow runs may still need closing)."""
     fs, experiment = storage.resolve(experiment_uri)
     journal = read_journal(fs, experiment)
     patterns = compat.tune_state_patterns()
@@ -200,7 +201,15 @@ def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True)
     if state_path is None:
         return []  # nothing Tune could restore
     state = json.loads(_read(fs, state_path))
-    state["trial_data"], ended = merge_trials(state["trial_data"], journal, add_missing)
+    after_snapshot = set(journal) - {json.loads(entry[0])["trial_id"] for entry in state["trial_data"]}
+    variant_path = _newest(fs, experiment, patterns["variants"])
+    variants = _read(fs, variant_path) if variant_path is not None else None
+    add = after_snapshot if make_searcher is not None else set()
+    if variants is not None and after_snapshot:  # a grid: its generator must not create those trials again
+        advanced = compat.skip_generated_variants(variants, after_snapshot)
+        if advanced is not None:
+            variants, add = advanced
+    state["trial_data"], ended = merge_trials(state["trial_data"], journal, add)
     if journal:
         _write(fs, state_path, json.dumps(state).encode())
 
@@ -212,9 +221,8 @@ def reconcile(experiment_uri: str, make_searcher=None, add_missing: bool = True)
         trials[data["trial_id"]] = (data["status"], record.get("params") or {},
                                     record.get("result") or metadata.get("last_result") or {})
     live = {t for t, (status, *_rest) in trials.items() if status not in ENDED}
-    variant_path = _newest(fs, experiment, patterns["variants"])
-    if variant_path is not None:  # a grid: its generator holds back trials while `max_concurrent` live
-        edited = compat.edit_variant_generator_state(_read(fs, variant_path), live)
+    if variants is not None:  # a grid: its generator holds back trials while `max_concurrent` live
+        edited = compat.edit_variant_generator_state(variants, live)
         if edited is not None:
             _write(fs, variant_path, edited)
     gen_path = _newest(fs, experiment, patterns["search_gen"])

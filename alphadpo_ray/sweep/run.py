@@ -217,7 +217,7 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
         callbacks.append(tracker)
     tuner = _tuner(config, sweep, method, plan, name, space, points, callbacks, resume, log)
     _ENDED.pop(name, None)
-    with _tune_environment(sweep, config.storage_path()):
+    with _tune_environment(sweep):
         grid = tuner.fit()
     # Tune answers the first Ctrl-C by saving its state and returning from `fit` as if done: a trial that
     # did not end (Tune's own count of terminated and errored trials), or fewer trials than planned, means
@@ -298,8 +298,7 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
     use_grid = sweep.search == "grid"
     if resume and Tuner.can_restore(experiment_dir):
         log(f"[sweep] resuming {name} from {experiment_dir}")
-        ended = journal.reconcile(experiment_dir, None if use_grid else (lambda: _searcher(sweep, points)),
-                                  add_missing=not use_grid)
+        ended = journal.reconcile(experiment_dir, None if use_grid else (lambda: _searcher(sweep, points)))
         for tracker in (c for c in callbacks if isinstance(c, SweepMLflowCallback)):
             tracker.close_ended(ended)
         return Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
@@ -331,25 +330,20 @@ def _no_restore_advice(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _tune_environment(sweep: SweepConfig, storage: str):
+def _tune_environment(sweep: SweepConfig):
     """Tune's process-wide switches for this sweep's `fit` only (its controller reads them when `fit`
     starts; previous values are restored after):
 
     * `TUNE_GLOBAL_CHECKPOINT_S`, the period of Tune's full experiment-state save (every trial's record and
       the searcher; its cost grows with the trials): ``sweep.experiment_checkpoint_s``, 30 s by default —
       the trial journal (`journal.TrialJournal`) records each trial's start, checkpoints and end at once, so
-      a killed driver never re-runs a finished trial whatever the period. A grid sweep's trials are
-      generated in a fixed order the journal cannot replay, so by default it saves every controller step
-      on local storage (Tune's adaptive period on object stores);
+      a killed driver never re-runs a finished trial whatever the period (a grid sweep too: `--resume`
+      advances its saved variant generator past the trials the journal holds);
     * `RAY_AIR_NEW_OUTPUT=0`: Tune's legacy reporter, which honours ``verbose=0`` (the new one prints its
       configuration box and a TensorBoard hint regardless); `TrialProgress` prints the trial lines;
     * a filter on Tune's logger that drops its ``Tuner.restore(...)`` advice after Ctrl-C (`_no_restore_advice`)."""
-    period = sweep.experiment_checkpoint_s
-    if period is None and sweep.search != "grid":
-        period = DEFAULT_CHECKPOINT_S
-    elif period is None:
-        period = 0 if "://" not in storage else None
-    values = {CHECKPOINT_PERIOD_ENV: None if period is None else str(period), "RAY_AIR_NEW_OUTPUT": "0"}
+    period = DEFAULT_CHECKPOINT_S if sweep.experiment_checkpoint_s is None else sweep.experiment_checkpoint_s
+    values = {CHECKPOINT_PERIOD_ENV: str(period), "RAY_AIR_NEW_OUTPUT": "0"}
     previous = {k: os.environ.get(k) for k in values}
     os.environ.update({k: v for k, v in values.items() if v is not None})
     tune_logger = logging.getLogger("ray.tune.tune")
