@@ -495,6 +495,49 @@ def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
         assert "stopped early" in (tmp_path / name / "trials.csv").read_text()
 
 
+def test_sweep_callback_finds_earlier_runs_with_one_search_and_logs_each_step_once(tmp_path):
+    """A driver that died mid-sweep left child runs; the resumed driver's callback (a new instance, its
+    saved state lost) continues them — found by one search for the whole sweep, not one per trial (a tag
+    search scans the store) — logs only the steps they lack, and creates runs for new trials without
+    reading anything back."""
+    import pickle
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.sweep.nested_runs import KIND_TAG, SWEEP_TAG, SweepMLflowCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("resumed")
+    parent = client.create_run(experiment, run_name="sw", tags={KIND_TAG: "sweep", SWEEP_TAG: "sw"}).info.run_id
+    trials = {t: SimpleNamespace(trial_id=t, config={"alpha": 0.1}) for t in ("t1", "t2", "t3")}
+
+    def report(callback, trial_id, step):
+        callback.on_trial_result(0, [], trials[trial_id], {"step": step, "train/loss": 1.0 / step})
+
+    first = SweepMLflowCallback(uri, experiment, parent, "sw", "alpha-dpo")
+    for trial_id in ("t1", "t2"):
+        first.on_trial_start(0, [], trials[trial_id])
+        report(first, trial_id, 1)
+    report(first, "t1", 2)  # then the driver died
+
+    second = pickle.loads(pickle.dumps(SweepMLflowCallback(uri, experiment, parent, "sw", "alpha-dpo")))
+    calls = []
+    real = second.client.search_runs
+    second.client.search_runs = lambda *a, **k: calls.append(a) or real(*a, **k)
+    for trial_id in ("t1", "t2", "t3"):
+        second.on_trial_start(0, [], trials[trial_id])
+        for step in (1, 2, 3):  # replayed from each trial's start (no checkpoint)
+            report(second, trial_id, step)
+    assert len(calls) == 1  # one search for the sweep's runs, whatever the number of trials
+    assert second.runs["t1"] == first.runs["t1"] and second.runs["t2"] == first.runs["t2"]
+    for trial_id in ("t1", "t2", "t3"):
+        history = client.get_metric_history(second.runs[trial_id], "train/loss")
+        assert sorted(m.step for m in history) == [1, 2, 3], trial_id  # each step once
+    assert client.get_run(second.runs["t1"]).info.status == "RUNNING"
+
+
 def test_report_shows_a_stale_running_trial_as_stale(tmp_path):
     """A trial run MLflow still holds RUNNING whose last activity (start, last metric) is older than
     `report.STALE_AFTER_S` — its driver is gone — is shown as stale, not running; a live one as running."""

@@ -616,12 +616,14 @@ def dataset_inputs(plan: dict) -> list[tuple[str, str, str, int]]:
     return out
 
 
-def log_data_inputs(client, run_id: str, plan: dict) -> None:
+def log_data_inputs(client, run_id: str, plan: dict, new_run: bool = False) -> None:
     """The training and held-out data as the run's MLflow dataset inputs (name, source, digest, rows;
-    context ``training`` / ``evaluation``), each once: the UI's Datasets column and filter show them."""
+    context ``training`` / ``evaluation``), each once: the UI's Datasets column and filter show them.
+    ``new_run``: the caller just created the run (nothing to read back)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    held = {(d.dataset.name, d.dataset.digest) for d in (client.get_run(run_id).inputs.dataset_inputs or [])}
+    held = set() if new_run else {(d.dataset.name, d.dataset.digest)
+                                  for d in (client.get_run(run_id).inputs.dataset_inputs or [])}
     inputs = []
     for name, source, digest, rows in dataset_inputs(plan):
         if (name, digest) in held:

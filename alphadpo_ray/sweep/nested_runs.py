@@ -87,6 +87,8 @@ class SweepMLflowCallback(Callback):
         self.runs: dict[str, str] = {}
         self._client = None
         self._logged: dict[str, int] = {}  # trial id → highest step in its run's history (read from MLflow first)
+        self._existing: dict[str, str] | None = None  # trial id → child run already in MLflow (`_existing_runs`)
+        self._created: set[str] = set()  # trials whose run this instance created: nothing in their history yet
 
     @property
     def client(self):
@@ -100,22 +102,35 @@ class SweepMLflowCallback(Callback):
         state = dict(self.__dict__)
         state["_client"] = None
         state["_logged"] = {}
+        state["_existing"], state["_created"] = None, set()
         return state
 
-    def _find_existing(self, trial_id: str) -> str | None:
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{SWEEP_TAG}` = '{self.sweep_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-            max_results=1,
-        )
-        return found[0].info.run_id if found else None
+    def _existing_runs(self) -> dict[str, str]:
+        """Trial id → this sweep's child run already in MLflow (the newest, if several), read once: one
+        paged search when first needed, not one per trial (a tag search scans the store, so per trial it
+        grew with the sweep). The driver is the only writer of its sweep's runs, so the map stays true
+        with the runs this instance creates (kept in ``runs``)."""
+        if self.__dict__.get("_existing") is None:  # absent in a callback pickled by an older version
+            found: dict[str, str] = {}
+            token = None
+            while True:
+                page = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{self.sweep_id}'",
+                                               max_results=1000, page_token=token)  # newest first
+                for run in page:
+                    if run.data.tags.get(TRIAL_TAG):
+                        found.setdefault(run.data.tags[TRIAL_TAG], run.info.run_id)
+                token = page.token
+                if not token:
+                    break
+            self._existing = found
+        return self._existing
 
     def run_id(self, trial) -> str:
         from mlflow.entities import Param
 
         trial_id = trial.trial_id
         if trial_id not in self.runs:
-            existing = self._find_existing(trial_id)
+            existing = self._existing_runs().get(trial_id)
             if existing is not None:
                 self.runs[trial_id] = existing
                 self.client.update_run(existing, status="RUNNING")
@@ -129,12 +144,13 @@ class SweepMLflowCallback(Callback):
                           **_seed_tag(trial.config.get("seed", getattr(self, "seed", None)))},
                 )
                 self.runs[trial_id] = run.info.run_id
+                self.__dict__.setdefault("_created", set()).add(trial_id)
                 grouping = {"method": self.method, "phase": getattr(self, "phase", SEARCH),
                             "seed": trial.config.get("seed", getattr(self, "seed", None))}
                 params = {**{k: v for k, v in grouping.items() if v is not None}, **trial.config}
                 self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
                 if getattr(self, "data", None):
-                    log_data_inputs(self.client, run.info.run_id, self.data)
+                    log_data_inputs(self.client, run.info.run_id, self.data, new_run=True)
         return self.runs[trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -144,8 +160,9 @@ class SweepMLflowCallback(Callback):
         step = int(result.get("step", result.get("training_iteration", 0)))
         run_id = self.run_id(trial)
         logged = self.__dict__.setdefault("_logged", {})  # absent in a callback pickled by an older version
-        if trial.trial_id not in logged:
-            logged[trial.trial_id] = last_logged_step(self.client, run_id)
+        if trial.trial_id not in logged:  # a run this instance created has no history to read
+            created = trial.trial_id in self.__dict__.get("_created", ())
+            logged[trial.trial_id] = -1 if created else last_logged_step(self.client, run_id)
         for step, part in report_by_step({**result, "step": step}):
             if step <= logged[trial.trial_id]:
                 continue  # replayed after a resume, or an evaluation already logged: in the run's history
@@ -176,7 +193,7 @@ class SweepMLflowCallback(Callback):
         """Trials the journal ended after the last saved sweep state (`journal.reconcile`): the driver may
         have died before their child runs were closed; a run still open is closed as the trial ended."""
         for record in records:
-            run_id = self._find_existing(record["trial_id"])
+            run_id = self._existing_runs().get(record["trial_id"])
             if run_id is None or self.client.get_run(run_id).info.status != "RUNNING":
                 continue
             result = record.get("result") or {}
