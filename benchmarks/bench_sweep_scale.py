@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_sweep_scale.py                          # N = 4, 64, 256, 1024 (+ "before" to 256)
     .venv/bin/python benchmarks/bench_sweep_scale.py --sizes 4,64 --before-max 64   # quick look, ~2 min
     .venv/bin/python benchmarks/bench_sweep_scale.py --optuna-only           # Optuna samplers alone, ~3 min
+    .venv/bin/python benchmarks/bench_sweep_scale.py --bare --trial-seconds 1 --concurrency 16 --sizes 1000,10000 \
+        --before-max 0                                                      # issue 19: beside bare Ray Tune
 
 Sweep mode: each (N, variant) is one fresh driver subprocess that starts a local Ray (``ray.init(num_cpus=4)``)
 and calls `alphadpo_ray.sweep.run.run_method_sweep` — the real driver path: `_tuner` with the project's
@@ -17,7 +19,11 @@ last report, as a real trial's final checkpoint. Variants, interleaved per N:
 * before  ``experiment_checkpoint_s: 0`` (Tune's full experiment-state save every controller step, the old
           local-storage default), run for N <= --before-max (it grows quadratically).
 
-Figures per run, all in the driver process and all around `run_method_sweep` only (Ray start and imports
+* bare    (``--bare``) the anchor: bare Ray Tune on the same trials (`run_bare`: Tune's random search, the same
+          concurrency and actor reuse; no Optuna, MLflow, journal or project callbacks).
+
+``--trial-seconds S`` makes each trial last S seconds (issue 19's benchmark: 1 s, 16 at once, so the least
+wall is N × S / 16, printed as ``/ideal``). Figures per run, all in the driver process and all around `run_method_sweep` only (Ray start and imports
 excluded): driver CPU = user + system time of the process (`resource.getrusage(RUSAGE_SELF)`, Tune's and
 Ray's driver threads included), wall time, driver peak RSS (VmHWM after a reset just before the sweep),
 MLflow = time inside `SweepMLflowCallback` hooks, Optuna = time inside `OptunaSearch.suggest` and
@@ -50,6 +56,7 @@ if str(REPO) not in sys.path:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STEPS = 3
+TRIAL_S = 0.0  # seconds each state trial lasts (spread over its steps): --trial-seconds
 
 
 def state_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name: str, trainers_path: str) -> None:
@@ -63,6 +70,7 @@ def state_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name
     accuracy = 0.5 + 0.4 * math.sin(3 * alpha) * math.exp(-abs(beta - 2.5) / 5)
     kl = 0.05 + 0.1 * beta * alpha
     for step in range(1, STEPS + 1):
+        time.sleep(TRIAL_S / STEPS)
         metrics = {"step": step, "total_steps": STEPS, "train/loss": 0.7 / step, "eval/accuracy": accuracy * step / STEPS,
                    "eval/kl": kl * step / STEPS, "eval/accuracy_logratio": accuracy, "objective/score": accuracy - 0.05 * kl}
         if step < STEPS:
@@ -144,9 +152,47 @@ def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     finished = sum(r["status"] == "finished" for r in result.rows)
     ray.shutdown()
-    return {"n": n, "period": period, "trials": len(result.rows), "finished": finished,
+    return {"n": n, "variant": "after" if period else "before", "period": period, "trials": len(result.rows),
+            "finished": finished,
             "cpu_user": usage.ru_utime - usage0.ru_utime, "cpu_sys": usage.ru_stime - usage0.ru_stime,
             "wall": wall, "peak_rss_mib": _status_kib("VmHWM") / 1024, **totals}
+
+
+def bare_trial(config: dict) -> None:
+    """Bare Ray Tune's trainable: the state trial's reports and final checkpoint, nothing of the project."""
+    state_trial(config, base={}, method="", plan={}, sweep_name="", trainers_path="")
+
+
+def run_bare(n: int, concurrency: int, workdir: str) -> dict:
+    """The anchor: bare Ray Tune on the same trials — a `Tuner` with Tune's default random search over the
+    same four parameters, the same concurrency and actor reuse, no Optuna, no MLflow, no journal, no
+    project callbacks. The same figures as `run_one`."""
+    import contextlib
+    import io
+
+    import ray
+    from ray import tune
+    from ray.tune import RunConfig, TuneConfig, Tuner
+
+    ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    space = {"alpha": tune.loguniform(1e-3, 1.0), "beta": tune.loguniform(0.5, 10.0),
+             "gamma_beta_ratio": tune.uniform(0.0, 1.0), "learning_rate": tune.loguniform(1e-5, 1e-3)}
+    tuner = Tuner(tune.with_resources(bare_trial, {"CPU": 1}), param_space=space,
+                  tune_config=TuneConfig(num_samples=n, max_concurrent_trials=concurrency, reuse_actors=True,
+                                         metric="objective/score", mode="max"),
+                  run_config=RunConfig(name=f"bare{n}", storage_path=f"{workdir}/ray", verbose=0))
+    Path("/proc/self/clear_refs").write_text("5")
+    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        grid = tuner.fit()
+    wall = time.perf_counter() - wall0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    finished = sum(r.error is None for r in grid)
+    ray.shutdown()
+    return {"n": n, "variant": "bare", "period": None, "trials": len(grid), "finished": finished,
+            "cpu_user": usage.ru_utime - usage0.ru_utime, "cpu_sys": usage.ru_stime - usage0.ru_stime,
+            "wall": wall, "peak_rss_mib": _status_kib("VmHWM") / 1024, "mlflow": 0.0, "optuna": 0.0, "save": 0.0}
 
 
 def _machine() -> str:
@@ -159,50 +205,77 @@ def _machine() -> str:
 
 def sweep_mode(args) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
-    runs = [(n, period) for n in sizes for period in (30.0, 0.0) if period or n <= args.before_max]
-    print(f"settings: sizes {sizes}, variants after (experiment_checkpoint_s 30 + journal) and before (0, "
-          f"N <= {args.before_max}), {STEPS}-step state trials, {args.concurrency} at once, TPE, pareto objective, "
-          "MLflow SQLite")
+    runs = []
+    for n in sizes:
+        if args.bare:
+            runs.append((n, "bare"))
+        runs.append((n, "after"))
+        if n <= args.before_max:
+            runs.append((n, "before"))
+    ideal = f"{args.trial_seconds:g} s trials" if args.trial_seconds else "no sleep"
+    print(f"settings: sizes {sizes}, variants {'bare (Ray Tune alone), ' if args.bare else ''}after "
+          f"(experiment_checkpoint_s 30 + journal) and before (0, N <= {args.before_max}), {STEPS}-step state "
+          f"trials ({ideal}), {args.concurrency} at once, actor reuse, TPE, pareto objective, MLflow SQLite")
     print(f"machine: {_machine()}")
     print(f"load before: {os.getloadavg()}")
     results = []
-    for n, period in runs:
+    for n, variant in runs:
         with tempfile.TemporaryDirectory(prefix="bench_scale_") as workdir:
             start = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--period", str(period),
-                                   "--concurrency", str(args.concurrency), "--workdir", workdir],
+            period = {"after": 30.0, "before": 0.0}.get(variant, 30.0)
+            command = [sys.executable, __file__, "--one", str(n), "--period", str(period), "--concurrency",
+                       str(args.concurrency), "--workdir", workdir, "--trial-seconds", str(args.trial_seconds)]
+            proc = subprocess.run(command + (["--bare"] if variant == "bare" else []),
                                   capture_output=True, text=True, timeout=args.timeout)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
-                print(f"N={n} period={period}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                print(f"N={n} {variant}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
                 continue
             figures = json.loads(line[len("RESULT "):])
             figures["process_s"] = time.time() - start
             results.append(figures)
-            print(f"  done N={n} {'after' if period else 'before'}: {figures['wall']:.1f} s sweep, "
+            print(f"  done N={n} {variant}: {figures['wall']:.1f} s sweep, "
                   f"{figures['process_s']:.1f} s with Ray start", flush=True)
     print(f"load after: {os.getloadavg()}")
-    header = (f"{'N':>5} {'variant':>7} {'trials':>6} {'cpu/trial s':>11} {'(sys)':>6} {'wall/trial s':>12} "
+    header = (f"{'N':>6} {'variant':>7} {'trials':>6} {'wall s':>8} {'/ideal':>7} {'cpu/trial s':>11} {'(sys)':>6} "
               f"{'peak RSS MiB':>12} {'mlflow/trial ms':>15} {'optuna/trial ms':>15} {'save/trial ms':>13}")
     print(header)
     for f in results:
         n = f["n"]
-        print(f"{n:>5} {'after' if f['period'] else 'before':>7} {f['trials']:>6} "
-              f"{(f['cpu_user'] + f['cpu_sys']) / n:>11.3f} {f['cpu_sys'] / n:>6.3f} {f['wall'] / n:>12.3f} "
+        ideal_s = n * args.trial_seconds / args.concurrency
+        print(f"{n:>6} {f['variant']:>7} {f['trials']:>6} {f['wall']:>8.1f} "
+              f"{(f['wall'] / ideal_s if ideal_s else float('nan')):>7.2f} "
+              f"{(f['cpu_user'] + f['cpu_sys']) / n:>11.3f} {f['cpu_sys'] / n:>6.3f} "
               f"{f['peak_rss_mib']:>12.0f} {1000 * f['mlflow'] / n:>15.1f} {1000 * f['optuna'] / n:>15.1f} "
               f"{1000 * f['save'] / n:>13.1f}")
-    after = {f["n"]: f for f in results if f["period"]}
-    cpu = {n: (f["cpu_user"] + f["cpu_sys"]) / n for n, f in after.items()}
-    if 64 in cpu and max(cpu) > 64:
-        top = max(cpu)
-        ratio = cpu[top] / cpu[64]
-        print(f"driver CPU per trial at N={top} / at N=64 = {ratio:.2f} (target <= 1.5): "
-              f"{'PASS' if ratio <= 1.5 else 'MISS'}")
-    if after:
-        peak = max(f["peak_rss_mib"] for f in after.values()) / 1024
-        print(f"driver peak RSS = {peak:.2f} GiB (target < 2): {'PASS' if peak < 2 else 'MISS'}")
+    targets(results)
     if any(f["trials"] != f["n"] for f in results):
         print("MISS: a sweep did not run exactly N trials")
+
+
+def targets(results: list[dict]) -> None:
+    """Issue 19's targets, one PASS/MISS line each, for every N that has the figures."""
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    after = {f["n"]: f for f in results if f["variant"] == "after"}
+    bare = {f["n"]: f for f in results if f["variant"] == "bare"}
+    for n, f in sorted(after.items()):
+        cpu = (f["cpu_user"] + f["cpu_sys"]) / n
+        if n in bare:
+            ratio = f["wall"] / bare[n]["wall"]
+            print(f"N={n}: project wall / bare Tune wall = {ratio:.2f} (target <= 1.2): {verdict(ratio <= 1.2)}")
+        print(f"N={n}: driver CPU per trial = {cpu:.3f} s (target <= 0.03): {verdict(cpu <= 0.03)}")
+        mlflow_ms = 1000 * f["mlflow"] / n
+        print(f"N={n}: MLflow per trial on the driver = {mlflow_ms:.0f} ms (target <= 20): {verdict(mlflow_ms <= 20)}")
+        rss = f["peak_rss_mib"] / 1024
+        print(f"N={n}: driver peak RSS = {rss:.2f} GiB (target <= 1): {verdict(rss <= 1)}")
+    cpu = {n: (f["cpu_user"] + f["cpu_sys"]) / n for n, f in after.items()}
+    if len(cpu) > 1:
+        low, top = min(cpu), max(cpu)
+        ratio = cpu[top] / cpu[low]
+        print(f"driver CPU per trial at N={top} / at N={low} = {ratio:.2f} (flat: target <= 1.2): "
+              f"{verdict(ratio <= 1.2)}")
 
 
 def optuna_mode(args) -> None:
@@ -266,10 +339,17 @@ def main() -> None:
     parser.add_argument("--optuna-trials", type=int, default=1024)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--period", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--trial-seconds", type=float, default=0.0, help="how long each state trial lasts "
+                        "(issue 19's anchor: 1)")
+    parser.add_argument("--bare", action="store_true", help="also run bare Ray Tune on the same trials (the anchor)")
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global TRIAL_S
+    TRIAL_S = args.trial_seconds
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.period, args.concurrency, args.workdir)), flush=True)
+        figures = (run_bare(args.one, args.concurrency, args.workdir) if args.bare
+                   else run_one(args.one, args.period, args.concurrency, args.workdir))
+        print("RESULT " + json.dumps(figures), flush=True)
     elif args.optuna_only:
         optuna_mode(args)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,9 +270,10 @@ def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path):
         assert sorted(steps) == list(range(20, 121, 20)), (child.data.tags["alphadpo.trial_id"], steps)
 
 
-def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, builtin_task, tmp_path):
+def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, builtin_task, tmp_path, capfd):
     """The single-worker direct path checkpoints and resumes like the multi-worker path: a trial whose
-    process is SIGKILLed after its first checkpoint restarts from it and ends on the same losses."""
+    process is SIGKILLed after its first checkpoint restarts from it and ends on the same losses. The
+    console says so in one ``[failure]`` line (was: Tune's "Trial task failed" with a full traceback)."""
     import threading
 
     from alphadpo_ray.sweep.run import run_sweep
@@ -290,10 +292,19 @@ def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, built
 
     killer = threading.Thread(target=_kill_after_first_checkpoint, args=(storage, "", "ImplicitFunc", killed),
                               daemon=True)
+    capfd.readouterr()
     killer.start()
     resumed = run_sweep(config, log=lambda *_: None)
     killer.join(timeout=5)
     assert killed.is_set(), "the trial was never killed"
+    console = "".join(capfd.readouterr())
+    failures = [line for line in console.splitlines() if line.startswith("[failure]")]
+    assert len(failures) == 1, console[-6000:]
+    # killed once its first checkpoint is on disk: Tune may not have registered it yet, and then says so
+    assert re.fullmatch(r"\[failure\] trial \S+ failed at step \d+ \(its process died\); (retrying from its "
+                        r"checkpoint of step \d+|no checkpoint yet: retrying from step 0 \(\d+ steps? lost\)) "
+                        r"\(failure 1 of sweep\.max_failures 2; traceback in \S+error\.txt\)", failures[0]), failures[0]
+    assert "Trial task failed" not in console and "Traceback" not in console, console[-6000:]
     assert resumed.rows[0]["status"] == "finished"
     for key in ("accuracy", "kl"):
         assert resumed.rows[0][key] == pytest.approx(clean.rows[0][key], rel=1e-4, abs=1e-6)

@@ -112,6 +112,24 @@ class TrialProgress(Callback):
               f"{r.get(self.accuracy_key, float('nan')):.3f}  kl {r.get('eval/kl', float('nan')):.3f}  "
               f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Tune retries a failed trial (``sweep.max_failures``): one ``[failure]`` line; the traceback stays
+        in the trial's error file (Tune's own error log is off, `_tune_environment`)."""
+        step = (trial.last_result or {}).get("step", 0)
+        saved = trial.latest_checkpoint_result
+        if saved is None:
+            then = f"no checkpoint yet: retrying from step 0 ({step} step{'' if step == 1 else 's'} lost)"
+        else:
+            at = (saved.metrics or {}).get("step", "?")
+            then = f"retrying from its checkpoint of step {at}"
+        reason = error_reason(trial_error_text(trial))
+        if "worker process has died" in reason:  # Ray's paragraph about a killed actor
+            reason = "its process died"
+        reason = reason if len(reason) <= 160 else reason[:160] + "…"
+        print(f"[failure] trial {trial.trial_id} failed at step {step} ({reason}); {then} (failure "
+              f"{trial.num_failures} of sweep.max_failures {trial.max_failures}; traceback in "
+              f"{trial.error_file or 'its error.txt'})", flush=True)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended_ids().add(trial.trial_id)
         print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
@@ -339,11 +357,14 @@ def _tune_environment(sweep: SweepConfig):
       the trial journal (`journal.TrialJournal`) records each trial's start, checkpoints and end at once, so
       a killed driver never re-runs a finished trial whatever the period (a grid sweep too: `--resume`
       advances its saved variant generator past the trials the journal holds);
+    * `TUNE_PRINT_ALL_TRIAL_ERRORS=0` (unless set): no full traceback on the console for each failed
+      trial; `TrialProgress` prints one line per failure and the trace stays in the trial's error file;
     * `RAY_AIR_NEW_OUTPUT=0`: Tune's legacy reporter, which honours ``verbose=0`` (the new one prints its
       configuration box and a TensorBoard hint regardless); `TrialProgress` prints the trial lines;
     * a filter on Tune's logger that drops its ``Tuner.restore(...)`` advice after Ctrl-C (`_no_restore_advice`)."""
     period = DEFAULT_CHECKPOINT_S if sweep.experiment_checkpoint_s is None else sweep.experiment_checkpoint_s
-    values = {CHECKPOINT_PERIOD_ENV: str(period), "RAY_AIR_NEW_OUTPUT": "0"}
+    values = {CHECKPOINT_PERIOD_ENV: str(period), "RAY_AIR_NEW_OUTPUT": "0",
+              "TUNE_PRINT_ALL_TRIAL_ERRORS": os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")}
     previous = {k: os.environ.get(k) for k in values}
     os.environ.update({k: v for k, v in values.items() if v is not None})
     tune_logger = logging.getLogger("ray.tune.tune")
