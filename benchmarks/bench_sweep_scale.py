@@ -82,8 +82,11 @@ def state_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name
 
 
 class _Plan:
+    """What `run_method_sweep` reads of a prepared run; the data fields become each trial's dataset inputs."""
     total_steps = STEPS
     reference_metrics = None
+    train_uri, eval_uri = "/bench/prepared/train.parquet", "/bench/prepared/eval.parquet"
+    train_pairs, eval_pairs = 1800, 200
 
     def to_dict(self) -> dict:
         return {}
