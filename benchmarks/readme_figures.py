@@ -14,7 +14,9 @@ under --workdir (own ALPHADPO_RAY_CACHE, MLflow store and outputs; nothing in th
      and generation accuracy, and the self-check's short train (what `alphadpo-ray self-check` compares to);
   2. `alphadpo-ray train experiments/quickstart.yaml` (KL, accuracy, generation accuracy at the end);
   3. `alphadpo-ray sweep` (the quickstart sweep: ranges over its 8 trials, lowest/highest-KL trials);
-  4. `alphadpo-ray study experiments/studies/alpha-sensitivity.yaml` (its preset's SFT build timed apart).
+  4. `alphadpo-ray study experiments/studies/alpha-sensitivity.yaml` (its preset's SFT build timed apart);
+  5. `alphadpo-ray study experiments/studies/alphadpo-vs-simpo.yaml` (the same preset: its verdict and the
+     accuracy and KL differences over the study's 3 training seeds).
 
 Phases run in that order over all seeds (so an interrupted run has the cheap figures for every seed);
 results go to --json after every run, and a re-run skips what the JSON already holds. At the end it
@@ -39,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINING_SEED = 42
-PHASES = ("self_check", "train", "sweep", "study")
+PHASES = ("self_check", "train", "sweep", "study", "versus")
 
 
 def machine() -> dict:
@@ -184,7 +186,27 @@ def phase_study(seed: int, d: Path, env: dict, args) -> dict:
     return rec
 
 
-RUNNERS = {"self_check": phase_self_check, "train": phase_train, "sweep": phase_sweep, "study": phase_study}
+def phase_versus(seed: int, d: Path, env: dict, args) -> dict:
+    """The AlphaDPO-vs-SimPO study: its verdict and the seeds' accuracy and KL differences (AlphaDPO − SimPO)."""
+    config = str(REPO / "experiments" / "studies" / "alphadpo-vs-simpo.yaml")
+    sft = ["--set", f"data.builtin.sft.seed={seed}"]  # the same base preset as the α study: its reference is cached
+    rec = run([*cli(), "study", config, *sft], d, env, d / "versus.log")
+    files = sorted((d / "outputs").rglob("study.json"), key=lambda p: p.stat().st_mtime)
+    if rec["rc"] == 0 and files:
+        v = json.loads(files[-1].read_text()).get("verdict") or {}
+        f = {"time/wall_s": rec["wall_s"], "verdict_yes": float(v.get("answer") == "yes"),
+             "verdict_no": float(v.get("answer") == "no")}
+        for name, interval in (("kl_difference", v.get("kl_difference")),
+                               ("accuracy_difference", v.get("accuracy_difference")),
+                               ("kl_sampled_difference", (v.get("sampled") or {}).get("kl_difference"))):
+            interval = interval or {}
+            f[name], f[f"{name}_low"], f[f"{name}_high"] = interval.get("mean"), interval.get("low"), interval.get("high")
+        rec["figures"] = f
+    return rec
+
+
+RUNNERS = {"self_check": phase_self_check, "train": phase_train, "sweep": phase_sweep, "study": phase_study,
+           "versus": phase_versus}
 
 
 # --- claims: each a function of one seed's figures (all phases), True/False/None (not measured) -------------
@@ -209,7 +231,7 @@ CLAIMS = [
      _claim(lambda f: _get(f, "self_check", "reference/generation_accuracy") < 0.6)),
     ("train: held-out accuracy ends ≥ 0.9",
      _claim(lambda f: _get(f, "train", "accuracy") >= 0.9)),
-    ("train: generation accuracy falls from step 0 to the end as KL grows",
+    ("train (claimed before, dropped): generation accuracy falls from step 0 to the end as KL grows",
      _claim(lambda f: _get(f, "train", "generation_accuracy") < _get(f, "train", "generation_accuracy_step0"))),
     ("sweep: every trial ends above the reference's held-out accuracy",
      _claim(lambda f: _get(f, "sweep", "accuracy_min") > _get(f, "self_check", "reference/accuracy"))),
@@ -217,15 +239,21 @@ CLAIMS = [
      _claim(lambda f: _get(f, "sweep", "kl_max") >= 10 * _get(f, "sweep", "kl_min"))),
     ("sweep (claimed before, dropped: false on a third machine): the lowest-KL trial has the best generation accuracy",
      _claim(lambda f: _get(f, "sweep", "generation_accuracy_lowest_kl") >= _get(f, "sweep", "generation_accuracy_best"))),
-    ("sweep: the lowest-KL trial generates better than the highest-KL trial",
+    ("sweep (claimed before, dropped): the lowest-KL trial generates better than the highest-KL trial",
      _claim(lambda f: _get(f, "sweep", "generation_accuracy_lowest_kl") > _get(f, "sweep", "generation_accuracy_highest_kl"))),
+    ("sweep: the lowest-KL trial generates at least as well as the highest-KL trial",
+     _claim(lambda f: _get(f, "sweep", "generation_accuracy_lowest_kl") >= _get(f, "sweep", "generation_accuracy_highest_kl"))),
     ("sweep: 3–5 of the 8 trials form the Pareto set",
      _claim(lambda f: 3 <= _get(f, "sweep", "pareto_trials") <= 5)),
     ("sweep: finishes in 2–3 min (180 s) with the SFT build",
      _claim(lambda f: _get(f, "sweep", "time/wall_s") + _get(f, "self_check", "time/sft_build_s") <= 180)),
-    ("α study: exact KL rises from α 0 to 0.3, resolved (95 % interval above 0)",
+    ("α study: exact KL's mean rises from α 0 to 0.3",
+     _claim(lambda f: _get(f, "study", "kl_rise") > 0)),
+    ("α study: sampled KL's mean rises from α 0 to 0.3",
+     _claim(lambda f: _get(f, "study", "kl_sampled_rise") > 0)),
+    ("α study (claimed before, dropped): exact KL rises from α 0 to 0.3, resolved (95 % interval above 0)",
      _claim(lambda f: _get(f, "study", "kl_rise_low") > 0)),
-    ("α study: sampled KL rises from α 0 to 0.3, resolved",
+    ("α study (never claimed): sampled KL rises from α 0 to 0.3, resolved",
      _claim(lambda f: _get(f, "study", "kl_sampled_rise_low") > 0)),
     ("α study: accuracy_logratio does not move beyond noise (interval holds 0)",
      _claim(lambda f: _get(f, "study", "accuracy_logratio_rise_low") <= 0 <= _get(f, "study", "accuracy_logratio_rise_high"))),
@@ -233,6 +261,14 @@ CLAIMS = [
      _claim(lambda f: _get(f, "study", "generation_accuracy_rise_low") <= 0 <= _get(f, "study", "generation_accuracy_rise_high"))),
     ("α study: finishes in ≤ 15 min with its SFT build",
      _claim(lambda f: _get(f, "study", "time/wall_s") + _get(f, "study", "time/sft_build_s") <= 900)),
+    ("AlphaDPO vs SimPO: the verdict \"AlphaDPO reaches lower KL at matched accuracy\" is never yes",
+     _claim(lambda f: _get(f, "versus", "verdict_yes") == 0)),
+    ("AlphaDPO vs SimPO: accuracy matched (the difference interval holds 0)",
+     _claim(lambda f: _get(f, "versus", "accuracy_difference_low") <= 0 <= _get(f, "versus", "accuracy_difference_high"))),
+    ("AlphaDPO vs SimPO: AlphaDPO's exact KL is higher (mean difference > 0)",
+     _claim(lambda f: _get(f, "versus", "kl_difference") > 0)),
+    ("AlphaDPO vs SimPO: AlphaDPO's exact KL is resolved higher (verdict no)",
+     _claim(lambda f: _get(f, "versus", "verdict_no") == 1)),
 ]
 
 
@@ -293,7 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0, help="start at this seed (split seeds over runs; "
                     "--merge joins their JSON)")
     ap.add_argument("--merge", nargs="*", default=[], metavar="JSON", help="results JSON of other runs to merge in")
-    ap.add_argument("--study-seeds", type=int, default=None, help="seeds for the α study (default: --seeds)")
+    ap.add_argument("--study-seeds", type=int, default=None, help="seeds for the two studies (default: --seeds)")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--workdir", default="/tmp/alphadpo-figures", help="scratch directory (cache, stores, outputs)")
     ap.add_argument("--json", default=None, help="results JSON (default: WORKDIR/readme-figures.json); "
@@ -347,7 +383,7 @@ def main(argv=None) -> int:
 
     if not args.report_only:
         for phase in phases:
-            n = args.study_seeds if (phase == "study" and args.study_seeds is not None) else args.seeds
+            n = args.study_seeds if (phase in ("study", "versus") and args.study_seeds is not None) else args.seeds
             for seed in range(args.first_seed, n):
                 if (results.get(phase) or {}).get(str(seed), {}).get("figures"):
                     continue

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,36 @@ def test_self_check_short_run_reports_each_figure(tmp_path, builtin_task):
     assert "OUTSIDE" in proc.stdout and "likely a broken install" in proc.stdout
     assert "result: a figure is far outside" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()  # the check writes no MLflow store where it is run
+
+
+def test_figures_command_reports_ranges_and_claims_per_seed(tmp_path):
+    """`benchmarks/readme_figures.py --report-only` on a results file: per-figure ranges over the seeds and
+    each claim as HOLDS (k/n) or DOES NOT HOLD (k/n), counted per seed (the README quotes this output)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def seeds(phase, per_seed):
+        return {str(s): {"rc": 0, "figures": f} for s, f in enumerate(per_seed)}
+
+    results = {
+        "self_check": seeds("self_check", [{"reference/accuracy": 0.55, "time/sft_build_s": 54.0},
+                                           {"reference/accuracy": 0.70, "time/sft_build_s": 58.0}]),
+        "sweep": seeds("sweep", [{"accuracy_min": 0.8, "kl_min": 0.1, "kl_max": 5.0, "time/wall_s": 60.0},
+                                 {"accuracy_min": 0.6, "kl_min": 0.2, "kl_max": 1.0, "time/wall_s": 150.0}]),
+    }
+    out = tmp_path / "figures.json"
+    out.write_text(json.dumps({"results": results}))
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "readme_figures.py"), "--report-only", "--json",
+                           str(out), "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+
+    def line(start):
+        return next(ln for ln in lines if ln.strip().startswith(start) or start in ln)
+
+    assert line("self_check/reference/accuracy").split()[1:3] == ["0.550–0.700", "0.625"]
+    assert "HOLDS (1/2)" not in proc.stdout  # a claim that fails at one seed does not hold
+    assert line("reference: held-out preference accuracy near chance").strip().startswith("DOES NOT HOLD (1/2)")
+    assert line("KL differs by at least one order of magnitude").strip().startswith("DOES NOT HOLD (1/2)")
+    assert line("sweep: every trial ends above the reference").strip().startswith("DOES NOT HOLD (1/2)")
+    assert line("finishes in 2–3 min (180 s)").strip().startswith("DOES NOT HOLD (1/2)")  # 54 + 60 ≤ 180 < 58 + 150
+    assert line("α study: finishes in ≤ 15 min").strip().startswith("not measured")

@@ -213,11 +213,18 @@ def _run_cli(args, env, log):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path):
+GRID4 = {"search": "grid", "points_to_evaluate": False, "num_samples": 1,
+         "search_space": {"alpha": {"type": "grid", "values": [0.0, 0.1, 0.2, 0.3]}}}
+
+
+@pytest.mark.parametrize("search", ["tpe", "grid"])
+def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path, search):
     """`kill -9` of the sweep driver mid-way, then `--resume`: finished trials are not re-run, the rest
-    finish, and MLflow holds exactly one child run per trial, all finished."""
+    finish, and MLflow holds exactly one child run per trial, all finished. A grid sweep too: its trials
+    come from Tune's saved variant generator, advanced past those the journal holds."""
     # long enough (~5 s per trial) to kill the driver while the third trial runs
-    config = sweep_config(tmp_path, {"name": "resume4", "num_samples": 4, "max_concurrent_trials": 1},
+    sweep = {"name": "resume4", "num_samples": 4, "max_concurrent_trials": 1, **(GRID4 if search == "grid" else {})}
+    config = sweep_config(tmp_path, sweep,
                           training={"max_steps": 120, "eval_steps": 40, "save_steps": 20, "logging_steps": 20})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
