@@ -9,8 +9,9 @@ machine of the same kind is another such draw (CPU kernels round differently and
 amplifies it), so the check is against the seeds' spread, not one machine's exact figures.
 
 Verdicts: ``within`` the seeds' [min, max]; ``near`` it (outside by less than the range's own width, or
-`TOLERANCE` where the seeds agree closely: plausible for another draw; with fewer than 3 seeds, by less than
-half the mean or 0.15); ``outside`` (likely a broken install, see `DOC`).
+`TOLERANCE` where the seeds agree closely, or inside the 99 % prediction interval of one more draw from
+the seeds, mean ± t(0.995, n−1)·s·√(1 + 1/n): plausible for another draw; with fewer than 3 seeds, by less
+than half the mean or 0.15); ``outside`` (likely a broken install, see `DOC`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ def _tolerance(name: str) -> float:
     return TOLERANCE.get(key, TOLERANCE.get(key.split("_")[-1], 0.02))
 
 
+def _prediction_interval(values: list[float], level: float = 0.99) -> tuple[float, float]:
+    """(mean, half-width) of the `level` prediction interval for one new draw from `values` (n ≥ 2):
+    t(½ + level/2, n−1)·s·√(1 + 1/n), Student t (the figures of seeds, and of machines, are draws)."""
+    import statistics
+
+    from scipy.stats import t
+
+    n = len(values)
+    return statistics.fmean(values), float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(values) * (1 + 1 / n) ** 0.5
+
+
 def classify(name: str, value, expected: dict) -> tuple[str, str]:
     """(verdict, line) of one figure against its expected {min, max, mean, values}."""
     if not isinstance(value, (int, float)):
@@ -116,9 +128,14 @@ def classify(name: str, value, expected: dict) -> tuple[str, str]:
     if lo <= value <= hi:
         return "within", f"{name} = {value:.3f}: within the seed range ({where})"
     margin = max(hi - lo, _tolerance(name))
-    if len(expected.get("values") or []) < 3:  # too few seeds to know the spread: only far off is "outside"
+    values = [v for v in expected.get("values") or [] if isinstance(v, (int, float))]
+    if len(values) < 3:  # too few seeds to know the spread: only far off is "outside"
         margin = max(margin, 0.5 * abs(expected.get("mean", (lo + hi) / 2)), 0.15)
-    if lo - margin <= value <= hi + margin:
+    near_lo, near_hi = lo - margin, hi + margin
+    if len(values) >= 3:  # the seeds' spread says how far one more draw (another machine) may land
+        mean, half = _prediction_interval(values)
+        near_lo, near_hi = min(near_lo, mean - half), max(near_hi, mean + half)
+    if near_lo <= value <= near_hi:
         return "near", f"{name} = {value:.3f}: near the seed range ({where}): plausible for another draw"
     return "outside", f"{name} = {value:.3f}: OUTSIDE ({where}): likely a broken install, see {DOC}"
 
