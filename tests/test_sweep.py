@@ -223,13 +223,14 @@ def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path, sea
     finish, and MLflow holds exactly one child run per trial, all finished. A grid sweep too: its trials
     come from Tune's saved variant generator, advanced past those the journal holds."""
     # long enough (~5 s per trial) to kill the driver while the third trial runs
-    sweep = {"name": "resume4", "num_samples": 4, "max_concurrent_trials": 1, **(GRID4 if search == "grid" else {})}
+    name = f"resume-{search}"  # the Ray storage is shared by the tests of a session
+    sweep = {"name": name, "num_samples": 4, "max_concurrent_trials": 1, **(GRID4 if search == "grid" else {})}
     config = sweep_config(tmp_path, sweep,
                           training={"max_steps": 120, "eval_steps": 40, "save_steps": 20, "logging_steps": 20})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    storage = Path(config.storage_path()) / "resume4"
+    storage = Path(config.storage_path()) / name
 
     from mlflow.tracking import MlflowClient
 
@@ -258,10 +259,11 @@ def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path, sea
     with open(tmp_path / "second.log", "wb") as log:
         second = _run_cli(["sweep", str(path), "--resume", "--address", "local"], env, log)
         assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert "Failed to fetch metrics" not in (tmp_path / "second.log").read_text()  # a just-started trial: no results yet
 
     import json
 
-    results = json.loads((Path(config.run_dir).parent / "resume4" / "results.json").read_text())
+    results = json.loads((Path(config.run_dir).parent / name / "results.json").read_text())
     assert results["summary"]["trials"] == 4 and results["summary"]["failed"] == 0
     for trial in finished_before:  # not re-run: exactly one final result, reported once per step
         lines = [json.loads(x) for x in (storage / trial / "result.json").read_text().splitlines() if x.strip()]
@@ -275,6 +277,22 @@ def test_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path, sea
     for child in children:  # one metric point per reported step, even for the trial cut off mid-run
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
         assert sorted(steps) == list(range(20, 121, 20)), (child.data.tags["alphadpo.trial_id"], steps)
+
+
+def test_restore_drops_only_the_no_results_yet_warning():
+    """On `--resume`, Tune warns "Failed to fetch metrics" for a trial the killed driver had just started (no
+    result.json yet): dropped. Any other failure to read a trial's results is still shown."""
+    import logging
+
+    from alphadpo_ray.sweep.run import _no_missing_results_warning
+
+    def shown(message: str) -> bool:
+        return _no_missing_results_warning(logging.LogRecord("t", logging.WARNING, "", 0, message, None, None))
+
+    missing = "- run_trial_c7301_00002: FileNotFoundError('… both result.json and progress.csv were not found at /x')"
+    assert not shown(f"Failed to fetch metrics for 1 trial(s):\n{missing}")
+    assert shown(f"Failed to fetch metrics for 2 trial(s):\n{missing}\n- run_trial_c7301_00003: ValueError('bad json')")
+    assert shown("Some other warning")
 
 
 def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, builtin_task, tmp_path, capfd):

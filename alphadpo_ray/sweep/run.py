@@ -319,8 +319,13 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
         ended = journal.reconcile(experiment_dir, None if use_grid else (lambda: _searcher(sweep, points)))
         for tracker in (c for c in callbacks if isinstance(c, SweepMLflowCallback)):
             tracker.close_ended(ended)
-        return Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
-                             restart_errored=False)
+        analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+        analysis_logger.addFilter(_no_missing_results_warning)
+        try:
+            return Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
+                                 restart_errored=False)
+        finally:
+            analysis_logger.removeFilter(_no_missing_results_warning)
     if resume:
         log(f"[sweep] nothing to resume at {experiment_dir}; starting {name}")
     tune_config = TuneConfig(
@@ -338,6 +343,17 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
         run_config=RunConfig(name=name, storage_path=storage, callbacks=[journal.TrialJournal(), *callbacks],
                              failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
     )
+
+
+def _no_missing_results_warning(record: logging.LogRecord) -> bool:
+    """Drop Tune's "Failed to fetch metrics for N trial(s)" on restore when every one of them merely has no
+    results yet (a trial the killed driver had just started: ``result.json and progress.csv were not
+    found``); it resumes, and any other failure to read results is still shown."""
+    message = record.getMessage()
+    if not message.startswith("Failed to fetch metrics for"):
+        return True
+    entries = [line for line in message.splitlines()[1:] if line.startswith("- ")]
+    return not entries or not all("were not found" in line for line in entries)
 
 
 def _no_restore_advice(record: logging.LogRecord) -> bool:
