@@ -125,7 +125,6 @@ def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
     from alphadpo_ray.services import tracking
     from alphadpo_ray.config.experiment import config_from_dict
     from alphadpo_ray.sweep import run as sweep_run
-    from alphadpo_ray.sweep import trial as sweep_trial
     from alphadpo_ray.sweep.nested_runs import SweepMLflowCallback
 
     totals = {"mlflow": 0.0, "optuna": 0.0, "save": 0.0}
@@ -133,7 +132,7 @@ def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
            totals, "mlflow")
     _timed(OptunaSearch, ["suggest", "on_trial_complete"], totals, "optuna")
     _timed(TuneController, ["checkpoint"], totals, "save")
-    sweep_trial.run_trial = state_trial  # `_tuner` imports it from there when it builds the trainable
+    sweep_run.run_trial = state_trial  # the name `_tuner` builds the trainable from (imported from sweep.trial)
 
     uri = f"sqlite:///{workdir}/mlflow.db"
     config = config_from_dict({
@@ -240,20 +239,21 @@ def sweep_mode(args) -> None:
             print(f"  done N={n} {variant}: {figures['wall']:.1f} s sweep, "
                   f"{figures['process_s']:.1f} s with Ray start", flush=True)
     print(f"load after: {os.getloadavg()}")
-    header = (f"{'N':>6} {'variant':>7} {'trials':>6} {'wall s':>8} {'/ideal':>7} {'cpu/trial s':>11} {'(sys)':>6} "
+    header = (f"{'N':>6} {'variant':>7} {'trials':>6} {'done':>6} {'wall s':>8} {'/ideal':>7} {'cpu/trial s':>11} {'(sys)':>6} "
               f"{'peak RSS MiB':>12} {'mlflow/trial ms':>15} {'optuna/trial ms':>15} {'save/trial ms':>13}")
     print(header)
     for f in results:
         n = f["n"]
         ideal_s = n * args.trial_seconds / args.concurrency
-        print(f"{n:>6} {f['variant']:>7} {f['trials']:>6} {f['wall']:>8.1f} "
+        print(f"{n:>6} {f['variant']:>7} {f['trials']:>6} {f['finished']:>6} {f['wall']:>8.1f} "
               f"{(f['wall'] / ideal_s if ideal_s else float('nan')):>7.2f} "
               f"{(f['cpu_user'] + f['cpu_sys']) / n:>11.3f} {f['cpu_sys'] / n:>6.3f} "
               f"{f['peak_rss_mib']:>12.0f} {1000 * f['mlflow'] / n:>15.1f} {1000 * f['optuna'] / n:>15.1f} "
               f"{1000 * f['save'] / n:>13.1f}")
     targets(results)
-    if any(f["trials"] != f["n"] for f in results):
-        print("MISS: a sweep did not run exactly N trials")
+    if any(f["trials"] != f["n"] or f["finished"] != f["n"] for f in results):
+        print("MISS: a sweep did not finish exactly N trials: "
+              + ", ".join(f"N={f['n']} {f['variant']}: {f['finished']} of {f['trials']}" for f in results))
 
 
 def targets(results: list[dict]) -> None:
