@@ -285,6 +285,16 @@ def gcs_get_cluster_id(address: str, metadata: tuple, timeout: float) -> None:
 
 # --- Tune + Optuna: the saved searcher state a resumed sweep restores (sweep/journal.py) ------------------
 
+def tune_trial_checkpoint_step(trial) -> tuple[bool, Any]:
+    """(whether Tune holds a checkpoint for `trial`, the ``step`` its report carried or None): where a
+    retried trial resumes from. Reaches `Trial.latest_checkpoint_result` (the trial's checkpoint manager's
+    latest result; `Trial.checkpoint` gives the checkpoint but not its metrics). Checked on ray 2.60.0."""
+    result = trial.latest_checkpoint_result
+    if result is None:
+        return False, None
+    return True, (result.metrics or {}).get("step")
+
+
 def tune_state_patterns() -> dict[str, str]:
     """Glob patterns of the files Tune restores an experiment from, at its top: the experiment state,
     the search generator, the base searcher, the grid's variant generator. Their file templates are

@@ -461,3 +461,21 @@ def test_no_module_but_compat_reaches_library_internals():
             offenders[str(path.relative_to(PACKAGE))] = uses
     assert offenders == {}, ("private internals of Ray/Optuna/DeepSpeed/MLflow belong in alphadpo_ray/compat.py "
                              f"(a named function with a contract test in tests/test_compat.py): {offenders}")
+
+
+def test_tune_trial_checkpoint_step_reads_the_latest_registered_result(tmp_path):
+    from ray import tune
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    with contract("ray", "Trial.latest_checkpoint_result (its checkpoint manager's latest _TrainingResult)"):
+        tune.register_trainable("compat_ckpt", lambda config: None)
+        trial = Trial("compat_ckpt", config={})
+        assert compat.tune_trial_checkpoint_step(trial) == (False, None)
+        for step in (4, 8):
+            folder = tmp_path / f"ckpt{step}"
+            folder.mkdir()
+            trial.run_metadata.checkpoint_manager.register_checkpoint(
+                _TrainingResult(Checkpoint.from_directory(str(folder)), {"step": step}))
+        assert compat.tune_trial_checkpoint_step(trial) == (True, 8)

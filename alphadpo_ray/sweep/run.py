@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from .. import compat
 from ..config.experiment import ExperimentConfig, config_from_dict
 from ..config.sweep_settings import SchedulerConfig, SweepConfig, method_space, starting_points
 from ..errors import AlphaDPOError
@@ -116,12 +117,11 @@ class TrialProgress(Callback):
         """Tune retries a failed trial (``sweep.max_failures``): one ``[failure]`` line; the traceback stays
         in the trial's error file (Tune's own error log is off, `_tune_environment`)."""
         step = (trial.last_result or {}).get("step", 0)
-        saved = trial.latest_checkpoint_result
-        if saved is None:
+        saved, at = compat.tune_trial_checkpoint_step(trial)
+        if not saved:
             then = f"no checkpoint yet: retrying from step 0 ({step} step{'' if step == 1 else 's'} lost)"
         else:
-            at = (saved.metrics or {}).get("step", "?")
-            then = f"retrying from its checkpoint of step {at}"
+            then = f"retrying from its checkpoint of step {'?' if at is None else at}"
         reason = error_reason(trial_error_text(trial))
         if "worker process has died" in reason:  # Ray's paragraph about a killed actor
             reason = "its process died"
