@@ -200,3 +200,25 @@ def test_no_module_but_the_seam_touches_torch_distributed():
             offenders[str(path.relative_to(PACKAGE))] = uses
     assert offenders == {}, f"collectives outside alphadpo_ray/ml/distributed.py: {offenders}"
     assert _distributed_uses(PACKAGE / "ml" / "distributed.py")  # the check does see the seam's own calls
+
+
+def test_a_group_of_one_listens_on_no_port():
+    """The direct sweep path's group of one uses an in-process store: no TCP store on a port found free
+    earlier, which another process can take first (CI saw ``EADDRINUSE`` there on a busy machine)."""
+    import subprocess
+    import sys
+
+    script = """
+import psutil
+from alphadpo_ray.ml import distributed
+distributed.init_process_group(False, single_process=True)
+import torch, torch.distributed as dist
+t = torch.ones(3); dist.all_reduce(t)
+import os
+listening = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+print("OK", dist.get_world_size(), t.tolist(), int(os.environ["MASTER_PORT"]) in listening)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # gloo's own listener binds a port the OS picks (no race); MASTER_PORT is never bound
+    assert proc.stdout.strip().splitlines()[-1] == "OK 1 [1.0, 1.0, 1.0] False"

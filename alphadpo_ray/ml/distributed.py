@@ -61,10 +61,12 @@ def init_process_group(use_gpu: bool, *, single_process: bool = False) -> None:
 
     Ray Train's workers already have the default group (`TorchConfig`). `single_process`: first a
     group of one for this process (the direct single-worker sweep path, no Ray Train), once per
-    process and never destroyed, so a reused Tune actor keeps it for every later trial. Its
-    rendezvous variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) stay in
-    `os.environ` on purpose: a process group is process-wide, and DeepSpeed reads them whenever it
-    (re)initialises its communication layer.
+    process and never destroyed, so a reused Tune actor keeps it for every later trial. Its store is
+    in-process (`HashStore`): a group of one needs no TCP rendezvous, and the old one (a port found
+    free, then bound by the store) lost that port to another process on a busy machine
+    (``EADDRINUSE``, seen in CI). Its variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE) stay in `os.environ` on purpose: a process group is process-wide, and DeepSpeed
+    reads them when it sets up its communication layer.
     """
     import os
 
@@ -76,7 +78,7 @@ def init_process_group(use_gpu: bool, *, single_process: bool = False) -> None:
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl" if use_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     import deepspeed
 
     if not use_gpu:
