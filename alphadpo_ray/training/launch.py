@@ -397,13 +397,8 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
         return
     fs, run_path = storage.resolve(run_uri)
     order = [latest] + sorted(set(compat.train_snapshot_checkpoints(snapshot)) - {latest}, reverse=True)  # by time
-    bad: list[tuple[str, str]] = []
-    for name in order:
-        problem = checkpoint_problem(fs, posixpath.join(run_path, name))
-        if problem is None:
-            break
-        bad.append((name, problem))
-    else:
+    name, bad = _first_intact(fs, run_path, order)
+    if name is None:
         raise CheckpointUnusable(
             f"cannot resume from {redact(run_uri)}: no checkpoint passes its manifest check (restore the files, "
             "or delete that directory or pick a new run name to start over) — "
@@ -413,6 +408,18 @@ def screen_checkpoints(run_uri: str, log=print) -> None:
     storage.write_json(storage.join(run_uri, compat.TRAIN_SNAPSHOT_FILE),
                        compat.train_snapshot_without(snapshot, {n for n, _ in bad}, name))
     _quarantine(fs, run_path, bad, name, log)
+
+
+def _first_intact(fs, run_path: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """The first of `names` (checkpoint directories, in the order to try) whose manifests verify, and the
+    (name, what is wrong) of each one before it; (None, all of them) when none does."""
+    bad: list[tuple[str, str]] = []
+    for name in names:
+        problem = checkpoint_problem(fs, posixpath.join(run_path, name))
+        if problem is None:
+            return name, bad
+        bad.append((name, problem))
+    return None, bad
 
 
 def _quarantine(fs, run_path: str, bad: list[tuple[str, str]], resumed_from: str, log) -> None:
@@ -450,18 +457,12 @@ def repair_snapshot(storage_path: str, run_name: str, log=print) -> None:
         return
     fs, run_path = storage.resolve(run_uri)
     names = sorted(_checkpoint_dirs(run_uri), reverse=True)  # Ray's names sort by time: newest first
-    bad: list[tuple[str, str]] = []
-    for name in names:
-        problem = checkpoint_problem(fs, posixpath.join(run_path, name))
-        if problem is None:
-            break
-        bad.append((name, problem))
-    else:
-        if names:
-            raise CheckpointUnusable(
-                f"cannot resume from {redact(run_uri)}: its Ray Train snapshot {compat.TRAIN_SNAPSHOT_FILE} is "
-                "unreadable and no checkpoint passes its manifest check (restore the files, or delete that "
-                "directory or pick a new run name to start over) — " + "; ".join(f"{n}: {why}" for n, why in bad))
+    intact, bad = _first_intact(fs, run_path, names)
+    if intact is None and names:
+        raise CheckpointUnusable(
+            f"cannot resume from {redact(run_uri)}: its Ray Train snapshot {compat.TRAIN_SNAPSHOT_FILE} is "
+            "unreadable and no checkpoint passes its manifest check (restore the files, or delete that "
+            "directory or pick a new run name to start over) — " + "; ".join(f"{n}: {why}" for n, why in bad))
     snapshot_path = storage.resolve(snapshot_uri)[1]
     kept_as = f"{snapshot_path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
     fs.move(snapshot_path, kept_as)
