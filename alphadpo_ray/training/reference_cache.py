@@ -249,6 +249,21 @@ def _compute(table: pa.Table, reference: str, pad_token_id: int, num_shards: int
     return pa.table(merged)
 
 
+def _one_local_cpu_node(resources: dict, use_gpu: bool) -> bool:
+    """Whether the pairs are better scored in this process than as Ray tasks: a CPU run whose Ray instance
+    is this machine alone, with room for one worker (`ray.nodes()`, public API). Each task is a new
+    process that imports torch, transformers and DeepSpeed (~5 CPU-s), more than scoring a small table
+    takes; in this process, which has them imported, scoring uses the same cores. A cluster, GPUs or a
+    node too small for a worker keep the tasks (they scale out, or make the autoscaler add a node)."""
+    import ray
+
+    if use_gpu or not ray.is_initialized():
+        return False
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return (len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
+            and nodes[0].get("Resources", {}).get("CPU", 0) >= float(resources.get("CPU", 1)))
+
+
 def ensure_reference_cache(
     table: pa.Table,
     *,
@@ -267,7 +282,8 @@ def ensure_reference_cache(
     in_process: bool = False,
 ) -> CacheResult:
     """Return the cache file for these pairs, computing it (once, across processes) if missing: as Ray
-    tasks, or in this process (`in_process`, a one-worker run that starts no Ray).
+    tasks, or in this process (`in_process`, a one-worker run that starts no Ray; or a CPU run on a Ray
+    instance of this machine alone, `_one_local_cpu_node`).
 
     ``dtype``, ``attn_implementation`` and ``trust_remote_code`` are the policy's (`config.training.bf16`,
     `config.model.*`): the reference is scored with them and they are part of the key."""
@@ -283,7 +299,9 @@ def ensure_reference_cache(
     with lock:
         if storage.exists(uri):  # another run computed it while we waited
             return CacheResult(uri, key, True, time.time() - start)
-        logger.info("computing reference log-probs for %d pairs (%d shards)", table.num_rows, num_shards)
+        in_process = in_process or _one_local_cpu_node(resources or {"CPU": 1}, use_gpu)
+        logger.info("computing reference log-probs for %d pairs (%s)", table.num_rows,
+                    "in this process" if in_process else f"{num_shards} shards")
         scores = _compute(table, reference, tokenizer.pad_token_id, num_shards, resources or {"CPU": 1},
                           use_gpu, batch_size, chunk_size, dtype_name(dtype),
                           load_kwargs(attn_implementation, trust_remote_code, revision), in_process)
