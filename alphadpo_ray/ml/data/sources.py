@@ -12,12 +12,13 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from ...errors import DataError
 from .formats import RowProblem
+
+if TYPE_CHECKING:  # imported where data is loaded: ~0.6 s that every Ray Train worker (collation only) would pay
+    import datasets
 
 # File suffix -> `datasets` builder name.
 SUPPORTED_EXTENSIONS: dict[str, str] = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
@@ -148,6 +149,8 @@ def read_raw(source: str | os.PathLike, split: str = "train") -> RawRows:
     """Read the rows unchanged. JSON and JSON-lines files are parsed here, a line at a time (an unreadable
     line becomes a `RowProblem` row with its line number); parquet files and hub sets through `datasets`.
     Local files have one split, so `split` only applies to hub ids. An empty file is a `DataError`."""
+    import datasets
+
     if not is_local_source(source):
         try:
             ds = datasets.load_dataset(str(source), split=split)

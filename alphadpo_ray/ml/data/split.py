@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, DataError
 from .sources import is_local_source
 from .validation import ValidationReport, load_preference_data
+
+if TYPE_CHECKING:  # imported where used: see sources.py
+    import datasets
 
 
 def split_held_out(

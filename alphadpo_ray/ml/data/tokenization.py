@@ -15,11 +15,12 @@ response) and skips the pairs that cannot be scored after it, by reason (`PAIR_R
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
-
-import datasets
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ...errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # imported where used: see sources.py
+    import datasets
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 PAIR_REASONS = (

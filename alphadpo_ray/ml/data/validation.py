@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
-
-import datasets
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ...errors import ConfigError, DataError
 from .formats import PARSERS, RowProblem, detect_format
 from .sources import RawRows, read_raw, source_name
+
+if TYPE_CHECKING:  # imported where used: see sources.py
+    import datasets
 
 log = logging.getLogger(__name__)
 MAX_EXAMPLES = 5  # row indices remembered per skip reason
@@ -77,6 +78,8 @@ def validate_rows(
 ) -> tuple[datasets.Dataset, ValidationReport]:
     """Parse and check every row; skip bad ones (or raise on the first with `strict=True`). A row may be
     a `RowProblem` (a line the reader could not read); `lines` gives each row's line number in its file."""
+    import datasets
+
     rows = rows.to_list() if isinstance(rows, datasets.Dataset) else list(rows)
     if not rows:
         raise DataError(f"{name}: no rows (the source is empty)")
