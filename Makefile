@@ -25,10 +25,12 @@ run: setup
 PER_TEST_TIMEOUT ?= 600
 SUITE_LIMIT ?= 80m
 PYTEST_ARGS ?=
-# Two pytest workers (pytest-xdist), a test file each at a time: the scenario tests spend much of their time
-# waiting (Ray nodes starting, a run held at a step, a server killed), so two share the 2 cores. PARALLEL= runs
-# the suite in one process.
-PARALLEL ?= -n 2 --dist loadfile
+# Two pytest workers (pytest-xdist): the scenario tests spend part of their time waiting (Ray nodes starting, a
+# run held at a step, a server killed), so two share the 2 cores. Each test is a unit of work, slowest first,
+# except a module's tests that share a module-scoped fixture, which stay together (tests/conftest.py; the
+# times come from tests/durations.json, refreshed with scripts/test_durations.py). PARALLEL= runs the suite
+# in one process.
+PARALLEL ?= -n 2 --dist loadscope --no-loadscope-reorder
 
 test: setup
 	timeout --signal=INT --kill-after=120 $(SUITE_LIMIT) \

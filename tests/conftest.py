@@ -164,8 +164,66 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if not config.getoption("--quick"):
-        return
+    if config.getoption("--quick"):
+        _quick_tier(config, items)
+    else:
+        _slowest_first(items)
+
+
+# --- the full suite on two workers (`make test`: pytest-xdist --dist loadscope) ---------------------
+# Each test is its own unit of work, except the modules below, whose tests share a module-scoped fixture
+# (a cluster, a server, a model): a module is one unit, so the fixture is built once (a module's tests on
+# both workers would each build it, and a worker switching modules tears it down). Units start slowest
+# first (LPT) by the times of an earlier full run in durations.json (`scripts/test_durations.py`), so the
+# two workers finish together. xdist's own `xdist_group` marks do not work with pytest 9 (it renames
+# items through an attribute pytest 9 no longer reads), hence this scheduler, built on xdist's public
+# `pytest_xdist_make_scheduler` hook and its scope scheduler.
+SHARED_FIXTURE_MODULES = {
+    "tests/test_cluster_configs.py", "tests/test_logprobs.py", "tests/test_metrics.py", "tests/test_model_families.py",
+    "tests/test_models.py", "tests/test_multinode.py", "tests/test_object_storage.py", "tests/test_preemption.py",
+    "tests/test_sft.py", "tests/test_training.py",
+}
+DURATIONS = Path(__file__).with_name("durations.json")
+UNKNOWN_S = 1.0  # a test durations.json does not know yet
+
+
+def _unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneTestOrOneModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return OneTestOrOneModule(config, log)
+
+
+def _slowest_first(items) -> None:
+    """Sort `items` slowest unit first (stable: a module's tests keep their order); a test using a module-scoped
+    fixture outside SHARED_FIXTURE_MODULES is a usage error naming it (its module must be listed)."""
+    import json
+
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    seconds: dict[str, float] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        defs = getattr(item, "_fixtureinfo", None)
+        if module not in SHARED_FIXTURE_MODULES and defs and any(
+                d.scope in ("module", "class", "package") for fixture in defs.name2fixturedefs.values()
+                for d in fixture if d.baseid.startswith("tests/test_")):
+            raise pytest.UsageError(f"{item.nodeid} uses a module-scoped fixture: add {module} to "
+                                    "SHARED_FIXTURE_MODULES in tests/conftest.py")
+        seconds[_unit(item.nodeid)] = seconds.get(_unit(item.nodeid), 0.0) + known.get(item.nodeid, UNKNOWN_S)
+    items.sort(key=lambda item: -seconds[_unit(item.nodeid)])
+
+
+def _quick_tier(config, items) -> None:
     keep, drop = [], []
     for item in items:
         heavy = (item.get_closest_marker("slow") is not None

@@ -90,10 +90,11 @@ def test_multi_objective_sweep_gives_pareto_set_and_nested_runs(ray_session, bui
     assert (tmp_path / "report" / "pareto.png").exists()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (its own SQLite store and artifact root)."""
-    with services.mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (its own SQLite store and artifact root), for the one test that uses
+    it (function scope: the module's other tests stay free to run on either pytest worker)."""
+    with services.mlflow_server(tmp_path / "mlflow-server") as uri:
         yield uri
 
 
