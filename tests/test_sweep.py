@@ -503,7 +503,7 @@ def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from alphadpo_ray.sweep.report import report
-    from alphadpo_ray.sweep.nested_runs import KIND_TAG, METHOD_TAG, SWEEP_TAG, SweepMLflowCallback
+    from alphadpo_ray.sweep.nested_runs import KIND_TAG, METHOD_TAG, SWEEP_TAG, SweepMLflowCallback, send_sweep_pending
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -522,6 +522,7 @@ def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
             callback.on_trial_result(0, [], trial, result)
             trial.last_result = result
             (callback.on_trial_error if error else callback.on_trial_complete)(0, [], trial)
+        assert send_sweep_pending(uri, parent)  # the sweep's end (`run_method_sweep`): its trials' pending file sent
         client.set_terminated(parent, "FINISHED")
 
         rebuilt = report(name, tracking_uri=uri, output_dir=str(tmp_path / name))
@@ -545,7 +546,7 @@ def test_sweep_callback_finds_earlier_runs_with_one_search_and_logs_each_step_on
 
     from mlflow.tracking import MlflowClient
 
-    from alphadpo_ray.sweep.nested_runs import KIND_TAG, SWEEP_TAG, SweepMLflowCallback
+    from alphadpo_ray.sweep.nested_runs import KIND_TAG, SWEEP_TAG, SweepMLflowCallback, send_sweep_pending
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -562,6 +563,7 @@ def test_sweep_callback_finds_earlier_runs_with_one_search_and_logs_each_step_on
         report(first, trial_id, 1)
     report(first, "t1", 2)  # then the driver died
 
+    assert send_sweep_pending(uri, parent)  # the resumed sweep sends what the dead driver left first
     second = pickle.loads(pickle.dumps(SweepMLflowCallback(uri, experiment, parent, "sw", "alpha-dpo")))
     calls = []
     real = second.client.search_runs
@@ -572,6 +574,7 @@ def test_sweep_callback_finds_earlier_runs_with_one_search_and_logs_each_step_on
             report(second, trial_id, step)
     assert len(calls) == 1  # one search for the sweep's runs, whatever the number of trials
     assert second.runs["t1"] == first.runs["t1"] and second.runs["t2"] == first.runs["t2"]
+    assert send_sweep_pending(uri, parent)  # the sweep's end
     for trial_id in ("t1", "t2", "t3"):
         history = client.get_metric_history(second.runs[trial_id], "train/loss")
         assert sorted(m.step for m in history) == [1, 2, 3], trial_id  # each step once

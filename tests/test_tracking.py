@@ -210,3 +210,47 @@ def test_finish_with_store_gone_says_the_run_stays_running(tmp_path):
     assert tracking.close_on_exit(uri, "abc", KeyboardInterrupt(), pending=pending, wait_s=0, log=lines.append) is False
     assert any("stays RUNNING in the store" in line and str(pending.path) in line and "(KILLED)" in line
                for line in lines), lines
+
+
+def test_flush_groups_interleaved_runs_one_batch_per_run(tmp_path, monkeypatch):
+    """Reports of 8 runs interleaved in one pending file (a sweep's trials) are sent as one `log_batch` per
+    run, not one per report; each run's steps keep their order, its end comes after its metrics, and a run
+    whose floor is known (created by this process) is not read back from the store."""
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.services import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.create_sqlite_store(uri)
+    client = MlflowClient(uri)
+    experiment_id = tracking.get_or_create_experiment(client, "tests")
+    runs = [client.create_run(experiment_id).info.run_id for _ in range(8)]
+    pending = tracking.PendingMetrics(uri, tmp_path / "pending.jsonl")
+    for run_id in runs:
+        pending.floors[run_id] = -1
+    for step in range(1, 21):
+        for run_id in runs:
+            pending.add({"run_id": run_id, "step": step, "ts": 1, "metrics": {"train/loss": 1.0 / step}})
+    for run_id in runs:
+        pending.add({"run_id": run_id, "finish": "FINISHED", "tags": {"alphadpo.status": "finished"}})
+    calls = {"metrics": 0, "history": 0}
+    log_batch, history = MlflowClient.log_batch, MlflowClient.get_metric_history
+
+    def counted_log_batch(self, run_id, metrics=(), *args, **kwargs):
+        calls["metrics"] += bool(metrics)
+        return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    def counted_history(self, *args, **kwargs):
+        calls["history"] += 1
+        return history(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted_log_batch)
+    monkeypatch.setattr(MlflowClient, "get_metric_history", counted_history)
+    assert pending.flush(), pending.error
+    assert calls == {"metrics": 8, "history": 0}  # before: 160 batches (one per report), 8 history reads
+    monkeypatch.undo()
+    for run_id in runs:
+        assert _train_steps(client, run_id) == list(range(1, 21))
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["alphadpo.status"] == "finished"
+    assert not pending.path.exists()

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -372,9 +373,9 @@ def default_pending_path(run_id: str) -> Path:
 
 
 class PendingMetrics:
-    """What a run has for the tracking store and has not sent yet, on disk: one JSON line per report
-    (``{"run_id", "step", "ts", "metrics"}``) or end of run (``{"run_id", "finish": STATUS, "summary",
-    "artifacts"}``), in order.
+    """What a run (or a sweep's runs) has for the tracking store and has not sent yet, on disk: one JSON line
+    per report (``{"run_id", "step", "ts", "metrics"}``) or end of run (``{"run_id", "finish": STATUS,
+    "summary", "artifacts", "tags"}``), in order.
 
     Every report is written here first and sent from here, so a tracking outage never stops training
     and nothing is lost: what the store cannot take stays in the file until the store is back, the
@@ -383,12 +384,15 @@ class PendingMetrics:
     at a time send, across processes; ``{path}.lock`` is held only for reading, appending and
     rewriting the file, never across network calls, so a report is never held up by a slow store. A
     line is removed only once the store has it; steps the store already holds (a sender killed
-    between sending and removing) are not sent twice."""
+    between sending and removing) are not sent twice.
+
+    ``floors``: run id → the highest step the store already holds for it, read from the store before a
+    run's first send unless known (a run this process created holds nothing: -1, no read)."""
 
     def __init__(self, uri: str, path: str | Path):
         self.uri, self.path = uri, Path(path)
         self.error = ""
-        self._floors: dict[str, int] = {}
+        self.floors: dict[str, int] = {}
 
     def _lock(self, suffix: str = ".lock"):
         return file_lock(self.path.with_name(self.path.name + suffix))
@@ -424,26 +428,26 @@ class PendingMetrics:
                 if not server_reachable(self.uri):
                     self.error = f"{redact(self.uri)} does not answer"
                     return False
-                done = 0
+                done: set[int] = set()
                 try:
                     from mlflow.tracking import MlflowClient
 
                     client = MlflowClient(self.uri)
-                    while done < len(events):
-                        n = self._batch_len(events, done)
+                    for batch in self._batches(events):
                         try:
-                            self._send(client, events[done:done + n])
+                            self._send(client, [events[i] for i in batch])
                         except MlflowException as err:
                             if err.error_code not in _PERMANENT:
                                 raise
-                            self.error = redact(f"dropped {n} event(s) the store refuses: {err}")[:500]
-                        done += n
+                            self.error = redact(f"dropped {len(batch)} event(s) the store refuses: {err}")[:500]
+                        done.update(batch)
                 except Exception as err:  # noqa: BLE001 - an outage or anything else: keep the rest, retry later
                     self.error = redact(f"{type(err).__name__}: {err}")[:500]
                 finally:
                     with self._lock():  # reports appended meanwhile follow the ones read above
-                        self._keep(self.events()[done:])
-                return done == len(events)
+                        now = self.events()
+                        self._keep([e for i, e in enumerate(events) if i not in done] + now[len(events):])
+                return len(done) == len(events)
         except OSError as err:
             self.error = f"cannot use {self.path}: {err}"
             return False
@@ -457,23 +461,39 @@ class PendingMetrics:
         os.replace(tmp, self.path)
 
     @staticmethod
-    def _batch_len(events: list[dict], start: int) -> int:
-        """Consecutive metric reports of one run, up to MLflow's 1000 metrics per batch (at least one event)."""
-        if "finish" in events[start]:
-            return 1
-        run_id, count, n = events[start]["run_id"], 0, 0
-        for event in events[start:]:
-            if "finish" in event or event["run_id"] != run_id or (n and count + len(event["metrics"]) > 1000):
-                break
-            count, n = count + len(event["metrics"]), n + 1
-        return n
+    def _batches(events: list[dict]) -> list[list[int]]:
+        """The events' indices in send order, grouped by run: each run's events keep their order, its
+        consecutive reports go in one batch up to MLflow's 1000 metrics per batch (at least one report),
+        an end of run alone, after the reports before it. Interleaved reports of many runs (a sweep's
+        trials) so cost one `log_batch` per run, not one per report."""
+        by_run: dict[str, list[int]] = {}
+        for i, event in enumerate(events):
+            by_run.setdefault(event["run_id"], []).append(i)
+        batches: list[list[int]] = []
+        for indices in by_run.values():
+            batch, count = [], 0
+            for i in indices:
+                size = len(events[i].get("metrics") or ())
+                if batch and ("finish" in events[i] or count + size > 1000):
+                    batches.append(batch)
+                    batch, count = [], 0
+                if "finish" in events[i]:
+                    batches.append([i])
+                    continue
+                batch.append(i)
+                count += size
+            if batch:
+                batches.append(batch)
+        return batches
 
     def _send(self, client, batch: list[dict]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         run_id = batch[0]["run_id"]
         if "finish" in batch[0]:
             event = batch[0]
+            if event.get("tags"):
+                client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in event["tags"].items()])
             if event.get("summary") is not None:
                 client.log_dict(run_id, event["summary"], "summary.json")
             for path in event.get("artifacts") or []:
@@ -481,14 +501,43 @@ class PendingMetrics:
                     client.log_artifact(run_id, str(path))
             close_run(client, run_id, event["finish"])
             return
-        if run_id not in self._floors:
-            self._floors[run_id] = last_logged_step(client, run_id)
-        floor = self._floors[run_id]
-        metrics = [Metric(k, float(v), int(e["ts"]), int(e["step"]))
-                   for e in batch if int(e["step"]) > floor for k, v in e["metrics"].items()]
+        if run_id not in self.floors:
+            self.floors[run_id] = last_logged_step(client, run_id)
+        floor, metrics = self.floors[run_id], []
+        for event in batch:  # a step at or below one already held or sent (a replay appended again) is skipped
+            if int(event["step"]) > floor:
+                floor = int(event["step"])
+                metrics += [Metric(k, float(v), int(event["ts"]), floor) for k, v in event["metrics"].items()]
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i : i + 1000])
-        self._floors[run_id] = max([floor, *(int(e["step"]) for e in batch)])
+        self.floors[run_id] = floor
+
+
+class MetricsSender:
+    """A daemon thread that flushes a `PendingMetrics` file when an event arrives, and every `RETRY_S`
+    seconds while the store does not answer; each outage is reported once on the console (``going_on``:
+    what goes on meanwhile, ``training`` or ``the sweep``). Whoever appends never waits on the network."""
+
+    def __init__(self, pending: PendingMetrics, going_on: str = "training"):
+        self.pending, self.going_on, self.wake, self.down = pending, going_on, threading.Event(), False
+        threading.Thread(target=self._loop, name="alphadpo-mlflow-sender", daemon=True).start()
+
+    def add(self, event: dict) -> None:
+        self.pending.add(event)
+        self.wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait(RETRY_S)
+            self.wake.clear()
+            ok = self.pending.flush()
+            if not ok and not self.down:
+                self.down = True
+                print(f"[mlflow] tracking store unavailable ({self.pending.error}); {self.going_on} goes on, metrics "
+                      f"are kept in {self.pending.path} and sent when it is back", flush=True)
+            elif ok and self.down:
+                self.down = False
+                print("[mlflow] tracking store is back; buffered metrics sent", flush=True)
 
 
 def finish_run(uri: str, run_id: str, status: str, summary: dict | None = None, artifacts: list[Path] = (), *,
@@ -504,20 +553,27 @@ def finish_run(uri: str, run_id: str, status: str, summary: dict | None = None, 
     except OSError as err:
         log(f"[mlflow] cannot write {pending.path} ({err}); run {run_id} is not closed")
         return False
+    if not send_pending(pending, wait_s, f"to close run {run_id} as {status}", f"run {run_id} closed as {status}", log):
+        log(f"[mlflow] tracking store unreachable ({pending.error}): run {run_id} stays RUNNING in the store; "
+            f"its pending metrics and final status ({status}) are kept in {pending.path} and sent when this run "
+            "is resumed (its next start)")
+        return False
+    return True
+
+
+def send_pending(pending: PendingMetrics, wait_s: float, waiting: str, done: str, log=print) -> bool:
+    """Flush `pending`, waiting up to `wait_s` for an unreachable store; True once nothing is left. The
+    console says once that it waits (``waiting``: for what) and, if it did, that the store is back (``done``)."""
     deadline, waited = time.monotonic() + wait_s, False
     while not pending.flush():
         if time.monotonic() >= deadline:
-            log(f"[mlflow] tracking store unreachable ({pending.error}): run {run_id} stays RUNNING in the store; "
-                f"its pending metrics and final status ({status}) are kept in {pending.path} and sent when this run "
-                "is resumed (its next start)")
             return False
         if not waited:
-            log(f"[mlflow] tracking store unavailable ({pending.error}); waiting up to {wait_s:.0f} s to close "
-                f"run {run_id} as {status}")
+            log(f"[mlflow] tracking store unavailable ({pending.error}); waiting up to {wait_s:.0f} s {waiting}")
             waited = True
         time.sleep(RETRY_S)
     if waited:
-        log(f"[mlflow] tracking store is back: buffered metrics sent, run {run_id} closed as {status}")
+        log(f"[mlflow] tracking store is back: buffered metrics sent, {done}")
     return True
 
 

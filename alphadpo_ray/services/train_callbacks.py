@@ -5,12 +5,11 @@ outage never stops training), `ConsoleProgress` prints one progress line."""
 from __future__ import annotations
 
 import re
-import threading
 import time
 from pathlib import Path
 
 from .. import compat
-from .tracking import RETRY_S, PendingMetrics, default_pending_path, numeric_metrics, report_by_step
+from .tracking import MetricsSender, PendingMetrics, default_pending_path, numeric_metrics, report_by_step
 
 # Each Ray Train worker's report carries its node's IP under this key (the worker → controller side of the
 # reports): `ConsoleProgress` names the node a lost worker was on. Not a metric (not numeric).
@@ -22,39 +21,13 @@ except ImportError:  # pragma: no cover - Ray Train V1
     _UserCallback = object
 
 
-class _Sender:
-    """A daemon thread that flushes a `PendingMetrics` file when a report arrives, and every `RETRY_S`
-    seconds while the store does not answer; each outage is reported once on the console."""
-
-    def __init__(self, pending: PendingMetrics):
-        self.pending, self.wake, self.down = pending, threading.Event(), False
-        threading.Thread(target=self._loop, name="alphadpo-mlflow-sender", daemon=True).start()
-
-    def add(self, event: dict) -> None:
-        self.pending.add(event)
-        self.wake.set()
-
-    def _loop(self) -> None:
-        while True:
-            self.wake.wait(RETRY_S)
-            self.wake.clear()
-            ok = self.pending.flush()
-            if not ok and not self.down:
-                self.down = True
-                print(f"[mlflow] tracking store unavailable ({self.pending.error}); training goes on, metrics are "
-                      f"kept in {self.pending.path} and sent when it is back", flush=True)
-            elif ok and self.down:
-                self.down = False
-                print("[mlflow] tracking store is back; buffered metrics sent", flush=True)
-
-
 class MLflowMetricsCallback(_UserCallback):
     """Logs rank 0's (already all-reduced) metrics of every report to one MLflow run, never stopping
     training.
 
     It runs in the Train controller (one process, on the driver's node): each report is appended to
     the run's `PendingMetrics` file (a local write that never waits on the network) and a background
-    `_Sender` sends it. While the store is unreachable the reports stay in the file and the outage is
+    `MetricsSender` sends it. While the store is unreachable the reports stay in the file and the outage is
     reported once; the driver flushes what is left when the run ends (`finish_run`). Steps up to
     `logged_through` (already in the run's history when it resumed) and steps replayed after a
     worker-group restart are not logged again: each step appears once."""
@@ -64,7 +37,7 @@ class MLflowMetricsCallback(_UserCallback):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.pending_path = str(pending_path or default_pending_path(run_id))
         self.last_step = logged_through
-        self._sender: _Sender | None = None
+        self._sender: MetricsSender | None = None
         self._failed = False
 
     def __getstate__(self):
@@ -81,7 +54,7 @@ class MLflowMetricsCallback(_UserCallback):
     def _send(self, step: int, values: dict) -> None:
         try:
             if self._sender is None:
-                self._sender = _Sender(PendingMetrics(self.tracking_uri, self.pending_path))
+                self._sender = MetricsSender(PendingMetrics(self.tracking_uri, self.pending_path))
             self._sender.add({"run_id": self.run_id, "step": step, "ts": int(time.time() * 1000), "metrics": values})
         except Exception as err:  # noqa: BLE001 - e.g. a full local disk: this step is lost, training goes on
             if not self._failed:

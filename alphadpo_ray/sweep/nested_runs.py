@@ -1,12 +1,17 @@
-"""MLflow for sweeps: one parent run per sweep, one nested child run per trial, one writer.
+"""MLflow for sweeps: one parent run per sweep, one nested child run per trial, written from the driver.
 
 `SweepMLflowCallback` is a Tune callback: it runs in the sweep driver and sees every trial's
-results, so concurrent trials never write to the store themselves (SQLite would lock). Trial →
-MLflow run ids are kept in the callback's saved state *and* recoverable from MLflow itself (child
-runs are tagged with sweep id and trial id), so a resumed sweep continues the same child runs
-instead of creating duplicates. A trial resumed from a checkpoint (a restored sweep, a restarted
-trial) reports its replayed steps again; each child run logs every step once (steps at or below
-the highest one already in its history are skipped).
+results, so concurrent trials never write to the store themselves (SQLite would lock). It creates a
+trial's child run when the trial starts; the trial's metrics and its end (status tags, close) are
+appended to the sweep's `PendingMetrics` file (`sweep_pending`, one per sweep) and sent by one background
+`MetricsSender`, so Tune's event loop never waits on the store: a slow or unreachable store delays
+the metrics, not the sweep. The driver sends what is left when the sweep ends, with a bounded wait
+(`send_sweep_pending`); what the store did not take stays in the file and is sent first by the next
+``--resume``. Trial → MLflow run ids are kept in the callback's saved state *and* recoverable from
+MLflow itself (child runs are tagged with sweep id and trial id), so a resumed sweep continues the
+same child runs instead of creating duplicates. A trial resumed from a checkpoint (a restored sweep, a
+restarted trial) reports its replayed steps again; each child run logs every step once (steps at or
+below the highest one already in its history are skipped).
 
 A trial that ended without error before its ``total_steps`` (an ASHA/median scheduler stopped it) is
 an MLflow ``FINISHED`` run tagged ``alphadpo.status = stopped early`` with the step it stopped at
@@ -21,11 +26,13 @@ held-out data as dataset inputs.
 from __future__ import annotations
 
 import re
+import time
 
 from ray.tune import Callback
 
-from ..services.tracking import (close_run, last_logged_step, log_data_inputs, log_metrics, numeric_metrics,
-                                 report_by_step)
+from ..services.tracking import (FINISH_WAIT_S, MetricsSender, PendingMetrics, close_run,
+                                 default_pending_path, last_logged_step, log_data_inputs, numeric_metrics,
+                                 report_by_step, send_pending)
 
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
 ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"
@@ -73,6 +80,40 @@ def trial_error_text(trial) -> str:
         return ""
 
 
+# A sweep's pending file → this process's sender for it: one per sweep, shared by every instance of its
+# callback (a resumed Tuner runs one unpickled from its storage) and the driver's sends at the sweep's start
+# and end, so the steps one of them has sent the others know (`PendingMetrics.floors`).
+_SENDERS: dict[str, MetricsSender] = {}
+
+
+def sweep_sender(uri: str, parent_run_id: str) -> MetricsSender:
+    """The background sender of the sweep's pending file (started on first use)."""
+    path = str(default_pending_path(parent_run_id))
+    if path not in _SENDERS:
+        _SENDERS[path] = MetricsSender(PendingMetrics(uri, path), "the sweep")
+    return _SENDERS[path]
+
+
+def sweep_pending(uri: str, parent_run_id: str) -> PendingMetrics:
+    """The sweep's file of trial metrics and ends not yet in the store (one per sweep, named by its parent run)."""
+    return sweep_sender(uri, parent_run_id).pending
+
+
+def send_sweep_pending(uri: str, parent_run_id: str, wait_s: float = FINISH_WAIT_S, log=print) -> bool:
+    """Send what the sweep's file holds (a sweep ending, or resuming after a driver that died with some
+    unsent), waiting up to `wait_s` for an unreachable store; True once the store has it all. What it
+    cannot send stays in the file for the next ``--resume``, and the console says so once. Never raises."""
+    pending = sweep_pending(uri, parent_run_id)
+    try:
+        if send_pending(pending, wait_s, "to send the sweep's trial metrics", "trial runs up to date", log):
+            return True
+    except BaseException:  # noqa: BLE001 - interrupted again while waiting: the file keeps the rest
+        pass
+    log(f"[mlflow] tracking store unreachable ({pending.error}): the sweep's pending trial metrics and ends are kept "
+        f"in {pending.path} and sent when the sweep is resumed (--resume)")
+    return False
+
+
 def _seed_tag(seed) -> dict:
     return {SEED_TAG: str(int(seed))} if isinstance(seed, (int, float)) else {}
 
@@ -104,6 +145,10 @@ class SweepMLflowCallback(Callback):
         state["_logged"] = {}
         state["_existing"], state["_created"] = None, set()
         return state
+
+    def _send(self, event: dict) -> None:
+        """Append `event` to the sweep's pending file; the sweep's sender thread takes it to the store."""
+        sweep_sender(self.tracking_uri, self.parent_run_id).add(event)
 
     def _existing_runs(self) -> dict[str, str]:
         """Trial id → this sweep's child run already in MLflow (the newest, if several), read once: one
@@ -145,6 +190,7 @@ class SweepMLflowCallback(Callback):
                 )
                 self.runs[trial_id] = run.info.run_id
                 self.__dict__.setdefault("_created", set()).add(trial_id)
+                sweep_pending(self.tracking_uri, self.parent_run_id).floors[run.info.run_id] = -1  # nothing to read
                 grouping = {"method": self.method, "phase": getattr(self, "phase", SEARCH),
                             "seed": trial.config.get("seed", getattr(self, "seed", None))}
                 params = {**{k: v for k, v in grouping.items() if v is not None}, **trial.config}
@@ -163,11 +209,13 @@ class SweepMLflowCallback(Callback):
         if trial.trial_id not in logged:  # a run this instance created has no history to read
             created = trial.trial_id in self.__dict__.get("_created", ())
             logged[trial.trial_id] = -1 if created else last_logged_step(self.client, run_id)
+        now = int(time.time() * 1000)
         for step, part in report_by_step({**result, "step": step}):
             if step <= logged[trial.trial_id]:
                 continue  # replayed after a resume, or an evaluation already logged: in the run's history
-            log_metrics(self.client, run_id, {k: v for k, v in numeric_metrics(part).items()
-                                              if "/" in k or k in ("time_total_s", "epoch")}, step)
+            metrics = {k: v for k, v in numeric_metrics(part).items() if "/" in k or k in ("time_total_s", "epoch")}
+            if metrics:
+                self._send({"run_id": run_id, "step": step, "ts": now, "metrics": metrics})
             logged[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -178,16 +226,12 @@ class SweepMLflowCallback(Callback):
         for tag, key in ((STEPS_TAG, "step"), (TOTAL_STEPS_TAG, "total_steps")):
             if isinstance(result.get(key), (int, float)):
                 tags[tag] = str(int(result[key]))
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        close_run(self.client, run_id, "FINISHED")
+        self._send({"run_id": run_id, "finish": "FINISHED", "tags": tags})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        self.client.set_tag(run_id, ERROR_TAG, error_reason(trial_error_text(trial)))
-        self.client.set_tag(run_id, STATUS_TAG, FAILED)
-        close_run(self.client, run_id, "FAILED")
+        self._send({"run_id": run_id, "finish": "FAILED",
+                    "tags": {ERROR_TAG: error_reason(trial_error_text(trial)), STATUS_TAG: FAILED}})
 
     def close_ended(self, records: list[dict]) -> None:
         """Trials the journal ended after the last saved sweep state (`journal.reconcile`): the driver may

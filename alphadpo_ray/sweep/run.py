@@ -7,7 +7,8 @@ A sweep, top to bottom:
      an optional ASHA/median scheduler, and a `Tuner` whose trials are training runs;
      ``--resume`` restores the Tuner from storage instead (finished trials are kept, unfinished
      ones resume from their checkpoints, the Optuna study continues);
-  4. MLflow: a parent run per sweep, child runs per trial (one writer: the driver's callback);
+  4. MLflow: a parent run per sweep, child runs per trial (written from the driver: the callback creates
+     them, a background sender sends their metrics from the sweep's pending file);
   5. the results table, the Pareto set of accuracy vs KL, plots, and ``results.json``.
 
 `compare` runs the same budget for several methods under one compare run: per method a search
@@ -46,7 +47,7 @@ from ..training.preflight import preflight
 from ..training.prepare import prepare_run
 from . import journal, plots, results as res
 from .nested_runs import (KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback,
-                          error_reason, trial_error_text)
+                          error_reason, send_sweep_pending, trial_error_text)
 from .study import machine, markdown, print_study, study_tables, write_study
 from .trial import run_trial
 from .views import compare_description, publish_compare
@@ -233,10 +234,18 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
         parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of, phase,
                                          data={k: getattr(plan, k) for k in ("train_uri", "eval_uri", "train_pairs", "eval_pairs")})
         callbacks.append(tracker)
+        send_sweep_pending(uri, parent_id, log=log)  # what a driver that died left unsent: first
     tuner = _tuner(config, sweep, method, plan, name, space, points, callbacks, resume, log)
     _ENDED.pop(name, None)
-    with _tune_environment(sweep):
-        grid = tuner.fit()
+    try:
+        with _tune_environment(sweep):
+            grid = tuner.fit()
+    except BaseException:
+        if uri:
+            send_sweep_pending(uri, parent_id, tracking.EXIT_WAIT_S, log)
+        raise
+    if uri:  # the trials' metrics and ends still in the sweep's file, before its summary and close
+        send_sweep_pending(uri, parent_id, log=log)
     # Tune answers the first Ctrl-C by saving its state and returning from `fit` as if done: a trial that
     # did not end (Tune's own count of terminated and errored trials), or fewer trials than planned, means
     # the sweep was interrupted; which trials did not end, the callbacks' record of those that did says.
