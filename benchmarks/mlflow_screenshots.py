@@ -108,11 +108,14 @@ def _close_assistant(driver) -> None:
 
 
 def _expand(driver) -> None:
-    """Open the compare run's row: the methods' runs are its children, shown collapsed (the "+" beside its name)."""
+    """Open the compare run's row: the methods' runs are its children, shown collapsed (the "+" beside its name).
+    The "+" is drawn after the row's name (seen: the name shown, no button yet), so it is waited for; clicked once
+    (a second click folds the row again)."""
     from selenium.webdriver.common.by import By
 
-    for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']")[:1]:
-        button.click()
+    buttons = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"),
+                    60, "the compare run's expand button")
+    buttons[0].click()
 
 
 def _show_more(driver) -> None:
