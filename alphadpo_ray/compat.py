@@ -226,6 +226,7 @@ def _filter_error_messages(keep: Callable[[str, int], bool]) -> None:
             printer({**data, "lines": lines}, ignore_prefix)
 
     filtered._alphadpo_filtered = True
+    filtered._alphadpo_original = printer  # what a test restores to install another filter
     worker.print_to_stdstream = filtered
 
 

@@ -108,7 +108,7 @@ CONFIG_CASES = [
      r"method\.gamma_beta_ratio: must be >= 0, got -3 \(method 'alpha-dpo'\)"),
     ("length-alpha-negative", {"method": {"name": "r-dpo", "beta": 0.1, "length_alpha": -1}}, [],
      r"method\.length_alpha: must be >= 0, got -1 \(method 'r-dpo'\)"),
-    ("method-typo-set", {}, ["--set", "method.name=dpoo"], r"method\.name: unknown method 'dpoo'; choose one of .*, r-dpo \(did you mean dpo\?\)"),
+    ("method-typo-set", {}, ["--set", "method.name=dpoo"], r"method\.name: unknown method 'dpoo'; choose one of alpha-dpo, .*, r-dpo(, .*)? \(did you mean dpo\?\)"),
     ("method-trailing-space", {"method": {"name": "dpo "}}, [], r"method\.name: unknown method 'dpo '; .* \(did you mean dpo\?\)"),
     # --- tracking
     ("tracking-uri-scheme-typo", {"tracking": {"tracking_uri": "htp://x"}}, [],

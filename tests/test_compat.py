@@ -134,7 +134,8 @@ def test_cluster_error_messages_pass_the_same_filter(capsys):
         from ray._private import worker
 
         saved = worker.print_to_stdstream
-        try:
+        try:  # from Ray's own printer: an earlier run in this process (launch.init_ray) may have wrapped it
+            worker.print_to_stdstream = getattr(saved, "_alphadpo_original", saved)
             compat.filter_worker_output(lambda line, pid: not (pid == "raylet" and "marked dead" in line))
             worker.print_to_stdstream({"lines": ["node 127.0.0.9 has been marked dead"], "pid": "raylet",
                                        "is_err": False}, ignore_prefix=False)
