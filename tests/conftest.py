@@ -192,6 +192,7 @@ def _unit(nodeid: str) -> str:
     return module if module in SHARED_FIXTURE_MODULES else nodeid
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: no error where xdist is not installed
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadscope":
         return None
