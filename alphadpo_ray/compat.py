@@ -421,6 +421,33 @@ def zero3_consolidated_state_dict(engine) -> dict | None:
     return engine._zero3_consolidated_16bit_state_dict()
 
 
+def import_deepspeed():
+    """``import deepspeed`` without the MLflow import DeepSpeed makes on the way (``deepspeed.autotuning.autotuner``:
+    an optional ``import mlflow`` in a try/except, for its autotuner, which this project never runs): MLflow's
+    import is about a second of every Ray Train worker's start, and workers never log to MLflow themselves. MLflow
+    is blocked (``sys.modules["mlflow"] = None``: an ImportError) only during this import and only where this
+    process has not imported it; a DeepSpeed that needs it after all is imported again, plainly. Checked on
+    deepspeed 0.19.8."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None
+    try:
+        import deepspeed
+    except ImportError:  # a DeepSpeed whose import needs MLflow: drop the half-imported modules, import plainly
+        for name in [n for n in sys.modules if n == "deepspeed" or n.startswith("deepspeed.")]:
+            del sys.modules[name]
+        del sys.modules["mlflow"]
+        import deepspeed
+    finally:
+        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def mark_cpu_comm_ops_incompatible() -> bool:
     """Mark DeepSpeed's CPU communication ops (``deepspeed_shm_comm``, ``deepspeed_ccl_comm``) incompatible
     in ``deepspeed.ops.__compatible_ops__`` (which ``deepspeed.comm.torch`` consults before JIT-building

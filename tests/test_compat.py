@@ -352,6 +352,24 @@ def test_deepspeed_zero3_internals(tmp_path):
         assert out["state"] and all(out["state"].values()), out["state"]
 
 
+def test_deepspeed_imports_without_mlflow_and_mlflow_imports_after():
+    """In a fresh process (a Ray Train worker's first import): DeepSpeed comes up with its optional MLflow import
+    refused (its autotuner says so), MLflow is not loaded by it, and importing MLflow afterwards works."""
+    script = """
+import sys
+from alphadpo_ray import compat
+deepspeed = compat.import_deepspeed()
+print("mlflow" in sys.modules, deepspeed.autotuning.autotuner.has_mlflow, hasattr(deepspeed, "initialize"))
+import mlflow
+print(mlflow.MlflowClient.__name__)
+"""
+    with contract("deepspeed", "autotuning.autotuner's optional `import mlflow`"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split() == ["False", "False", "True", "MlflowClient"], out.stdout
+
+
 # ------------------------------------------------------------------------------ MLflow
 
 

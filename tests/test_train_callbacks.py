@@ -178,3 +178,49 @@ def test_mlflow_callback_buffers_each_step_once_and_says_the_outage_once(tmp_pat
         f"[mlflow] tracking store unavailable (http://127.0.0.1:9 does not answer); training goes on, metrics are "
         f"kept in {path} and sent when it is back") in out
     assert len(PendingMetrics(uri, path).events()) == 3  # nothing lost
+
+
+def test_controller_side_callback_only_appends_and_never_imports_mlflow(tmp_path):
+    """``send=False`` (the driver sends, `launch._fit`): in a fresh process, as in the Train controller, a report
+    is appended to the pending file, no sender thread starts and MLflow is never imported."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, threading
+from alphadpo_ray.services.train_callbacks import MLflowMetricsCallback
+callback = MLflowMetricsCallback("sqlite:///{tmp_path}/mlflow.db", "run-1", pending_path="{tmp_path}/p.jsonl", send=False)
+callback.after_report(None, [{{"step": 1, "train/loss": 0.5}}], None)
+print("mlflow" in sys.modules, threading.active_count(), callback._sender)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "1", "None"], out.stdout
+    from alphadpo_ray.services.tracking import PendingMetrics
+
+    assert [(e["step"], e["metrics"]) for e in PendingMetrics("", tmp_path / "p.jsonl").events()] == [
+        (1, {"train/loss": 0.5})]
+
+
+def test_driver_sender_sends_what_another_process_appends_and_stops(tmp_path):
+    """The driver's `MetricsSender` polls the file the Train controller appends to (no wake-up from it): the
+    report reaches the store once, and `stop` ends the thread."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.services.tracking import MetricsSender, PendingMetrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    path = tmp_path / "pending.jsonl"
+    sender = MetricsSender(PendingMetrics(uri, path), every_s=0.1)
+    PendingMetrics(uri, path).add({"run_id": run_id, "step": 1, "ts": 1, "metrics": {"train/loss": 0.5}})
+    deadline = time.monotonic() + 60
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not path.exists()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(1, 0.5)]
+    sender.stop(timeout=30)
+    assert not sender.thread.is_alive()

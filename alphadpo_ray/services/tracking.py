@@ -9,6 +9,8 @@
   message that shows a URI is redacted (`secrets.redact`).
 * Per-step metrics are logged by `train_callbacks.MLflowMetricsCallback`, a Ray Train `UserCallback`: it
   runs in the Train controller (one process) and sees every report, so several workers never write at once.
+  It appends each report to the run's pending file; the driver, on the same node, sends that file while
+  the run trains (`MetricsSender`), so the controller never imports MLflow.
 * A run is keyed by (storage path, run name): re-running a stopped run resumes the same MLflow run
   and logs only the steps after those it already holds; a fresh start gets a new MLflow run.
 * A tracking outage never stops training: reports go through an on-disk `PendingMetrics` file and
@@ -379,8 +381,9 @@ class PendingMetrics:
 
     Every report is written here first and sent from here, so a tracking outage never stops training
     and nothing is lost: what the store cannot take stays in the file until the store is back, the
-    end of the run, or the next start of the run — whichever process flushes first (the Train
-    controller's sender, the driver at the end, the next start). ``{path}.send-lock`` lets one sender
+    end of the run, or the next start of the run — whichever process flushes first (the driver's sender
+    while the run trains, or the Train controller's for a Ray Client driver; the driver at the end; the
+    next start). ``{path}.send-lock`` lets one sender
     at a time send, across processes; ``{path}.lock`` is held only for reading, appending and
     rewriting the file, never across network calls, so a report is never held up by a slow store. A
     line is removed only once the store has it; steps the store already holds (a sender killed
@@ -514,22 +517,33 @@ class PendingMetrics:
 
 
 class MetricsSender:
-    """A daemon thread that flushes a `PendingMetrics` file when an event arrives, and every `RETRY_S`
-    seconds while the store does not answer; each outage is reported once on the console (``going_on``:
-    what goes on meanwhile, ``training`` or ``the sweep``). Whoever appends never waits on the network."""
+    """A daemon thread that flushes a `PendingMetrics` file when an event arrives, and every `every_s`
+    seconds (another process appending to the file: the Train controller of a run this process drives),
+    retrying a store that does not answer; each outage is reported once on the console (``going_on``:
+    what goes on meanwhile, ``training`` or ``the sweep``). Whoever appends never waits on the network.
+    `stop` ends the thread after its current flush (what is left stays in the file)."""
 
-    def __init__(self, pending: PendingMetrics, going_on: str = "training"):
-        self.pending, self.going_on, self.wake, self.down = pending, going_on, threading.Event(), False
-        threading.Thread(target=self._loop, name="alphadpo-mlflow-sender", daemon=True).start()
+    def __init__(self, pending: PendingMetrics, going_on: str = "training", every_s: float = RETRY_S):
+        self.pending, self.going_on, self.every_s = pending, going_on, every_s
+        self.wake, self.stopped, self.down = threading.Event(), threading.Event(), False
+        self.thread = threading.Thread(target=self._loop, name="alphadpo-mlflow-sender", daemon=True)
+        self.thread.start()
 
     def add(self, event: dict) -> None:
         self.pending.add(event)
         self.wake.set()
 
+    def stop(self, timeout: float | None = None) -> None:
+        self.stopped.set()
+        self.wake.set()
+        self.thread.join(timeout)
+
     def _loop(self) -> None:
-        while True:
-            self.wake.wait(RETRY_S)
+        while not self.stopped.is_set():
+            self.wake.wait(self.every_s)
             self.wake.clear()
+            if self.stopped.is_set():
+                return
             ok = self.pending.flush()
             if not ok and not self.down:
                 self.down = True

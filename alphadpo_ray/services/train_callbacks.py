@@ -26,15 +26,17 @@ class MLflowMetricsCallback(_UserCallback):
     training.
 
     It runs in the Train controller (one process, on the driver's node): each report is appended to
-    the run's `PendingMetrics` file (a local write that never waits on the network) and a background
-    `MetricsSender` sends it. While the store is unreachable the reports stay in the file and the outage is
-    reported once; the driver flushes what is left when the run ends (`finish_run`). Steps up to
-    `logged_through` (already in the run's history when it resumed) and steps replayed after a
-    worker-group restart are not logged again: each step appears once."""
+    the run's `PendingMetrics` file (a local write that never waits on the network). With ``send=False``
+    that is all it does: the driver, on the same node, sends the file (`launch._fit`), so the controller
+    never imports MLflow (a second or two of every run's start); otherwise (a Ray Client driver, elsewhere;
+    an in-process run) a background `MetricsSender` here sends it, until `close`. While the store is unreachable the
+    reports stay in the file and the outage is reported once; the driver flushes what is left when the
+    run ends (`finish_run`). Steps up to `logged_through` (already in the run's history when it resumed)
+    and steps replayed after a worker-group restart are not logged again: each step appears once."""
 
     def __init__(self, tracking_uri: str, run_id: str, pending_path: str | Path | None = None,
-                 logged_through: int = -1):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+                 logged_through: int = -1, send: bool = True):
+        self.tracking_uri, self.run_id, self.send = tracking_uri, run_id, send
         self.pending_path = str(pending_path or default_pending_path(run_id))
         self.last_step = logged_through
         self._sender: MetricsSender | None = None
@@ -42,6 +44,12 @@ class MLflowMetricsCallback(_UserCallback):
 
     def __getstate__(self):
         return {**self.__dict__, "_sender": None}
+
+    def close(self) -> None:
+        """Stop this process's sender, if it started one (what it had not sent stays in the file)."""
+        if self._sender is not None:
+            self._sender.stop(timeout=30)
+            self._sender = None
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
@@ -52,10 +60,14 @@ class MLflowMetricsCallback(_UserCallback):
                 self._send(step, {k: v for k, v in numeric_metrics(part).items() if k not in ("step", "total_steps")})
 
     def _send(self, step: int, values: dict) -> None:
+        event = {"run_id": self.run_id, "step": step, "ts": int(time.time() * 1000), "metrics": values}
         try:
+            if not self.send:
+                PendingMetrics(self.tracking_uri, self.pending_path).add(event)
+                return
             if self._sender is None:
                 self._sender = MetricsSender(PendingMetrics(self.tracking_uri, self.pending_path))
-            self._sender.add({"run_id": self.run_id, "step": step, "ts": int(time.time() * 1000), "metrics": values})
+            self._sender.add(event)
         except Exception as err:  # noqa: BLE001 - e.g. a full local disk: this step is lost, training goes on
             if not self._failed:
                 self._failed = True

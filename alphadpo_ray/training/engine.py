@@ -111,12 +111,7 @@ def quiet_logs() -> None:
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     compat.quiet_train_report_logger(logging.WARNING)  # every report in full at INFO, from a logger of its own
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except Exception:  # noqa: BLE001
-        pass
+    compat.import_deepspeed().utils.logger.setLevel(logging.WARNING)  # first import: without MLflow
     import transformers
 
     transformers.logging.set_verbosity_error()

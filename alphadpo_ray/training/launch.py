@@ -589,11 +589,22 @@ def _logged_note(logged: int, held_before: int, waiting: list[int], sent: bool, 
 def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, logged_through: int = -1, log=print,
          in_process: bool = False, resumed: bool = False):
     """`TorchTrainer.fit()` — or, for a one-worker local run, the recipe in this process
-    (`in_process.fit_in_process`) — with console progress and (when tracking) the MLflow metrics callback."""
+    (`in_process.fit_in_process`) — with console progress and (when tracking) the MLflow metrics callback.
+
+    Under Ray Train the callback (in the Train controller) only appends each report to the run's pending
+    file and this process sends the file while the run trains (`tracking.MetricsSender`, every
+    `SEND_EVERY_S`), so the controller never imports MLflow; a Ray Client driver runs on another machine
+    than the controller, so there the controller sends. In process, the callback sends (woken by each report)."""
     callbacks: list = [train_callbacks.ConsoleProgress(config.ray.max_failures, config.ray.max_preemption_failures,
                                                         resumed=resumed, log=log if in_process else None)]
+    metrics = sender = None
     if run_id:
-        callbacks.append(train_callbacks.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through))
+        driver_sends = not in_process and not _ray_client()
+        metrics = train_callbacks.MLflowMetricsCallback(uri, run_id, _pending_path(config), logged_through,
+                                                        send=not driver_sends)
+        callbacks.append(metrics)
+        if driver_sends:
+            sender = tracking.MetricsSender(tracking.PendingMetrics(uri, _pending_path(config)), every_s=SEND_EVERY_S)
     run_uri = storage.join(config.storage_path(), config.run_name)
     before = _checkpoint_dirs(run_uri)
     try:
@@ -607,8 +618,23 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
         removed = remove_failed_saves(run_uri, before, log)
         cleaned = f" (removed the incomplete checkpoint {', '.join(removed)})" if removed else ""
         raise TrainingFailed(f"training run {config.run_name} failed: {err}{cleaned}") from err
+    finally:  # what the senders had not sent is sent by `finish_run` / `close_on_exit`
+        if sender is not None:
+            sender.stop(timeout=30)
+        if metrics is not None:
+            metrics.close()
     remove_failed_saves(run_uri, before, log)  # a save that failed before a retry succeeded
     return result
+
+
+SEND_EVERY_S = 1.0  # how often the driver sends what the Train controller appended to the pending file
+
+
+def _ray_client() -> bool:
+    """This driver is a Ray Client (``ray://``): its machine is not the Train controller's."""
+    import ray
+
+    return ray.util.client.ray.is_connected()
 
 
 def _write_summary(config: ExperimentConfig, plan, result, uri: str | None, run_id: str | None, start: float,
