@@ -238,14 +238,16 @@ def data_file(tmp_path_factory):
 STEPS = 8
 
 
-def _config(tmp_path, name, model_dir, data_file, stage):
+def _config(tmp_path, name, model_dir, data_file, stage, workers=2):
+    """`workers` × a batch of 4 // `workers`: one worker trains in this process (no Ray Train), on the same
+    global batches (test_training's two-workers-match-one test)."""
     return small_config(
         tmp_path, name=name, model={"name_or_path": str(model_dir)},
         data={"source": str(data_file), "held_out_fraction": 0.1, "max_length": 64, "max_prompt_length": 48},
         training={"max_steps": STEPS, "save_steps": 2, "eval_steps": 100, "logging_steps": 1,
-                  "per_device_train_batch_size": 2, "total_batch_size": 4, "per_device_eval_batch_size": 8,
+                  "per_device_train_batch_size": 4 // workers, "total_batch_size": 4, "per_device_eval_batch_size": 8,
                   "logprob_chunk_size": CHUNK},
-        deepspeed={"zero_stage": stage}, ray={"max_failures": 2}, tracking={"enabled": False},
+        deepspeed={"zero_stage": stage}, ray={"max_failures": 2, "num_workers": workers}, tracking={"enabled": False},
     )
 
 
@@ -291,7 +293,8 @@ def test_trains_under_zero3_and_resumes(ray_session, name, data_file, tmp_path, 
     """ZeRO-3, 2 workers, checkpoints every 2 steps: a worker is killed after the first checkpoint, Ray
     Train restarts the group and the recipe resumes from the latest checkpoint to step 8 (ray.max_failures
     2: one spare, for a worker lost to a busy shared machine; a resume is deterministic either way).
-    For ZERO0_BASELINE families, an uninterrupted ZeRO-0 run follows the same trajectory."""
+    For ZERO0_BASELINE families, an uninterrupted ZeRO-0 run of one worker on the same global batches (in this
+    process) follows the same trajectory."""
     from alphadpo_ray.training.launch import train
 
     model_dir = build_tiny_model_dir(tmp_path / "model", TEXTS, vocab_size=320, family=name, **SIZE)
@@ -326,7 +329,7 @@ def test_trains_under_zero3_and_resumes(ray_session, name, data_file, tmp_path, 
     assert start.keys() == end.keys() and any(not torch.equal(end[k], start[k]) for k in start)  # it trained
 
     if name in ZERO0_BASELINE:
-        zero0 = train(_config(tmp_path / "z0", f"{name}-z0-{tmp_path.name[-6:]}", model_dir, data_file, 0),
+        zero0 = train(_config(tmp_path / "z0", f"{name}-z0-{tmp_path.name[-6:]}", model_dir, data_file, 0, workers=1),
                       log=quiet)
         assert zero0["status"] == "finished" and zero0["steps"] == STEPS, zero0["message"]
         assert _losses(resumed) == pytest.approx(_losses(zero0), rel=1e-3, abs=1e-5)

@@ -53,10 +53,12 @@ def test_quickstart_shaped_run_learns_and_is_tracked(ray_session, builtin_task, 
     # sampled KL over the policy's own responses (ZeRO-3: sampling and scoring are collective), 32
     # prompts split over 2 workers; exactly 0 at step 0, where the policy is the reference
     assert summary["evals"][0]["eval/kl_sampled"] == 0.0 == summary["evals"][0]["eval/kl_sampled_se"]
+    assert summary["evals"][0]["eval/accuracy_logratio"] == 0.5  # step 0: the policy is the reference
     assert final["eval/kl_sampled"] > 0 and final["eval/kl_sampled_se"] > 0
     assert final["eval/kl_sampled_samples"] == 32
     assert 1 <= final["eval/generated_length"] <= 32  # greedy, at most max_new_tokens
     assert summary["status"] == "finished" and summary["steps"] == 30
+    assert len(_losses(summary)) == 30 and all(math.isfinite(x) for x in _losses(summary))
     assert summary["reference_cache"] is not None
 
     run_dir = Path(config.run_dir)
@@ -95,9 +97,10 @@ def test_two_workers_match_one_worker_with_double_batch(ray_session, builtin_tas
     assert len(_losses(a)) == 6
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 2])
 def test_zero_stage_trains(ray_session, builtin_task, tmp_path, stage):
-    """Each ZeRO stage trains: the held-out log-ratio accuracy leaves the reference's exact 0.5."""
+    """Each ZeRO stage trains: the held-out log-ratio accuracy leaves the reference's exact 0.5 (ZeRO-3:
+    test_quickstart_shaped_run_learns_and_is_tracked, with the same checks)."""
     from alphadpo_ray.training.launch import train
 
     config = small_config(tmp_path, name=f"zero{stage}-{tmp_path.name[-6:]}", deepspeed={"zero_stage": stage},
@@ -250,22 +253,22 @@ def test_reference_cache_hit_then_miss_on_new_truncation(ray_session, builtin_ta
     monkeypatch.setattr(reference_cache, "score_rows", lambda *a, **k: passes.append(1) or score_rows(*a, **k))
 
     fresh = {"num_workers": 2, "storage_path": str(tmp_path / "storage")}  # starts with no cache
-    base = small_config(tmp_path, name="cache-a", ray=fresh, data={"source": "builtin", "max_train_samples": 256})
+    base = small_config(tmp_path, name="cache-a", ray=fresh, data={"source": "builtin", "max_train_samples": 64})
     first = prepare_run(base, log=lambda *_: None)
     assert first.reference_cache["hit"] is False
     cache_file = Path(first.reference_cache["uri"])
     mtime = cache_file.stat().st_mtime_ns
     assert len(passes) == 1  # one pass over the data, in this process
-    assert pq.read_table(cache_file).num_rows == 256
+    assert pq.read_table(cache_file).num_rows == 64
 
-    again = small_config(tmp_path, name="cache-b", ray=fresh, data={"source": "builtin", "max_train_samples": 256})
+    again = small_config(tmp_path, name="cache-b", ray=fresh, data={"source": "builtin", "max_train_samples": 64})
     second = prepare_run(again, log=lambda *_: None)
     assert second.reference_cache == {**first.reference_cache, "hit": True, "seconds": second.reference_cache["seconds"]}
     assert cache_file.stat().st_mtime_ns == mtime
     assert len(passes) == 1  # no reference forward the second time
 
     shorter = small_config(tmp_path, name="cache-c", ray=fresh,
-                           data={"source": "builtin", "max_train_samples": 256, "max_length": 64, "max_prompt_length": 48})
+                           data={"source": "builtin", "max_train_samples": 64, "max_length": 64, "max_prompt_length": 48})
     third = prepare_run(shorter, log=lambda *_: None)
     assert third.reference_cache["hit"] is False
     assert third.reference_cache["key"] != first.reference_cache["key"]
