@@ -197,33 +197,63 @@ def test_job_writing_into_its_working_dir_copy_fails_fast(cluster, shared, tmp_p
 
 
 @pytest.mark.slow
-def test_documented_job_submission_succeeds_and_writes_outside_the_working_dir(cluster, shared, tmp_path):
-    """docs/cluster.md's submission, as written: Ray started from the project's environment, `python -m
-    alphadpo_ray` as the entrypoint, absolute output_dir / storage_path, an MLflow server. It reaches
-    SUCCEEDED, `ray job logs` returns its output, results land where configured, nothing in the copy
-    (and the reference log-probs the cluster computed before are reused: still one cache entry)."""
-    work = tmp_path / "work"
+def test_two_studies_submitted_as_documented_jobs_share_the_cluster(cluster, shared, tmp_path):
+    """docs/cluster.md's submission, as written, for two studies at once (a team's case): Ray started from the
+    project's environment, `python -m alphadpo_ray` as the entrypoint, absolute output_dir / storage_path, one
+    MLflow server. Each study holds its `sweep.max_concurrent_trials` (2) trial slots at the same time as the
+    other — every trial waits at step 2 until all four run, so neither study waited for the other's — then
+    both jobs reach SUCCEEDED, `ray job logs` returns each one's output, each study has its own MLflow parent,
+    its own two trial runs and its own results, nothing lands in the working-dir copy, and the reference
+    log-probs the cluster computed before are reused (still one cache entry)."""
+    from mlflow.tracking import MlflowClient
+
+    from held import held_plugin
+
+    work, names = tmp_path / "work", ("as-job", "as-job-2")
     work.mkdir()
+    plugin = held_plugin(tmp_path / "plugin", "held-dpo", step=2, action="wait", loss="dpo")
     with mlflow_server(tmp_path / "mlflow") as tracking_uri:
-        config = sweep_config(tmp_path, shared, "as-job", tracking={"tracking_uri": tracking_uri})
-        (work / "sweep.yaml").write_text(yaml.safe_dump(config))
+        for name in names:  # one-worker trials: each trains in its Tune trial actor on a node
+            config = sweep_config(tmp_path, shared, name, tracking={"tracking_uri": tracking_uri},
+                                  plugins=[str(plugin)], method={"name": "held-dpo", "beta": 0.1})
+            config["ray"]["num_workers"], config["training"]["per_device_train_batch_size"] = 1, 8
+            (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
         started = time.monotonic()
-        submit = _job(cluster, "submit", "--address", cluster.dashboard_url, "--submission-id", "as-job",
-                      "--working-dir", str(work), "--", "python", "-m", "alphadpo_ray", "sweep", "sweep.yaml",
-                      timeout=900)
+        submits = [subprocess.Popen(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--submission-id", name,
+             "--working-dir", str(work), "--", "python", "-m", "alphadpo_ray", "sweep", f"{name}.yaml"],
+            env=cluster.client_env(), cwd=cluster.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name in names]
+        client, running, deadline = MlflowClient(tracking_uri), {}, time.monotonic() + 600
+        while time.monotonic() < deadline and not all(len(running.get(n, ())) == 2 for n in names):
+            assert all(p.poll() is None for p in submits), [p.communicate()[0][-3000:] for p in submits]
+            if client.get_experiment_by_name("multinode") is not None:  # made by the first driver
+                running = {n: [c for c in _children(tracking_uri, n) if c.info.status == "RUNNING"] for n in names}
+            time.sleep(1)
+        held = {n: len(running.get(n, ())) for n in names}
+        (plugin.parent / "release").touch()  # all four trials ran at once: let them finish
+        outputs = [p.communicate(timeout=900)[0] for p in submits]
         seconds = time.monotonic() - started
-        children = _children(tracking_uri, "as-job")
-    status = _job(cluster, "status", "--address", cluster.dashboard_url, "as-job")
-    logs = _job(cluster, "logs", "--address", cluster.dashboard_url, "as-job").stdout
-    assert submit.returncode == 0 and "job 'as-job' succeeded" in status.stdout.lower(), status.stdout + logs[-4000:]
-    assert "results:" in logs and "[trial" in logs
-    assert "[reference] log-probs" in logs and "Found multiple active Ray instances" not in logs, logs[-3000:]
-    assert len(list((shared / "storage" / "reference_cache").rglob("*.parquet"))) == 1
-    results = json.loads((tmp_path / "outputs" / "as-job" / "results.json").read_text())
-    assert results["summary"]["trials"] == 2 and results["summary"]["failed"] == 0
-    assert sorted(p.name for p in work.iterdir()) == ["sweep.yaml"]
+        children = {name: _children(tracking_uri, name) for name in names}
+        parents = {name: client.get_run(json.loads((tmp_path / "outputs" / name / "results.json").read_text())[
+            "mlflow_parent_run_id"]) for name in names}
+    assert held == {"as-job": 2, "as-job-2": 2}, (held, [o[-3000:] for o in outputs])
     copies = list(cluster.node_temp_dir(HEAD).glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*"))
+    for name, submit, output in zip(names, submits, outputs):
+        status = _job(cluster, "status", "--address", cluster.dashboard_url, name)
+        logs = _job(cluster, "logs", "--address", cluster.dashboard_url, name).stdout
+        assert submit.returncode == 0 and f"job '{name}' succeeded" in status.stdout.lower(), \
+            status.stdout + output[-2000:] + logs[-4000:]
+        assert "results:" in logs and "[trial" in logs
+        assert "[reference] log-probs" in logs and "Found multiple active Ray instances" not in logs, logs[-3000:]
+        results = json.loads((tmp_path / "outputs" / name / "results.json").read_text())
+        assert results["summary"]["trials"] == 2 and results["summary"]["failed"] == 0
+        assert len(children[name]) == 2 and all(c.info.status == "FINISHED" for c in children[name])
+        assert {c.data.tags["mlflow.parentRunId"] for c in children[name]} == {parents[name].info.run_id}
+        assert parents[name].info.status == "FINISHED" and parents[name].data.tags["alphadpo.sweep"] == name
+    assert parents["as-job"].info.run_id != parents["as-job-2"].info.run_id
+    assert len(list((shared / "storage" / "reference_cache").rglob("*.parquet"))) == 1
+    assert sorted(p.name for p in work.iterdir()) == ["as-job-2.yaml", "as-job.yaml"]
     assert not [p for copy in copies for p in copy.rglob("*")
                 if p.name in ("mlflow.db", "outputs", "results.json", "mlruns", "ray")], copies
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    print(f"sweep as a Ray job: {seconds:.0f} s from submit to SUCCEEDED")
+    print(f"two studies as Ray jobs: {seconds:.0f} s from submit to both SUCCEEDED")
