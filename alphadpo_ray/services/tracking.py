@@ -383,11 +383,10 @@ class PendingMetrics:
     and nothing is lost: what the store cannot take stays in the file until the store is back, the
     end of the run, or the next start of the run — whichever process flushes first (the driver's sender
     while the run trains, or the Train controller's for a Ray Client driver; the driver at the end; the
-    next start). ``{path}.send-lock`` lets one sender
-    at a time send, across processes; ``{path}.lock`` is held only for reading, appending and
-    rewriting the file, never across network calls, so a report is never held up by a slow store. A
-    line is removed only once the store has it; steps the store already holds (a sender killed
-    between sending and removing) are not sent twice.
+    next start). ``{path}.send-lock`` lets one sender at a time send, across processes; ``{path}.lock``
+    is held only for reading, appending and rewriting the file, never across network calls, so a report
+    is never held up by a slow store. A line is removed only once the store has it; steps the store
+    already holds (a sender killed between sending and removing) are not sent twice.
 
     ``floors``: run id → the highest step the store already holds for it, read from the store before a
     run's first send unless known (a run this process created holds nothing: -1, no read)."""

@@ -29,9 +29,9 @@ class MLflowMetricsCallback(_UserCallback):
     the run's `PendingMetrics` file (a local write that never waits on the network). With ``send=False``
     that is all it does: the driver, on the same node, sends the file (`launch._fit`), so the controller
     never imports MLflow (a second or two of every run's start); otherwise (a Ray Client driver, elsewhere;
-    an in-process run) a background `MetricsSender` here sends it, until `close`. While the store is unreachable the
-    reports stay in the file and the outage is reported once; the driver flushes what is left when the
-    run ends (`finish_run`). Steps up to `logged_through` (already in the run's history when it resumed)
+    an in-process run) a background `MetricsSender` here sends it, until `close`. While the store is
+    unreachable the reports stay in the file and the outage is reported once; the driver flushes what is
+    left when the run ends (`finish_run`). Steps up to `logged_through` (already in the run's history when it resumed)
     and steps replayed after a worker-group restart are not logged again: each step appears once."""
 
     def __init__(self, tracking_uri: str, run_id: str, pending_path: str | Path | None = None,
