@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -159,6 +160,7 @@ def main() -> None:
         print(f"| {label} | {wall:.1f} s | {cpu:.1f} s |")
     print(f"load after: {os.getloadavg()[0]:.2f}")
     ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -329,8 +329,8 @@ def test_trains_under_zero3_and_resumes(ray_session, name, data_file, tmp_path, 
     assert start.keys() == end.keys() and any(not torch.equal(end[k], start[k]) for k in start)  # it trained
 
     if name in ZERO0_BASELINE:
-        zero0 = train(_config(tmp_path / "z0", f"{name}-z0-{tmp_path.name[-6:]}", model_dir, data_file, 0, workers=1),
-                      log=quiet)
+        baseline = _config(tmp_path / "z0", f"{name}-z0-{tmp_path.name[-6:]}", model_dir, data_file, 0, workers=1)
+        zero0 = train(baseline, log=quiet)
         assert zero0["status"] == "finished" and zero0["steps"] == STEPS, zero0["message"]
         assert _losses(resumed) == pytest.approx(_losses(zero0), rel=1e-3, abs=1e-5)
         for key in ("train/loss/margin_mean", "train/loss/margin_std"):  # AlphaDPO's running statistics

@@ -586,6 +586,9 @@ def _logged_note(logged: int, held_before: int, waiting: list[int], sent: bool, 
     return f" ({head}, {span} pending on disk ({path}), {'sent now' if sent else 'sent when the store answers'})"
 
 
+SEND_EVERY_S = 1.0  # how often the driver sends what the Train controller appended to the pending file
+
+
 def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, logged_through: int = -1, log=print,
          in_process: bool = False, resumed: bool = False):
     """`TorchTrainer.fit()` — or, for a one-worker local run, the recipe in this process
@@ -625,9 +628,6 @@ def _fit(config: ExperimentConfig, plan, uri: str | None, run_id: str | None, lo
             metrics.close()
     remove_failed_saves(run_uri, before, log)  # a save that failed before a retry succeeded
     return result
-
-
-SEND_EVERY_S = 1.0  # how often the driver sends what the Train controller appended to the pending file
 
 
 def _ray_client() -> bool:
