@@ -7,12 +7,15 @@ import shutil
 from pathlib import Path
 
 PLUGIN = Path(__file__).parent / "plugins" / "held_method.py"
+_NAMES: dict[str, Path] = {}  # name -> folder, for this pytest process
 
 
 def held_plugin(folder: Path, name: str, *, step: int = 6, action: str = "sleep", loss: str = "simpo") -> Path:
     """Write the held method into `folder` (registered as `name`) and arm it: the `hold` file for
     ``sleep``/``fail``. Returns the plugin's path for the config's ``plugins``."""
     assert action in ("sleep", "wait", "fail") and loss in ("simpo", "dpo")
+    # the method registry is process-wide: a name must be unique across the suite (give each test its own)
+    assert _NAMES.setdefault(name, folder) == folder, f"held method {name!r} is already used by {_NAMES[name]}"
     folder.mkdir(parents=True, exist_ok=True)
     plugin = folder / "held_method.py"
     shutil.copyfile(PLUGIN, plugin)

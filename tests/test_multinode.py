@@ -211,11 +211,11 @@ def test_two_studies_submitted_as_documented_jobs_share_the_cluster(cluster, sha
 
     work, names = tmp_path / "work", ("as-job", "as-job-2")
     work.mkdir()
-    plugin = held_plugin(tmp_path / "plugin", "held-dpo", step=2, action="wait", loss="dpo")
+    plugin = held_plugin(tmp_path / "plugin", "held-jobs-dpo", step=2, action="wait", loss="dpo")
     with mlflow_server(tmp_path / "mlflow") as tracking_uri:
         for name in names:  # one-worker trials: each trains in its Tune trial actor on a node
             config = sweep_config(tmp_path, shared, name, tracking={"tracking_uri": tracking_uri},
-                                  plugins=[str(plugin)], method={"name": "held-dpo", "beta": 0.1})
+                                  plugins=[str(plugin)], method={"name": "held-jobs-dpo", "beta": 0.1})
             config["ray"]["num_workers"], config["training"]["per_device_train_batch_size"] = 1, 8
             (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
         started = time.monotonic()

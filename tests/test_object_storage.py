@@ -116,9 +116,9 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
     """Prepared data, the reference cache, checkpoints and the run's identity land in the bucket; the
     driver (and its Ray) is killed at step 6, after the step-4 checkpoint; the same command continues
     from that checkpoint in the bucket and finishes, exporting the policy from there."""
-    plugin = held_plugin(tmp_path / "plugin", "held-dpo", loss="dpo")  # the driver is killed at step 6
+    plugin = held_plugin(tmp_path / "plugin", "held-s3-dpo", loss="dpo")  # the driver is killed at step 6
     config = small_config(tmp_path, name="s3train", plugins=[str(plugin)],
-                          method={"name": "held-dpo", "beta": 0.1}, ray={"storage_path": s3.uri(STORAGE)},
+                          method={"name": "held-s3-dpo", "beta": 0.1}, ray={"storage_path": s3.uri(STORAGE)},
                           training={"max_steps": 8, "save_steps": 4, "logging_steps": 2, "eval_steps": 100})
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
