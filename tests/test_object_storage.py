@@ -115,7 +115,8 @@ def test_storage_helpers_sweep_lock_and_worker_env_on_the_bucket(s3, monkeypatch
 def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_task, tmp_path, short_tmp):
     """Prepared data, the reference cache, checkpoints and the run's identity land in the bucket; the
     driver (and its Ray) is killed at step 6, after the step-4 checkpoint; the same command continues
-    from that checkpoint in the bucket and finishes, exporting the policy from there."""
+    from that checkpoint in the bucket and finishes, exporting the policy from there, continuing the same
+    MLflow run (each step once), with a console free of the libraries' routine announcements."""
     plugin = held_plugin(tmp_path / "plugin", "held-s3-dpo", loss="dpo")  # the driver is killed at step 6
     config = small_config(tmp_path, name="s3train", plugins=[str(plugin)],
                           method={"name": "held-s3-dpo", "beta": 0.1}, ray={"storage_path": s3.uri(STORAGE)},
@@ -151,6 +152,19 @@ def test_train_run_writes_to_the_bucket_and_resumes_from_it(s3, driver, builtin_
     assert (Path(summary["policy"]) / "model.safetensors").exists()  # exported from the bucket
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(summary)
 
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # one run, continued
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train/loss")]
+    assert steps == [2, 4, 6, 8]  # each step once across the kill
+    # The console holds the project's own lines, not the libraries' routine announcements.
+    for noise in ("Token authentication is enabled", "Setting accelerator to CPU", "shm_comm_op built successfully",
+                  "PreemptionWatcher", "Creating initial MLflow database tables", "Loading weights", "tensorboard"):
+        assert noise not in text, noise
+
 
 @pytest.mark.slow
 def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, builtin_task, tmp_path,
@@ -159,7 +173,8 @@ def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, 
     killed once the journal there records a finished trial, with the next one running (Tune's full state
     is saved every 30 s, so it is older); a driver started in another, empty working directory with its
     own Ray resumes it with `--resume` from the bucket alone: exactly ``num_samples`` trials, finished
-    ones not run again, the rest finish, and results land in that directory."""
+    ones not run again, the rest finish, results land in that directory, and MLflow holds exactly one
+    finished child run per trial with each step once."""
     config = small_config(
         tmp_path, name="s3sweep", output_dir="outputs", ray={"num_workers": 1, "storage_path": s3.uri(STORAGE)},
         deepspeed={"zero_stage": 0},
@@ -197,6 +212,7 @@ def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, 
                      tmp_path / "second.log")
     text = _finish(second, tmp_path / "second.log")
     assert f"resuming s3sweep from s3://{s3.bucket}/{experiment}" in text, text[-4000:]
+    assert "Failed to fetch metrics" not in text  # a just-started trial: no results yet
     for trial in finished_before:
         assert f"[trial {trial}] started" not in text, f"finished trial {trial} ran again"
     assert len(re.findall(r"\[trial \w+\] started", text)) == 3 - len(finished_before), text[-4000:]
@@ -204,3 +220,15 @@ def test_sweep_resumes_from_the_bucket_in_another_working_directory(s3, driver, 
     assert results["summary"]["trials"] == 3 and results["summary"]["failed"] == 0, results["summary"]
     assert not (tmp_path / "b" / "outputs" / "ray").exists()
     assert f"{STORAGE}/s3sweep.lock" not in s3.keys(STORAGE)  # the resumed driver took over and released it
+
+    from mlflow.tracking import MlflowClient  # one child run per trial, all closed, each step logged once
+
+    client = MlflowClient(config.tracking.tracking_uri)
+    children = client.search_runs([client.get_run(results["mlflow_parent_run_id"]).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{results['mlflow_parent_run_id']}'")
+    trial_ids = {c.data.tags["alphadpo.trial_id"] for c in children}
+    assert len(children) == len(trial_ids) == 3 and finished_before <= trial_ids
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:  # even for the trial cut off mid-run
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert sorted(steps) == [3, 6], (child.data.tags["alphadpo.trial_id"], steps)

@@ -80,40 +80,45 @@ def test_quickstart_shaped_run_learns_and_is_tracked(ray_session, builtin_task, 
     assert {"summary.json", "config.json"} <= artifacts
 
 
+def _learned(summary: dict, steps: int) -> None:
+    """A finished run of `steps` finite losses whose held-out log-ratio accuracy left the reference's exact 0.5
+    (48 held-out pairs, 6 steps at lr 2e-4, measured ~0.8: 0.65 is > 2 sd above chance), with KL > 0 and the
+    policy exported."""
+    losses = _losses(summary)
+    assert summary["status"] == "finished" and len(losses) == steps
+    assert all(math.isfinite(x) for x in losses)
+    assert summary["evals"][0]["eval/accuracy_logratio"] == 0.5  # step 0: the policy is the reference
+    assert summary["final_eval"]["eval/accuracy_logratio"] > 0.65
+    assert summary["final_eval"]["eval/kl"] > 0
+    assert Path(summary["policy"], "model.safetensors").exists()
+
+
 def test_two_workers_match_one_worker_with_double_batch(ray_session, builtin_task, tmp_path):
-    """2 workers × b and 1 worker × 2b follow the same loss trajectory (sharding + gathered margin stats)."""
+    """2 workers × b and 1 worker × 2b follow the same loss trajectory (sharding + gathered margin stats);
+    the 2-worker run is also ZeRO-2's training check (ZeRO-0: test_zero0_trains; ZeRO-3:
+    test_quickstart_shaped_run_learns_and_is_tracked)."""
     from alphadpo_ray.training.launch import train
 
-    common = {"max_steps": 6, "save_steps": 100, "total_batch_size": 8}
+    common = {"max_steps": 6, "save_steps": 6, "total_batch_size": 8}
     suffix = tmp_path.name[-6:]
     two = small_config(tmp_path / "two", name=f"two-workers-{suffix}", ray={"num_workers": 2},
-                       training={**common, "per_device_train_batch_size": 4})
+                       deepspeed={"zero_stage": 2}, training={**common, "per_device_train_batch_size": 4})
     one = small_config(tmp_path / "one", name=f"one-worker-{suffix}", ray={"num_workers": 1},
-                       training={**common, "per_device_train_batch_size": 8})
+                       deepspeed={"zero_stage": 2}, training={**common, "per_device_train_batch_size": 8})
     a, b = train(two, log=lambda *_: None), train(one, log=lambda *_: None)
     assert _losses(a) == pytest.approx(_losses(b), rel=2e-4, abs=2e-5)
     for key in ("train/loss/margin_mean", "train/loss/margin_std"):
         assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]], rel=2e-4, abs=2e-5)
-    assert len(_losses(a)) == 6
+    _learned(a, 6)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_zero_stage_trains(ray_session, builtin_task, tmp_path, stage):
-    """Each ZeRO stage trains: the held-out log-ratio accuracy leaves the reference's exact 0.5 (ZeRO-3:
-    test_quickstart_shaped_run_learns_and_is_tracked, with the same checks)."""
+def test_zero0_trains(ray_session, builtin_task, tmp_path):
+    """ZeRO-0 (plain data parallel) with 2 workers trains."""
     from alphadpo_ray.training.launch import train
 
-    config = small_config(tmp_path, name=f"zero{stage}-{tmp_path.name[-6:]}", deepspeed={"zero_stage": stage},
+    config = small_config(tmp_path, name=f"zero0-{tmp_path.name[-6:]}", deepspeed={"zero_stage": 0},
                           training={"max_steps": 6, "save_steps": 6})
-    summary = train(config, log=lambda *_: None)
-    losses = _losses(summary)
-    assert summary["status"] == "finished" and len(losses) == 6
-    assert all(math.isfinite(x) for x in losses)
-    assert summary["evals"][0]["eval/accuracy_logratio"] == 0.5  # step 0: the policy is the reference
-    # 48 held-out pairs, 6 steps at lr 2e-4 (measured ~0.8): 0.65 is > 2 sd above chance
-    assert summary["final_eval"]["eval/accuracy_logratio"] > 0.65
-    assert summary["final_eval"]["eval/kl"] > 0
-    assert Path(summary["policy"], "model.safetensors").exists()
+    _learned(train(config, log=lambda *_: None), 6)
 
 
 def _processes(title: str):
@@ -149,11 +154,15 @@ RESUME_TRAINING = {"max_steps": 24, "save_steps": 4, "eval_steps": 8}
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, builtin_task, tmp_path_factory):
-    """The reference trajectory both interruption tests must reproduce."""
+    """The reference trajectory both interruption tests must reproduce: one worker in this process on the
+    same global batches (2 workers × 4 and 1 × 8 agree: test_two_workers_match_one_worker_with_double_batch),
+    so it costs no Ray Train run."""
     from alphadpo_ray.training.launch import train
 
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    return train(small_config(tmp, name=f"uninterrupted-{tmp.name}", training=RESUME_TRAINING), log=lambda *_: None)
+    config = small_config(tmp, name=f"uninterrupted-{tmp.name}", ray={"num_workers": 1},
+                          training={**RESUME_TRAINING, "per_device_train_batch_size": 8})
+    return train(config, log=lambda *_: None)
 
 
 def _same_trajectory(resumed: dict, reference: dict) -> None:
@@ -179,60 +188,6 @@ def test_worker_killed_mid_run_resumes_same_trajectory(uninterrupted, tmp_path):
     killer.join(timeout=5)
     assert killed.is_set(), "the worker was never killed; the test did not exercise a failure"
     _same_trajectory(resumed, uninterrupted)
-
-
-def test_stopped_run_resumes_when_the_same_command_is_rerun(uninterrupted, tmp_path):
-    """`kill -9` of `alphadpo-ray train` after its first checkpoint, then the same command again: Ray
-    Train resumes the run by name from its storage, and MLflow continues the same run."""
-    import subprocess
-    import sys
-
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    config = small_config(tmp_path, name=f"stopped-{tmp_path.name[-6:]}", training=RESUME_TRAINING,
-                          ray={"address": "local"})  # the command starts (and, killed, loses) its own Ray
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    command = [str(Path(sys.executable).with_name("alphadpo-ray")), "train", str(path)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run_dir = Path(config.storage_path()) / config.run_name
-    with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 300
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-
-        def registered() -> bool:  # on disk *and* registered by the controller (else Ray ignores it)
-            try:
-                return bool(json.loads(snapshot.read_text())["checkpoint_results"])
-            except (OSError, ValueError, KeyError):
-                return False
-
-        while time.time() < deadline and first.poll() is None and not registered():
-            time.sleep(0.05)
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    assert not (Path(config.run_dir) / "summary.json").exists()  # it really was stopped mid-run
-
-    with open(tmp_path / "second.log", "wb") as log:
-        second = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
-    assert second.returncode == 0, (tmp_path / "second.log").read_text()[-3000:]
-    assert "[resume] continuing from step" in (tmp_path / "second.log").read_text()
-    resumed = json.loads((Path(config.run_dir) / "summary.json").read_text())
-    _same_trajectory(resumed, uninterrupted)
-
-    client = MlflowClient(config.tracking.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert [r.info.run_id for r in runs] == [resumed["mlflow_run_id"]]  # one run, continued
-    assert runs[0].info.status == "FINISHED"
-
-    # The console holds the project's own lines, not the libraries' routine announcements.
-    console = (tmp_path / "second.log").read_text()
-    for noise in ("Token authentication is enabled", "Setting accelerator to CPU", "shm_comm_op built successfully",
-                  "PreemptionWatcher",
-                  "Creating initial MLflow database tables", "Loading weights", "tensorboard"):
-        assert noise not in console, noise
 
 
 def test_reference_cache_hit_then_miss_on_new_truncation(ray_session, builtin_task, tmp_path, monkeypatch):
