@@ -343,7 +343,7 @@ def test_sampled_kl_matches_the_exact_kl_of_a_perturbed_policy_within_its_standa
     exact, exact_se = rao_blackwellised_kl(policy.eval(), reference, prompts, tokenizer, 50, seed=2)
 
     assert sampled["kl_sampled_samples"] == 400
-    assert exact > 0.5  # a clearly non-zero KL...
+    assert exact > 10 * exact_se  # a clearly non-zero KL (its value moves with the SFT reference: 0.46 today)...
     tolerance = 3 * (sampled["kl_sampled_se"] ** 2 + exact_se**2) ** 0.5
     assert tolerance < exact / 2  # ...resolved well enough that a wrong estimator cannot hide in the noise
     assert abs(sampled["kl_sampled"] - exact) <= tolerance, (sampled, exact, exact_se)
