@@ -72,7 +72,7 @@ def test_interleaved_trials_reach_mlflow_once_each_step(tmp_path):
     assert send_sweep_pending(uri, callback.parent_run_id, wait_s=30)
     client = MlflowClient(uri)
     for trial in trials:
-        run = client.get_run(callback.runs[trial.trial_id])
+        run = client.get_run(callback.mlflow_run_id(trial.trial_id))
         assert _steps(client, run.info.run_id) == list(range(1, 31))
         assert _steps(client, run.info.run_id, "eval/accuracy") == list(range(1, 31))
         failed = trial is trials[15]
@@ -97,7 +97,7 @@ assert send_sweep_pending(uri, parent, wait_s=30)
 open(out, "wb").write(pickle.dumps(callback))  # Tune's saved experiment state
 left = sweep_pending(uri, parent)
 for step in range(4, 9):
-    left.add({"run_id": callback.runs["t00"], "step": step, "ts": int(time.time() * 1000),
+    left.add({"run_id": callback.mlflow_run_id("t00"), "step": step, "ts": int(time.time() * 1000),
               "metrics": {"train/loss": 1.0 / step, "eval/accuracy": 0.5 + step / 1000}})
 os._exit(0)  # killed: its sender thread never sends these
 """
@@ -141,9 +141,10 @@ def test_driver_killed_with_events_unsent_then_resume_sends_each_step_once(tmp_p
 
 @pytest.mark.slow
 def test_store_down_never_blocks_tunes_thread(tmp_path, capsys):
-    """A real `mlflow server`, stopped while 4 trials report: each `on_trial_result` returns at once (a local
-    append; the MLflow client's own retries would take minutes), the reports wait in the sweep's file and the
-    outage is said once. The server comes back on the same port and store: every step arrives once."""
+    """A real `mlflow server`, stopped while 4 trials report and a fifth starts: each `on_trial_start` and
+    `on_trial_result` returns at once (a local append; the MLflow client's own retries would take minutes),
+    the fifth trial's run creation and every report wait in the sweep's file and the outage is said once. The
+    server comes back on the same port and store: the fifth run is created, every step arrives once."""
     from mlflow.tracking import MlflowClient
     from services import free_port, mlflow_server
 
@@ -155,7 +156,12 @@ def test_store_down_never_blocks_tunes_thread(tmp_path, capsys):
             callback.on_trial_start(0, trials, trial)
             callback.on_trial_result(0, trials, trial, _report(1, 20))
         assert send_sweep_pending(uri, callback.parent_run_id, wait_s=30)
-    slowest = 0.0
+    slowest, late = 0.0, _trial("late")  # `late` starts during the outage: its run is created once the store is back
+    start = time.perf_counter()
+    callback.on_trial_start(0, trials, late)
+    callback.on_trial_result(0, trials, late, _report(1, 20))
+    slowest = time.perf_counter() - start
+    trials.append(late)
     for step in range(2, 21):
         for trial in trials:
             start = time.perf_counter()
@@ -164,7 +170,7 @@ def test_store_down_never_blocks_tunes_thread(tmp_path, capsys):
     assert slowest < 0.5, slowest
     pending = sweep_pending(uri, callback.parent_run_id)
     time.sleep(2 * tracking.RETRY_S)  # the sender tries the store at least once meanwhile
-    assert len(pending.events()) >= 4 * 19
+    assert len(pending.events()) >= 1 + 5 * 19 + 1
     assert capsys.readouterr().out.count("tracking store unavailable") == 1
     with mlflow_server(root, port=port):
         for trial in trials:
@@ -173,20 +179,23 @@ def test_store_down_never_blocks_tunes_thread(tmp_path, capsys):
         assert send_sweep_pending(uri, callback.parent_run_id, wait_s=60)
         client = MlflowClient(uri)
         for trial in trials:
-            run_id = callback.runs[trial.trial_id]
+            run_id = callback.mlflow_run_id(trial.trial_id)
             assert _steps(client, run_id) == list(range(1, 21)), trial.trial_id
             assert client.get_run(run_id).info.status == "FINISHED"
     assert not pending.path.exists()
 
 
 def test_callback_stays_picklable_with_its_sender_running(tmp_path):
-    """Tune pickles its callbacks into the experiment state while the sender thread runs."""
+    """Tune pickles its callbacks into the experiment state while the sender thread runs; the trial → run ids
+    it saves are MLflow's, never a run still to be created."""
     uri = _sqlite(tmp_path)
     callback = _sweep(uri)
     trial = _trial("t0")
     callback.on_trial_start(0, [trial], trial)
     callback.on_trial_result(0, [trial], trial, _report(1, 2))
     restored = pickle.loads(pickle.dumps(callback))
-    assert restored.runs == callback.runs
+    # only runs that exist travel (a run the sender has not created yet is found, or created, again)
+    assert all(not run.startswith(tracking.NEW_RUN) for run in restored.runs.values()), restored.runs
     assert send_sweep_pending(uri, callback.parent_run_id, wait_s=30)
     assert sweep_pending(uri, callback.parent_run_id).events() == []
+    assert pickle.loads(pickle.dumps(callback)).runs == {"t0": callback.mlflow_run_id("t0")}

@@ -577,10 +577,10 @@ def test_sweep_callback_finds_earlier_runs_with_one_search_and_logs_each_step_on
         for step in (1, 2, 3):  # replayed from each trial's start (no checkpoint)
             report(second, trial_id, step)
     assert len(calls) == 1  # one search for the sweep's runs, whatever the number of trials
-    assert second.runs["t1"] == first.runs["t1"] and second.runs["t2"] == first.runs["t2"]
+    assert second.runs["t1"] == first.mlflow_run_id("t1") and second.runs["t2"] == first.mlflow_run_id("t2")
     assert send_sweep_pending(uri, parent)  # the sweep's end
     for trial_id in ("t1", "t2", "t3"):
-        history = client.get_metric_history(second.runs[trial_id], "train/loss")
+        history = client.get_metric_history(second.mlflow_run_id(trial_id), "train/loss")
         assert sorted(m.step for m in history) == [1, 2, 3], trial_id  # each step once
     assert client.get_run(second.runs["t1"]).info.status == "RUNNING"
 

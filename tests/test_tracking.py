@@ -3,6 +3,7 @@ experiment at the same moment (embedded SQLite and a real `mlflow server` on 127
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -254,3 +255,46 @@ def test_flush_groups_interleaved_runs_one_batch_per_run(tmp_path, monkeypatch):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["alphadpo.status"] == "finished"
     assert not pending.path.exists()
+
+
+def test_runs_created_through_the_pending_file_once_even_when_the_line_outlives_its_process(tmp_path):
+    """A run created by the pending file's sender (a sweep's trial: whoever appends never waits for the store):
+    its tags, params and dataset inputs are set, and the reports naming it by its `new_run_key` land in it.
+    A later process (a resumed driver) that finds the creation still in the file — its sender died after
+    creating the run, before removing the line — finds that run instead of creating a second, and sends
+    the rest of the reports there, each step once."""
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.services import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.create_sqlite_store(uri)
+    client = MlflowClient(uri)
+    experiment_id = tracking.get_or_create_experiment(client, "tests")
+    key = tracking.new_run_key(experiment_id, {"alphadpo.sweep": "sw", "alphadpo.trial_id": "t1"})
+    create = {"run_id": key, "create": {"run_name": "alpha-dpo-t1", "tags": {"alphadpo.kind": "trial"},
+                                        "params": {"alpha": 0.1, "method": "alpha-dpo"},
+                                        "data": {"train_uri": "/data/train.parquet", "train_pairs": 64}}}
+    first = tracking.PendingMetrics(uri, tmp_path / "pending.jsonl")
+    first.add(create)
+    for step in (1, 2):
+        first.add({"run_id": key, "step": step, "ts": 1, "metrics": {"train/loss": 1.0 / step}})
+    assert first.run_id(key) is None  # nothing sent yet
+    assert first.flush(), first.error
+    run_id = first.run_id(key)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "alpha-dpo-t1" and run.data.params == {"alpha": "0.1", "method": "alpha-dpo"}
+    assert {k: run.data.tags[k] for k in ("alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id")} == {
+        "alphadpo.kind": "trial", "alphadpo.sweep": "sw", "alphadpo.trial_id": "t1"}
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train"]
+    assert _train_steps(client, run_id) == [1, 2]
+
+    left = [create] + [{"run_id": key, "step": step, "ts": 1, "metrics": {"train/loss": 1.0 / step}}
+                       for step in (2, 3)]  # 2 sent but not removed either, 3 never sent
+    (tmp_path / "pending.jsonl").write_text("".join(json.dumps(event) + "\n" for event in left))
+    later = tracking.PendingMetrics(uri, tmp_path / "pending.jsonl")  # a new process: knows no run of the file
+    assert later.flush(), later.error
+    assert later.run_id(key) == run_id  # found, not created again
+    assert len(client.search_runs([experiment_id])) == 1
+    assert _train_steps(client, run_id) == [1, 2, 3]
+    assert [d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs] == ["train"]  # not twice

@@ -374,10 +374,23 @@ def default_pending_path(run_id: str) -> Path:
     return Path(tempfile.gettempdir()) / "alphadpo-ray-mlflow" / f"{run_id}.jsonl"
 
 
+NEW_RUN = "new-run:"  # a run key naming a run the pending file creates (`new_run_key`), not an MLflow run id
+
+
+def new_run_key(experiment_id: str, identity: dict[str, str]) -> str:
+    """The key under which a pending file's events name a run it has still to create: the experiment and
+    the tags that identify the run there (``{tag: value}``), so a sender that did not see the run created
+    (another process, after a crash) finds it by one search instead of creating it twice."""
+    return NEW_RUN + json.dumps([experiment_id, identity], sort_keys=True)
+
+
 class PendingMetrics:
     """What a run (or a sweep's runs) has for the tracking store and has not sent yet, on disk: one JSON line
-    per report (``{"run_id", "step", "ts", "metrics"}``) or end of run (``{"run_id", "finish": STATUS,
-    "summary", "artifacts", "tags"}``), in order.
+    per report (``{"run_id", "step", "ts", "metrics"}``), end of run (``{"run_id", "finish": STATUS,
+    "summary", "artifacts", "tags"}``) or creation of a run (``{"run_id": new_run_key(...), "create":
+    {"run_name", "tags", "params", "data"}}``), in order. A run created here is named by its `new_run_key`
+    in the events that follow; the sender resolves it (``resolved``: key → MLflow run id), so whoever
+    appends never waits for the store, not even to create a run.
 
     Every report is written here first and sent from here, so a tracking outage never stops training
     and nothing is lost: what the store cannot take stays in the file until the store is back, the
@@ -389,19 +402,29 @@ class PendingMetrics:
     already holds (a sender killed between sending and removing) are not sent twice.
 
     ``floors``: run id → the highest step the store already holds for it, read from the store before a
-    run's first send unless known (a run this process created holds nothing: -1, no read)."""
+    run's first send unless known (a run this process created holds nothing: -1, no read). A creation this
+    process appended is sent as is; one found in the file from an earlier process is first looked for in
+    the store (that process may have created the run and died before removing the line)."""
 
     def __init__(self, uri: str, path: str | Path):
         self.uri, self.path = uri, Path(path)
         self.error = ""
         self.floors: dict[str, int] = {}
+        self.resolved: dict[str, str] = {}  # new_run_key → the MLflow run id it was created as (or found)
+        self._appended: set[str] = set()  # new_run_keys whose creation this process appended
 
     def _lock(self, suffix: str = ".lock"):
         return file_lock(self.path.with_name(self.path.name + suffix))
 
     def add(self, event: dict) -> None:
+        if "create" in event:
+            self._appended.add(event["run_id"])
         with self._lock(), open(self.path, "a") as handle:
             handle.write(json.dumps(event, default=str) + "\n")
+
+    def run_id(self, key: str) -> str | None:
+        """The MLflow run id of a run key: itself, or what a `new_run_key` was created as (None: not yet)."""
+        return self.resolved.get(key) if key.startswith(NEW_RUN) else key
 
     def events(self) -> list[dict]:
         try:
@@ -466,7 +489,7 @@ class PendingMetrics:
     def _batches(events: list[dict]) -> list[list[int]]:
         """The events' indices in send order, grouped by run: each run's events keep their order, its
         consecutive reports go in one batch up to MLflow's 1000 metrics per batch (at least one report),
-        an end of run alone, after the reports before it. Interleaved reports of many runs (a sweep's
+        a creation or an end of run alone, after the events before it. Interleaved reports of many runs (a sweep's
         trials) so cost one `log_batch` per run, not one per report."""
         by_run: dict[str, list[int]] = {}
         for i, event in enumerate(events):
@@ -476,10 +499,11 @@ class PendingMetrics:
             batch, count = [], 0
             for i in indices:
                 size = len(events[i].get("metrics") or ())
-                if batch and ("finish" in events[i] or count + size > 1000):
+                alone = "finish" in events[i] or "create" in events[i]
+                if batch and (alone or count + size > 1000):
                     batches.append(batch)
                     batch, count = [], 0
-                if "finish" in events[i]:
+                if alone:
                     batches.append([i])
                     continue
                 batch.append(i)
@@ -490,8 +514,14 @@ class PendingMetrics:
 
     def _send(self, client, batch: list[dict]) -> None:
         from mlflow.entities import Metric, RunTag
+        from mlflow.exceptions import MlflowException
 
-        run_id = batch[0]["run_id"]
+        if "create" in batch[0]:
+            self._create(client, batch[0]["run_id"], batch[0]["create"])
+            return
+        run_id = self.run_id(batch[0]["run_id"]) or self._find(client, batch[0]["run_id"])
+        if run_id is None:  # its creation was lost with the file of an earlier process: nowhere to send these
+            raise MlflowException(f"no run was created for {batch[0]['run_id']}", error_code="RESOURCE_DOES_NOT_EXIST")
         if "finish" in batch[0]:
             event = batch[0]
             if event.get("tags"):
@@ -513,6 +543,40 @@ class PendingMetrics:
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i : i + 1000])
         self.floors[run_id] = floor
+
+    def _find(self, client, key: str) -> str | None:
+        """The run a `new_run_key` names, looked up in the store (newest first); None if it is not there."""
+        if key in self.resolved:
+            return self.resolved[key]
+        experiment_id, identity = json.loads(key[len(NEW_RUN):])
+        found = client.search_runs([experiment_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in identity.items()),
+                                   max_results=1)
+        if found:
+            self.resolved[key] = found[0].info.run_id
+        return self.resolved.get(key)
+
+    def _create(self, client, key: str, spec: dict) -> None:
+        """Create the run a `new_run_key` names, with its tags, params and data inputs, once: a creation
+        appended by an earlier process, or one cut short here, may have happened already (then its params
+        and inputs are completed, both idempotent)."""
+        from mlflow.entities import Param
+
+        run_id = self.resolved.get(key)
+        if run_id is None and key not in self._appended:
+            run_id = self._find(client, key)
+        new = run_id is None
+        if new:
+            experiment_id, identity = json.loads(key[len(NEW_RUN):])
+            run_id = client.create_run(experiment_id, run_name=spec.get("run_name"),
+                                       tags={**identity, **(spec.get("tags") or {})}).info.run_id
+            self.resolved[key] = run_id  # before anything else can fail: a retry completes it, never creates again
+            self.floors[run_id] = -1  # nothing to read back
+        items = sorted((spec.get("params") or {}).items())
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[i : i + 100]])
+        if spec.get("data"):
+            log_data_inputs(client, run_id, spec["data"], new_run=new)
+        self.resolved[key] = run_id
 
 
 class MetricsSender:

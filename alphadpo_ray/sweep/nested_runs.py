@@ -1,17 +1,17 @@
 """MLflow for sweeps: one parent run per sweep, one nested child run per trial, written from the driver.
 
 `SweepMLflowCallback` is a Tune callback: it runs in the sweep driver and sees every trial's
-results, so concurrent trials never write to the store themselves (SQLite would lock). It creates a
-trial's child run when the trial starts; the trial's metrics and its end (status tags, close) are
-appended to the sweep's `PendingMetrics` file (`sweep_pending`, one per sweep) and sent by one background
-`MetricsSender`, so Tune's event loop never waits on the store: a slow or unreachable store delays
-the metrics, not the sweep. The driver sends what is left when the sweep ends, with a bounded wait
-(`send_sweep_pending`); what the store did not take stays in the file and is sent first by the next
-``--resume``. Trial → MLflow run ids are kept in the callback's saved state *and* recoverable from
-MLflow itself (child runs are tagged with sweep id and trial id), so a resumed sweep continues the
-same child runs instead of creating duplicates. A trial resumed from a checkpoint (a restored sweep, a
-restarted trial) reports its replayed steps again; each child run logs every step once (steps at or
-below the highest one already in its history are skipped).
+results, so concurrent trials never write to the store themselves (SQLite would lock). A trial's child
+run (its creation with tags, params and dataset inputs, when the trial starts), its metrics and its end
+(status tags, close) are appended to the sweep's `PendingMetrics` file (`sweep_pending`, one per sweep)
+and sent by one background `MetricsSender`, so Tune's event loop never waits on the store: a slow or
+unreachable store delays the runs and metrics, not the sweep. The driver sends what is left when the
+sweep ends, with a bounded wait (`send_sweep_pending`); what the store did not take stays in the file and
+is sent first by the next ``--resume``. Trial → MLflow run ids are kept in the callback's saved state
+*and* recoverable from MLflow itself (child runs are tagged with sweep id and trial id), so a resumed
+sweep continues the same child runs instead of creating duplicates. A trial resumed from a checkpoint
+(a restored sweep, a restarted trial) reports its replayed steps again; each child run logs every step
+once (steps at or below the highest one already in its history are skipped).
 
 A trial that ended without error before its ``total_steps`` (an ASHA/median scheduler stopped it) is
 an MLflow ``FINISHED`` run tagged ``alphadpo.status = stopped early`` with the step it stopped at
@@ -30,8 +30,8 @@ import time
 
 from ray.tune import Callback
 
-from ..services.tracking import (FINISH_WAIT_S, MetricsSender, PendingMetrics, close_run,
-                                 default_pending_path, last_logged_step, log_data_inputs, numeric_metrics,
+from ..services.tracking import (FINISH_WAIT_S, NEW_RUN, MetricsSender, PendingMetrics, close_run,
+                                 default_pending_path, last_logged_step, new_run_key, numeric_metrics,
                                  report_by_step, send_pending)
 
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
@@ -40,6 +40,7 @@ STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG = "alphadpo.status", "alphadpo.steps", "a
 PHASE_TAG, SEED_TAG = "alphadpo.phase", "alphadpo.seed"  # a compare's phase ("search"/"seeds"); training.seed
 SEARCH, SEEDS = "search", "seeds"
 PARENT_TAG = "mlflow.parentRunId"
+DATA_KEYS = ("train_uri", "train_pairs", "eval_uri", "eval_pairs")  # what a trial's dataset inputs read of the plan
 FINISHED, STOPPED, FAILED = "finished", "stopped early", "failed"
 
 
@@ -141,6 +142,7 @@ class SweepMLflowCallback(Callback):
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        state["runs"] = self._known_runs()  # a run not yet created: found, or created, again after a restore
         state["_client"] = None
         state["_logged"] = {}
         state["_existing"], state["_created"] = None, set()
@@ -170,9 +172,10 @@ class SweepMLflowCallback(Callback):
             self._existing = found
         return self._existing
 
-    def run_id(self, trial) -> str:
-        from mlflow.entities import Param
-
+    def run_key(self, trial) -> str:
+        """The key the sweep's pending file knows the trial's child run by: its MLflow run id, or, for a run
+        created by this sweep, the `new_run_key` whose creation was appended to the file — the sender creates
+        the run, so Tune's loop never waits for the store, not even at a trial's start."""
         trial_id = trial.trial_id
         if trial_id not in self.runs:
             existing = self._existing_runs().get(trial_id)
@@ -180,57 +183,62 @@ class SweepMLflowCallback(Callback):
                 self.runs[trial_id] = existing
                 self.client.update_run(existing, status="RUNNING")
             else:
-                run = self.client.create_run(
-                    self.experiment_id,
-                    run_name=f"{self.method}-{trial_id}",
-                    tags={PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", SWEEP_TAG: self.sweep_id,
-                          TRIAL_TAG: trial_id, METHOD_TAG: self.method, WORKERS_TAG: str(self.workers),
-                          PHASE_TAG: getattr(self, "phase", SEARCH),
-                          **_seed_tag(trial.config.get("seed", getattr(self, "seed", None)))},
-                )
-                self.runs[trial_id] = run.info.run_id
+                seed = trial.config.get("seed", getattr(self, "seed", None))
+                key = new_run_key(self.experiment_id, {SWEEP_TAG: self.sweep_id, TRIAL_TAG: trial_id})
+                grouping = {"method": self.method, "phase": getattr(self, "phase", SEARCH), "seed": seed}
+                data = getattr(self, "data", None) or {}
+                self._send({"run_id": key, "create": {
+                    "run_name": f"{self.method}-{trial_id}",
+                    "tags": {PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", METHOD_TAG: self.method,
+                             WORKERS_TAG: str(self.workers), PHASE_TAG: getattr(self, "phase", SEARCH),
+                             **_seed_tag(seed)},
+                    "params": {**{k: v for k, v in grouping.items() if v is not None}, **trial.config},
+                    "data": {k: data[k] for k in DATA_KEYS if data.get(k) is not None}}})
+                self.runs[trial_id] = key
                 self.__dict__.setdefault("_created", set()).add(trial_id)
-                sweep_pending(self.tracking_uri, self.parent_run_id).floors[run.info.run_id] = -1  # nothing to read
-                grouping = {"method": self.method, "phase": getattr(self, "phase", SEARCH),
-                            "seed": trial.config.get("seed", getattr(self, "seed", None))}
-                params = {**{k: v for k, v in grouping.items() if v is not None}, **trial.config}
-                self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-                if getattr(self, "data", None):
-                    log_data_inputs(self.client, run.info.run_id, self.data, new_run=True)
         return self.runs[trial_id]
 
+    def mlflow_run_id(self, trial_id: str) -> str | None:
+        """The trial's MLflow run id (None while the sender has still to create its run)."""
+        key = self.runs.get(trial_id)
+        return key and sweep_pending(self.tracking_uri, self.parent_run_id).run_id(key)
+
+    def _known_runs(self) -> dict[str, str]:
+        """Trial id → MLflow run id of the runs known to exist (what a restored callback may trust)."""
+        return {t: run_id for t in self.runs if (run_id := self.mlflow_run_id(t))}
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
+        self.run_key(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("step", result.get("training_iteration", 0)))
-        run_id = self.run_id(trial)
+        key = self.run_key(trial)
         logged = self.__dict__.setdefault("_logged", {})  # absent in a callback pickled by an older version
         if trial.trial_id not in logged:  # a run this instance created has no history to read
             created = trial.trial_id in self.__dict__.get("_created", ())
-            logged[trial.trial_id] = -1 if created else last_logged_step(self.client, run_id)
+            logged[trial.trial_id] = -1 if created else last_logged_step(self.client, key)
         now = int(time.time() * 1000)
         for step, part in report_by_step({**result, "step": step}):
             if step <= logged[trial.trial_id]:
                 continue  # replayed after a resume, or an evaluation already logged: in the run's history
             metrics = {k: v for k, v in numeric_metrics(part).items() if "/" in k or k in ("time_total_s", "epoch")}
             if metrics:
-                self._send({"run_id": run_id, "step": step, "ts": now, "metrics": metrics})
+                self._send({"run_id": key, "step": step, "ts": now, "metrics": metrics})
             logged[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         """Finished or stopped early by the scheduler (Tune completes both): the status tag says which."""
-        run_id = self.run_id(trial)
+        key = self.run_key(trial)
         result = trial.last_result or {}
         tags = {STATUS_TAG: trial_status(result)}
-        for tag, key in ((STEPS_TAG, "step"), (TOTAL_STEPS_TAG, "total_steps")):
-            if isinstance(result.get(key), (int, float)):
-                tags[tag] = str(int(result[key]))
-        self._send({"run_id": run_id, "finish": "FINISHED", "tags": tags})
+        for tag, field in ((STEPS_TAG, "step"), (TOTAL_STEPS_TAG, "total_steps")):
+            if isinstance(result.get(field), (int, float)):
+                tags[tag] = str(int(result[field]))
+        self._send({"run_id": key, "finish": "FINISHED", "tags": tags})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        self._send({"run_id": run_id, "finish": "FAILED",
+        key = self.run_key(trial)
+        self._send({"run_id": key, "finish": "FAILED",
                     "tags": {ERROR_TAG: error_reason(trial_error_text(trial)), STATUS_TAG: FAILED}})
 
     def close_ended(self, records: list[dict]) -> None:
@@ -252,7 +260,7 @@ class SweepMLflowCallback(Callback):
             close_run(self.client, run_id, "FINISHED")
 
     def get_state(self):
-        return {"runs": dict(self.runs)}
+        return {"runs": self._known_runs()}
 
     def set_state(self, state):
-        self.runs.update(state.get("runs", {}))
+        self.runs.update({t: r for t, r in state.get("runs", {}).items() if not r.startswith(NEW_RUN)})
