@@ -82,6 +82,13 @@ KNOWN_TRACES = (
 )
 
 
+# A trace's exception line: a (dotted) exception name, then ": message" or nothing (``ConnectionError: …``,
+# ``ray.exceptions.ActorDiedError: …``); not a frame's ``File "…"``, its code or a ``^^^`` caret line.
+_EXCEPTION_LINE = re.compile(
+    r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning|Timeout|Iteration)\w*(\([\w.]*\))?(: |:?$)")
+TRACE_MAX_LINES = 500  # a trace whose exception line never came (not recognised): what follows is shown again
+
+
 class _WorkerLineFilter:
     """Keep(line, pid): drops `KNOWN_BENIGN_WORKER_LINES` and the traces of `KNOWN_TRACES` (per worker
     process, from the header to the end of the exception), printing a trace's one-line replacement where it
@@ -89,29 +96,35 @@ class _WorkerLineFilter:
 
     def __init__(self, say=print):
         self.say = say
-        self.tracing: dict[object, tuple[str | None, bool]] = {}  # pid → (replacement, exception line seen)
+        # pid → (replacement, exception line seen, lines dropped so far)
+        self.tracing: dict[object, tuple[str | None, bool, int]] = {}
         self.said: set[tuple[str, object]] = set()  # (replacement, pid) printed
 
     def __call__(self, line: str, pid) -> bool:
         if pid in self.tracing:
-            what, ended = self.tracing[pid]
-            if line.startswith((" ", "\t")) or not line.strip():
+            what, ended, count = self.tracing[pid]
+            if count >= TRACE_MAX_LINES:
+                del self.tracing[pid]  # never ended as a trace does: this line is judged on its own
+            elif line.startswith((" ", "\t")) or not line.strip():
+                self.tracing[pid] = (what, ended, count + 1)
                 return False
-            if not ended and not line.startswith("Traceback (most recent call last)"):
-                self.tracing[pid] = (what, True)  # the exception line
-                if what and (what, pid) not in self.said:  # once per process
+            elif not ended:
+                # before the exception line: "Traceback (most recent call last):", or the rest of a frame or
+                # caret line that Ray forwarded in two pieces (its log monitor read the file mid-line)
+                exception = bool(_EXCEPTION_LINE.match(line))
+                self.tracing[pid] = (what, exception, count + 1)
+                if exception and what and (what, pid) not in self.said:  # once per process
                     self.said.add((what, pid))
                     why = ("it found several Ray instances on this machine and cannot tell which is this run's"
                            if "multiple active Ray instances" in line else line.strip()[:160])
                     self.say(f"[ray] {what.format(why=why)}; the trace is in Ray's session logs, worker-*-{pid}.err",
                              flush=True)
                 return False
-            if not ended:
-                return False
-            del self.tracing[pid]  # a line after the trace: judged on its own
+            else:
+                del self.tracing[pid]  # a line after the trace: judged on its own
         for header, what in KNOWN_TRACES:
             if header.search(line):
-                self.tracing[pid] = (what, False)
+                self.tracing[pid] = (what, False, 0)
                 return False
         return not any(p.search(line) for p in KNOWN_BENIGN_WORKER_LINES)
 

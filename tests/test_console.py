@@ -33,6 +33,23 @@ def test_a_benign_thread_death_is_one_line_and_other_output_is_kept():
     assert "worker-*-7.err" in said[0]
 
 
+def test_a_trace_line_forwarded_in_two_pieces_stays_in_the_trace():
+    """Ray's log monitor can read a worker's .err file while a line is half written and forward the rest as a
+    line of its own (seen in CI: a caret line's second half, ``^^^^^^^^``, printed as the cleaner's reason and
+    its exception line leaking): the pieces of frame and caret lines are dropped with the trace."""
+    said: list[str] = []
+    keep = _WorkerLineFilter(say=lambda line, flush=False: said.append(line))
+    split = []
+    for line in CLEANER_TRACE:
+        if line.strip().startswith(("^", "File")):
+            cut = len(line) // 2
+            split += [line[:cut], line[cut:]]  # the second piece starts mid-line, not indented
+        else:
+            split.append(line)
+    assert [line for line in split + ["step 2/4  loss 1.0"] if keep(line, 7)] == ["step 2/4  loss 1.0"]
+    assert len(said) == 1 and "it found several Ray instances on this machine" in said[0], said
+
+
 # A worker node lost mid-step (tests/test_preemption.py's run, shortened): the surviving worker's trace, the
 # controller's, the GCS's and the raylet's lines, then the run going on.
 NODE_LOSS = [
