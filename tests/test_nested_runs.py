@@ -84,7 +84,7 @@ def test_interleaved_trials_reach_mlflow_once_each_step(tmp_path):
 _KILLED_DRIVER = """
 import os, pickle, sys, time
 from types import SimpleNamespace
-from alphadpo_ray.sweep.nested_runs import SweepMLflowCallback, send_sweep_pending, sweep_pending
+from alphadpo_ray.sweep.nested_runs import SweepMLflowCallback, send_sweep_pending, sweep_pending, sweep_sender
 
 uri, experiment_id, parent, out = sys.argv[1:]
 callback = SweepMLflowCallback(uri, experiment_id, parent, "sweep", "alphadpo")
@@ -95,6 +95,7 @@ for step in range(1, 6):
                                                  "eval/accuracy": 0.5 + step / 1000})
 assert send_sweep_pending(uri, parent, wait_s=30)
 open(out, "wb").write(pickle.dumps(callback))  # Tune's saved experiment state
+sweep_sender(uri, parent).stop()  # dies before its sender sends what follows (it wakes every 2 s on its own)
 left = sweep_pending(uri, parent)
 for step in range(4, 9):
     left.add({"run_id": callback.mlflow_run_id("t00"), "step": step, "ts": int(time.time() * 1000),
