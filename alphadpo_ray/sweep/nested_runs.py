@@ -201,7 +201,9 @@ class SweepMLflowCallback(Callback):
     def mlflow_run_id(self, trial_id: str) -> str | None:
         """The trial's MLflow run id (None while the sender has still to create its run)."""
         key = self.runs.get(trial_id)
-        return key and sweep_pending(self.tracking_uri, self.parent_run_id).run_id(key)
+        if key is None or not key.startswith(NEW_RUN):
+            return key
+        return sweep_pending(self.tracking_uri, self.parent_run_id).run_id(key)
 
     def _known_runs(self) -> dict[str, str]:
         """Trial id → MLflow run id of the runs known to exist (what a restored callback may trust)."""
