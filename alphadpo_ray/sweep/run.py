@@ -46,8 +46,8 @@ from ..training.launch import init_ray
 from ..training.preflight import preflight
 from ..training.prepare import prepare_run
 from . import journal, plots, results as res
-from .nested_runs import (KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG, SweepMLflowCallback,
-                          error_reason, send_sweep_pending, trial_error_text)
+from .nested_runs import (DATA_KEYS, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG,
+                          SweepMLflowCallback, error_reason, send_sweep_pending, trial_error_text)
 from .study import machine, markdown, print_study, study_tables, write_study
 from .trial import run_trial
 from .views import compare_description, publish_compare
@@ -232,7 +232,7 @@ def run_method_sweep(config: ExperimentConfig, sweep: SweepConfig, method: str, 
     parent_id = None
     if uri:
         parent_id, tracker = _parent_run(config, sweep, method, name, uri, space, points, parent_of, phase,
-                                         data={k: getattr(plan, k) for k in ("train_uri", "eval_uri", "train_pairs", "eval_pairs")})
+                                         data={k: getattr(plan, k) for k in DATA_KEYS})
         callbacks.append(tracker)
         send_sweep_pending(uri, parent_id, log=log)  # what a driver that died left unsent: first
     tuner = _tuner(config, sweep, method, plan, name, space, points, callbacks, resume, log)
