@@ -222,9 +222,12 @@ def test_reference_cache_hit_then_miss_on_new_truncation(ray_session, builtin_ta
     assert cache_file.stat().st_mtime_ns == mtime
     assert len(passes) == 1  # no reference forward the second time
 
-    shorter = small_config(tmp_path, name="cache-c", ray=fresh,
-                           data={"source": "builtin", "max_train_samples": 64, "max_length": 64, "max_prompt_length": 48})
-    third = prepare_run(shorter, log=lambda *_: None)
+    # A new truncation of the same pairs by the same reference: the other end of each sequence kept (a new
+    # max_length would also build a second built-in SFT reference, ~50 s here, which is not what is tested)
+    other_end = small_config(tmp_path, name="cache-c", ray=fresh,
+                             data={"source": "builtin", "max_train_samples": 64, "truncation_mode": "keep_start"})
+    assert other_end.data.truncation_mode != base.data.truncation_mode
+    third = prepare_run(other_end, log=lambda *_: None)
     assert third.reference_cache["hit"] is False
     assert third.reference_cache["key"] != first.reference_cache["key"]
     assert len(passes) == 2
