@@ -88,7 +88,8 @@ def _run_config(tmp_path: Path, **ray) -> Path:
 
 def test_rerunning_a_finished_train_answers_from_its_summary(tmp_path, builtin_task):
     """A finished run re-run as is: one line from its stored summary, no Ray, no data preparation. Changed
-    settings still refuse. With its outputs gone it resumes through Ray Train, and says so once.
+    settings still refuse. With its outputs gone it resumes from the final checkpoint Ray Train wrote, here
+    in the CLI's own process (no ``--address``: a one-worker run trains in process), and says so once.
     The first run trains beside another Ray instance on the machine: Ray Train's placement-group
     cleaner cannot tell which is its own and dies with a trace; the console gets one line instead."""
     import shutil
@@ -116,8 +117,8 @@ def test_rerunning_a_finished_train_answers_from_its_summary(tmp_path, builtin_t
     assert changed.returncode == 2 and "from a different config" in changed.stderr, changed.stderr[-3000:]
     assert "training.learning_rate: 0.0002 → 0.0003" in changed.stderr
 
-    shutil.rmtree(tmp_path / "out")  # outputs gone, storage kept: Ray Train resumes the final checkpoint
-    resumed = _cli("train", str(config), "--address", "local", cwd=tmp_path)
+    shutil.rmtree(tmp_path / "out")  # outputs gone, storage kept: the final checkpoint is resumed
+    resumed = _cli("train", str(config), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     said = [l for l in (resumed.stdout + resumed.stderr).splitlines() if "[resume] continuing from step 4 of 4" in l]
     assert len(said) == 1, resumed.stdout + resumed.stderr
