@@ -499,12 +499,17 @@ def test_stopped_trials_rows_and_pareto_without_ray(tmp_path):
     assert plots.plot_pareto({"alpha-dpo": marked}, "accuracy", tmp_path / "pareto.png").exists()
 
 
-def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
+def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path, monkeypatch):
     """The MLflow callback tags a trial that completed before total_steps; `report` rebuilds its status
-    and step from MLflow alone and honours the sweep's logged `pareto_includes_stopped`."""
+    and step from MLflow alone and honours the sweep's logged `pareto_includes_stopped`. Searches page
+    (two runs a page here): every trial comes back, not the first page."""
     from types import SimpleNamespace
 
     from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.services import tracking
+
+    monkeypatch.setattr(tracking, "SEARCH_PAGE", 2)
 
     from alphadpo_ray.sweep.report import report
     from alphadpo_ray.sweep.nested_runs import KIND_TAG, METHOD_TAG, SWEEP_TAG, SweepMLflowCallback, send_sweep_pending
@@ -535,9 +540,13 @@ def test_stopped_trials_tagged_in_mlflow_and_rebuilt_by_report(tmp_path):
             "full_a": ("finished", 12), "full_b": ("finished", 12), "stop_lowkl": ("stopped early", 3),
             "stop_weak": ("stopped early", 6), "broken": ("failed", None), "legacy": ("finished", 12)}
         assert by_id["stop_lowkl"]["total_steps"] == 12
+        assert by_id["stop_weak"]["curve"] == {"step": [6], "accuracy": [by_id["stop_weak"]["accuracy"]],
+                                               "kl": [by_id["stop_weak"]["kl"]]}  # the metrics it logged
         assert by_id["stop_lowkl"]["pareto"] is include and by_id["full_b"]["pareto"] and by_id["full_a"]["pareto"]
         assert rebuilt["methods"][0]["stopped"] == 2
         assert "stopped early" in (tmp_path / name / "trials.csv").read_text()
+    whole = report("stopped", tracking_uri=uri, output_dir=str(tmp_path / "experiment"))  # by experiment name
+    assert sorted(r["trial_id"] for r in whole["rows"]) == sorted(2 * [t[0] for t in TRIALS])  # both sweeps' trials
 
 
 def test_sweep_callback_finds_earlier_runs_with_one_search_and_logs_each_step_once(tmp_path):

@@ -333,6 +333,22 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, key: str, para
     return run.info.run_id, False
 
 
+SEARCH_PAGE = 1000  # runs per MLflow search page
+
+
+def search_all_runs(client, experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None):
+    """Every run matching `filter_string`, page after page (MLflow returns at most one page, 1,000 here, per
+    call: a single call with a large ``max_results`` silently stops at its cap)."""
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, order_by=order_by, max_results=SEARCH_PAGE,
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def last_logged_step(client, run_id: str, key: str = "train/loss") -> int:
     """The highest step logged for metric `key` in the run (-1 if none): a resumed run logs only
     later steps, so every step appears once in its history."""

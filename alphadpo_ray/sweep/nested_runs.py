@@ -32,7 +32,7 @@ from ray.tune import Callback
 
 from ..services.tracking import (FINISH_WAIT_S, NEW_RUN, MetricsSender, PendingMetrics, close_run,
                                  default_pending_path, last_logged_step, new_run_key, numeric_metrics,
-                                 report_by_step, send_pending)
+                                 report_by_step, search_all_runs, send_pending)
 
 KIND_TAG, SWEEP_TAG, TRIAL_TAG, METHOD_TAG = "alphadpo.kind", "alphadpo.sweep", "alphadpo.trial_id", "method"
 ERROR_TAG, WORKERS_TAG = "alphadpo.error", "alphadpo.workers"
@@ -159,16 +159,10 @@ class SweepMLflowCallback(Callback):
         with the runs this instance creates (kept in ``runs``)."""
         if self.__dict__.get("_existing") is None:  # absent in a callback pickled by an older version
             found: dict[str, str] = {}
-            token = None
-            while True:
-                page = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{self.sweep_id}'",
-                                               max_results=1000, page_token=token)  # newest first
-                for run in page:
-                    if run.data.tags.get(TRIAL_TAG):
-                        found.setdefault(run.data.tags[TRIAL_TAG], run.info.run_id)
-                token = page.token
-                if not token:
-                    break
+            for run in search_all_runs(self.client, [self.experiment_id],
+                                       f"tags.`{SWEEP_TAG}` = '{self.sweep_id}'"):  # newest first
+                if run.data.tags.get(TRIAL_TAG):
+                    found.setdefault(run.data.tags[TRIAL_TAG], run.info.run_id)
             self._existing = found
         return self._existing
 

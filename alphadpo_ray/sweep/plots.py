@@ -195,7 +195,8 @@ def pareto_figure(rows_by_method: dict[str, list[dict]], accuracy: str, referenc
                  "outlined markers + line: Pareto front, hollow markers with bars: seed mean ± 95 % t-interval",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if ax.get_legend_handles_labels()[0]:  # no trial with both figures (e.g. all still running): no legend
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..config.experiment import StudyConfig
 from ..errors import AlphaDPOError
 from ..services.secrets import redact
-from ..services.tracking import resolve_tracking_uri
+from ..services.tracking import resolve_tracking_uri, search_all_runs
 from . import plots, results as res
 from .nested_runs import (ERROR_TAG, FINISHED, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SEED_TAG,
                           STATUS_TAG, STEPS_TAG, TOTAL_STEPS_TAG, TRIAL_TAG, WORKERS_TAG)
@@ -54,7 +54,7 @@ def _number(text: str):
 
 
 def _children(client, experiment_ids: list[str], parent_id: str):
-    return client.search_runs(experiment_ids, filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10_000)
+    return list(search_all_runs(client, experiment_ids, f"tags.`{PARENT_TAG}` = '{parent_id}'"))
 
 
 def _stale(client, run, now: float | None = None) -> str | None:
@@ -70,10 +70,12 @@ def _stale(client, run, now: float | None = None) -> str | None:
     return f"stale (RUNNING in MLflow, no activity since {time.strftime('%Y-%m-%d %H:%M', time.localtime(latest / 1000))})"
 
 
-def _curve(client, run_id: str) -> dict:
-    """A trial's held-out evaluations in step order from its MLflow metric histories."""
+def _curve(client, run) -> dict:
+    """A trial's held-out evaluations in step order from its MLflow metric histories (read only for the
+    metrics the run logged: one store query each)."""
+    run_id = run.info.run_id
     histories = {m: {h.step: h.value for h in client.get_metric_history(run_id, f"eval/{m}")}
-                 for m in res.CURVE_METRICS}
+                 for m in res.CURVE_METRICS if f"eval/{m}" in run.data.metrics}
     histories = {m: h for m, h in histories.items() if h}
     steps = sorted(set().union(*histories.values())) if histories else []
     return {"step": steps, **{m: [h.get(s) for s in steps] for m, h in histories.items()}} if steps else {}
@@ -87,7 +89,7 @@ def _trial_rows(client, experiment_ids: list[str], sweep_run) -> list[dict]:
         metrics = run.data.metrics
         params = {k: _number(v) for k, v in run.data.params.items() if k != "method"}
         tags = run.data.tags
-        curve = _curve(client, run.info.run_id)
+        curve = _curve(client, run)
         status = _stale(client, run) or STATUS.get(run.info.status, run.info.status.lower())
         if status == FINISHED:  # finished or stopped early (the tag of the trial's completion says which)
             status = tags.get(STATUS_TAG, FINISHED)
@@ -135,9 +137,10 @@ def _find_parents(client, target: str, store: str):
         return named[:1], ids
     experiment = client.get_experiment_by_name(target)
     if experiment is not None:
-        runs = client.search_runs([experiment.experiment_id], max_results=10_000)
-        tops = [r for r in runs if r.data.tags.get(KIND_TAG) in ("sweep", "compare") and (
-            PARENT_TAG not in r.data.tags or r.data.tags.get(KIND_TAG) == "compare")]
+        runs = [run for kind in ("sweep", "compare")  # not every trial of the experiment: its sweeps and compares
+                for run in search_all_runs(client, [experiment.experiment_id], f"tags.`{KIND_TAG}` = '{kind}'")]
+        runs.sort(key=lambda r: -(r.info.start_time or 0))  # newest first, as one search returns them
+        tops = [r for r in runs if PARENT_TAG not in r.data.tags or r.data.tags.get(KIND_TAG) == "compare"]
         if tops:
             return tops, [experiment.experiment_id]
     raise ReportNotFound(f"no sweep, compare, run id or experiment named {target!r} in the tracking store {store}")

@@ -640,9 +640,9 @@ def close_open_runs(config: ExperimentConfig, names: list[str], err: BaseExcepti
             return
         closed = 0
         for name in names:
-            for run in client.search_runs([experiment.experiment_id],
-                                          f"tags.`{SWEEP_TAG}` = '{name}' and attributes.status = 'RUNNING'",
-                                          max_results=10_000):
+            for run in list(tracking.search_all_runs(
+                    client, [experiment.experiment_id],
+                    f"tags.`{SWEEP_TAG}` = '{name}' and attributes.status = 'RUNNING'")):
                 client.set_terminated(run.info.run_id, status)
                 closed += 1
         if closed:
