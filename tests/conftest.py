@@ -158,6 +158,21 @@ HEAVY_MODULES = {"test_multinode", "test_preemption", "test_autoscaler", "test_t
                  "test_tracking_outage", "test_object_storage", "test_preference_training"}
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under `scripts/test_cpu.py` (ALPHADPO_RAY_TEST_CPU set): this worker's pid and the test it runs, for
+    the script to charge the CPU of this worker's processes to."""
+    marks = os.environ.get("ALPHADPO_RAY_TEST_CPU")
+    if not marks:
+        return (yield)
+    mark = Path(marks) / os.environ.get("PYTEST_XDIST_WORKER", "main")
+    mark.write_text(f"{os.getpid()}\t{item.nodeid}")
+    try:
+        return (yield)
+    finally:
+        mark.write_text(f"{os.getpid()}\t")
+
+
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true",
                      help="the quick tier: no Ray, cluster, server or training run (make test-quick)")
