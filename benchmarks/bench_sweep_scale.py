@@ -5,8 +5,11 @@
     .venv/bin/python benchmarks/bench_sweep_scale.py --optuna-only           # Optuna samplers alone, ~3 min
     .venv/bin/python benchmarks/bench_sweep_scale.py --bare --trial-seconds 1 --concurrency 16 --sizes 1000,10000 \
         --before-max 0                                                      # issue 19: beside bare Ray Tune
+    .venv/bin/python benchmarks/bench_sweep_scale.py --bare --trial-seconds 1 --concurrency 16 --nodes 16 \
+        --sizes 1000 --before-max 0                                         # the same on 16 loopback nodes
 
-Sweep mode: each (N, variant) is one fresh driver subprocess that starts a local Ray (``ray.init(num_cpus=4)``)
+Sweep mode: each (N, variant) is one fresh driver subprocess that starts a local Ray (``ray.init(num_cpus=C)``,
+C = ``--concurrency``; with ``--nodes K``, it joins a fresh loopback cluster of K one-CPU nodes instead)
 and calls `alphadpo_ray.sweep.run.run_method_sweep` — the real driver path: `_tuner` with the project's
 `SafeOptunaSearch` (TPE, the pareto objective: accuracy ↑, KL ↓), Tune's ConcurrencyLimiter (4 trials at
 once, actor reuse as single-worker sweeps do), the trial journal, `TrialProgress` and `SweepMLflowCallback`
@@ -38,6 +41,7 @@ Optuna defaults it, TPE as the sweep configures it (`_searcher`), and NSGA-II.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -66,6 +70,7 @@ def state_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name
     import ray.tune
     from ray.tune import Checkpoint
 
+    _trial_event("start")
     alpha, beta = float(params.get("alpha", 0.1)), float(params.get("beta", 2.5))
     accuracy = 0.5 + 0.4 * math.sin(3 * alpha) * math.exp(-abs(beta - 2.5) / 5)
     kl = 0.05 + 0.1 * beta * alpha
@@ -79,6 +84,18 @@ def state_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name
         with _tempfile.TemporaryDirectory() as folder:
             Path(folder, "state.json").write_text(json.dumps({"step": step}))
             ray.tune.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    _trial_event("done")
+
+
+def _trial_event(event: str) -> None:
+    """``--chaos``: one line per trial start and completion in the shared BENCH_TRIAL_LOG (a trial run twice
+    to completion shows as two ``done`` lines)."""
+    path = os.environ.get("BENCH_TRIAL_LOG")
+    if path:
+        import ray.tune
+
+        with open(path, "a") as log:
+            log.write(f"{event} {ray.tune.get_context().get_trial_id()}\n")
 
 
 class _Plan:
@@ -113,9 +130,25 @@ def _timed(cls, names: list[str], totals: dict, key: str) -> None:
         setattr(cls, name, wrapper)
 
 
-def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
-    """One sweep of `n` state trials in this process; the figures as a dict."""
-    import contextlib
+def _init_ray(concurrency: int) -> None:
+    """A local Ray offering `concurrency` trial slots, or the loopback cluster named by RAY_ADDRESS
+    (``--nodes``: one slot per node, the head has none)."""
+    import ray
+
+    env_vars = {"PYTHONPATH": str(REPO)}
+    if os.environ.get("BENCH_TRIAL_LOG"):
+        env_vars["BENCH_TRIAL_LOG"] = os.environ["BENCH_TRIAL_LOG"]
+    env = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": False}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **env)
+    else:
+        ray.init(num_cpus=concurrency, include_dashboard=False, **env)
+
+
+def run_one(n: int, period: float, concurrency: int, workdir: str, resume: bool = False,
+            max_failures: int = 0) -> dict:
+    """One sweep of `n` state trials in this process (``resume``: `sweep --resume` of the one in `workdir`);
+    the figures as a dict."""
     import io
 
     import ray
@@ -140,24 +173,31 @@ def run_one(n: int, period: float, concurrency: int, workdir: str) -> dict:
         "ray": {"num_workers": 1, "storage_path": f"{workdir}/ray"},
         "tracking": {"tracking_uri": uri, "experiment_name": "scale"},
         "sweep": {"name": f"scale{n}", "num_samples": n, "max_concurrent_trials": concurrency,
-                  "experiment_checkpoint_s": period, "sampler": "tpe"},
+                  "experiment_checkpoint_s": period, "sampler": "tpe", "max_failures": max_failures},
     }, "bench_sweep_scale")
     tracking.create_sqlite_store(uri)
-    ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    _init_ray(concurrency)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
     usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # TrialProgress' lines (their cost still counts)
         result = sweep_run.run_method_sweep(config, config.sweep, config.method.name, _Plan(),
-                                            name=config.sweep.name, resume=False, uri=uri)
+                                            name=config.sweep.name, resume=resume, uri=uri)
     wall = time.perf_counter() - wall0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     finished = sum(r["status"] == "finished" for r in result.rows)
+    peak_rss_mib = _status_kib("VmHWM") / 1024
     ray.shutdown()
+    # `alphadpo-ray report` over the finished sweep: the table and plots rebuilt from MLflow alone
+    from alphadpo_ray.sweep.report import report
+
+    report0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rebuilt = report(config.sweep.name, tracking_uri=uri, output_dir=f"{workdir}/report")
     return {"n": n, "variant": "after" if period else "before", "period": period, "trials": len(result.rows),
             "finished": finished,
             "cpu_user": usage.ru_utime - usage0.ru_utime, "cpu_sys": usage.ru_stime - usage0.ru_stime,
-            "wall": wall, "peak_rss_mib": _status_kib("VmHWM") / 1024, **totals}
+            "wall": wall, "peak_rss_mib": peak_rss_mib, **totals,
+            "report_s": time.perf_counter() - report0, "report_rows": len(rebuilt["rows"])}
 
 
 def bare_trial(config: dict) -> None:
@@ -169,15 +209,13 @@ def run_bare(n: int, concurrency: int, workdir: str) -> dict:
     """The anchor: bare Ray Tune on the same trials — a `Tuner` with Tune's default random search over the
     same four parameters, the same concurrency and actor reuse, no Optuna, no MLflow, no journal, no
     project callbacks. The same figures as `run_one`."""
-    import contextlib
     import io
 
     import ray
     from ray import tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
-    ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    _init_ray(concurrency)
     space = {"alpha": tune.loguniform(1e-3, 1.0), "beta": tune.loguniform(0.5, 10.0),
              "gamma_beta_ratio": tune.uniform(0.0, 1.0), "learning_rate": tune.loguniform(1e-5, 1e-3)}
     tuner = Tuner(tune.with_resources(bare_trial, {"CPU": 1}), param_space=space,
@@ -205,6 +243,22 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, Python {platform.python_version()}"
 
 
+@contextlib.contextmanager
+def _cluster(nodes: int, workdir: str):
+    """The driver's environment: this one (a local Ray), or with ``--nodes K`` that of a fresh loopback
+    cluster (tests/ray_cluster.py: a head on 127.0.0.1 with no CPU for trials, K nodes on 127.0.0.2... with
+    one CPU each, token auth), stopped by its PIDs afterwards."""
+    if not nodes:
+        yield None
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    from ray_cluster import LocalCluster
+
+    specs = [{"ip": "127.0.0.1", "num_cpus": 0}] + [{"ip": f"127.0.0.{i + 2}", "num_cpus": 1} for i in range(nodes)]
+    with LocalCluster(Path(workdir) / "cluster", specs) as cluster:
+        yield {**cluster.client_env(), "RAY_ADDRESS": cluster.address}
+
+
 def sweep_mode(args) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     runs = []
@@ -219,6 +273,8 @@ def sweep_mode(args) -> None:
           f"(experiment_checkpoint_s 30 + journal) and before (0, N <= {args.before_max}), {STEPS}-step state "
           f"trials ({ideal}), {args.concurrency} at once, actor reuse, TPE, pareto objective, MLflow SQLite")
     print(f"machine: {_machine()}")
+    print("topology: " + (f"a loopback cluster of {args.nodes} one-CPU Ray nodes and a head with none (token auth)"
+                          if args.nodes else f"one local Ray node offering {args.concurrency} trial slots"))
     print(f"load before: {os.getloadavg()}")
     results = []
     for n, variant in runs:
@@ -227,8 +283,9 @@ def sweep_mode(args) -> None:
             period = {"after": 30.0, "before": 0.0}.get(variant, 30.0)
             command = [sys.executable, __file__, "--one", str(n), "--period", str(period), "--concurrency",
                        str(args.concurrency), "--workdir", workdir, "--trial-seconds", str(args.trial_seconds)]
-            proc = subprocess.run(command + (["--bare"] if variant == "bare" else []),
-                                  capture_output=True, text=True, timeout=args.timeout)
+            with _cluster(args.nodes, workdir) as env:
+                proc = subprocess.run(command + (["--bare"] if variant == "bare" else []), env=env,
+                                      capture_output=True, text=True, timeout=args.timeout)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(f"N={n} {variant}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -256,6 +313,124 @@ def sweep_mode(args) -> None:
               + ", ".join(f"N={f['n']} {f['variant']}: {f['finished']} of {f['trials']}" for f in results))
 
 
+def chaos_mode(args) -> None:
+    """Issue 19's failures at scale: one sweep of N state trials on a loopback cluster of ``--nodes`` one-CPU
+    nodes (--nodes >= 7) with ``sweep.max_failures`` 3. As the trials finish, the script kills 3 nodes without
+    notice (at 10, 15 and 20 % of N), drains 3 for preemption (`ray drain-node --reason
+    DRAIN_NODE_REASON_PREEMPTION`, 10 s deadline, at 30, 35 and 40 %; each node is killed at its deadline, as
+    the cloud reclaims it) and SIGKILLs the driver once (at 50 %), then runs the same sweep with resume
+    (`sweep --resume`). Then checks: exactly N trials in the results, all finished; exactly N trial runs in
+    MLflow, all FINISHED, each with steps 1..3 once; no trial run twice to completion (the trials' own log).
+    Prints the events, the trials retried and the time lost."""
+    import threading
+    from collections import Counter
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from ray_cluster import LocalCluster
+
+    n, nodes = int(args.sizes.split(",")[0]), args.nodes
+    if nodes < 7:
+        sys.exit("--chaos needs --nodes 7 or more (3 killed, 3 drained, one left)")
+    print(f"chaos: N={n} state trials ({args.trial_seconds:g} s), {args.concurrency} at once, {nodes} one-CPU nodes + "
+          f"a head with none, sweep.max_failures 3; machine: {_machine()}; load before: {os.getloadavg()}")
+    with tempfile.TemporaryDirectory(prefix="bench_chaos_") as workdir:
+        trial_log = Path(workdir) / "trials.log"
+        trial_log.touch()
+        specs = [{"ip": "127.0.0.1", "num_cpus": 0}] + [{"ip": f"127.0.0.{i + 2}", "num_cpus": 1} for i in range(nodes)]
+        start = time.time()
+        with LocalCluster(Path(workdir) / "cluster", specs) as cluster:
+            print(f"  cluster up in {time.time() - start:.0f} s", flush=True)
+            env = {**cluster.client_env(), "RAY_ADDRESS": cluster.address, "BENCH_TRIAL_LOG": str(trial_log)}
+            command = [sys.executable, __file__, "--one", str(n), "--max-failures", "3", "--concurrency",
+                       str(args.concurrency), "--workdir", workdir, "--trial-seconds", str(args.trial_seconds)]
+
+            def done() -> int:
+                return sum(line.startswith("done ") for line in trial_log.read_text().splitlines())
+
+            def launch(extra: list[str], name: str) -> subprocess.Popen:
+                out = open(Path(workdir) / f"{name}.log", "w")
+                return subprocess.Popen(command + extra, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+            events, t0 = [], time.time()
+
+            def event(what: str) -> None:
+                events.append((time.time() - t0, done(), what))
+                print(f"  {events[-1][0]:7.1f} s, {events[-1][1]:>6} trials done: {what}", flush=True)
+
+            driver = launch([], "driver")
+            victims = [f"127.0.0.{i + 2}" for i in range(6)]
+            plan = [(0.10, "kill", victims[0]), (0.15, "kill", victims[1]), (0.20, "kill", victims[2]),
+                    (0.30, "drain", victims[3]), (0.35, "drain", victims[4]), (0.40, "drain", victims[5]),
+                    (0.50, "kill driver", None)]
+            reclaims = []
+            for fraction, action, ip in plan:
+                while done() < fraction * n and driver.poll() is None:
+                    time.sleep(0.5)
+                if driver.poll() is not None:
+                    break
+                if action == "kill":
+                    cluster.kill_node(ip)
+                    event(f"node {ip} killed without notice")
+                elif action == "drain":
+                    subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address",
+                                    cluster.address, "--node-id", cluster.node_id(ip), "--reason",
+                                    "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot",
+                                    "--deadline-remaining-seconds", "10"],
+                                   env=cluster.client_env(), check=True, capture_output=True, timeout=120)
+                    event(f"node {ip} drained for preemption (10 s deadline)")
+                    reclaim = threading.Timer(10, lambda ip=ip: (cluster.kill_node(ip), event(f"node {ip} reclaimed")))
+                    reclaim.start()
+                    reclaims.append(reclaim)
+                else:
+                    driver.kill()
+                    driver.wait()
+                    event("driver SIGKILLed")
+            last = "driver"
+            if driver.returncode is not None and driver.returncode < 0:  # killed: `sweep --resume` at once
+                driver, last = launch(["--resume"], "resumed"), "resumed"
+                event("driver started again with resume")
+            driver.wait(timeout=args.timeout)
+            event(f"driver exited {driver.returncode}")
+            for reclaim in reclaims:
+                reclaim.join()
+            wall = time.time() - t0
+            text = (Path(workdir) / f"{last}.log").read_text()
+            line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"MISS: the sweep did not finish\n{text[-4000:]}")
+                return
+            figures = json.loads(line[len("RESULT "):])
+
+        from mlflow.tracking import MlflowClient
+
+        from alphadpo_ray.services.tracking import search_all_runs
+
+        client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+        experiment = client.get_experiment_by_name("scale")
+        runs = list(search_all_runs(client, [experiment.experiment_id], "tags.`alphadpo.kind` = 'trial'"))
+        trial_ids = Counter(r.data.tags.get("alphadpo.trial_id") for r in runs)
+        unfinished = [r.info.run_id for r in runs if r.info.status != "FINISHED"]
+        repeated_steps = [r.info.run_id for r in runs
+                          if sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) != [1, 2, 3]]
+        lines = [ln.split() for ln in trial_log.read_text().splitlines() if ln.strip()]
+        starts = Counter(t for e, t in lines if e == "start")
+        completions = Counter(t for e, t in lines if e == "done")
+    ideal = n * args.trial_seconds / args.concurrency
+    print(f"wall {wall:.0f} s (ideal {ideal:.0f} s without failures: {wall / ideal:.2f} x); trials started "
+          f"{sum(starts.values())} for {len(starts)} trials: {sum(starts.values()) - len(starts)} retried or re-run")
+    checks = [
+        (f"results: {figures['trials']} trials, {figures['finished']} finished (N={n})",
+         figures["trials"] == n and figures["finished"] == n),
+        (f"MLflow: {len(runs)} trial runs for {len(trial_ids)} trial ids, {len(unfinished)} not FINISHED",
+         len(runs) == n and len(trial_ids) == n and not unfinished),
+        (f"MLflow: {len(repeated_steps)} trial runs whose train/loss steps are not 1, 2, 3 once each", not repeated_steps),
+        (f"trials run twice to completion: {sum(c > 1 for c in completions.values())}",
+         all(c == 1 for c in completions.values()) and len(completions) == n),
+    ]
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+
+
 def targets(results: list[dict]) -> None:
     """Issue 19's targets, one PASS/MISS line each, for every N that has the figures."""
     def verdict(ok: bool) -> str:
@@ -273,6 +448,10 @@ def targets(results: list[dict]) -> None:
         print(f"N={n}: MLflow per trial on the driver = {mlflow_ms:.0f} ms (target <= 20): {verdict(mlflow_ms <= 20)}")
         rss = f["peak_rss_mib"] / 1024
         print(f"N={n}: driver peak RSS = {rss:.2f} GiB (target <= 1): {verdict(rss <= 1)}")
+        if "report_s" in f:
+            ok = f["report_s"] <= 60 and f["report_rows"] == n
+            print(f"N={n}: report over the sweep = {f['report_s']:.1f} s, {f['report_rows']} trial rows from MLflow "
+                  f"(target <= 60 s, all {n}): {verdict(ok)}")
     cpu = {n: (f["cpu_user"] + f["cpu_sys"]) / n for n, f in after.items()}
     if len(cpu) > 1:
         low, top = min(cpu), max(cpu)
@@ -305,6 +484,8 @@ def optuna_mode(args) -> None:
     print(f"settings: pure Optuna {optuna.__version__}, 4 parameters, 2 objectives (max, min), {n} trials, "
           "sequential ask/tell")
     print(f"machine: {_machine()}")
+    print("topology: " + (f"a loopback cluster of {args.nodes} one-CPU Ray nodes and a head with none (token auth)"
+                          if args.nodes else f"one local Ray node offering {args.concurrency} trial slots"))
     print(f"load before: {os.getloadavg()}")
     table = {}
     for name, make in samplers.items():
@@ -345,14 +526,23 @@ def main() -> None:
     parser.add_argument("--trial-seconds", type=float, default=0.0, help="how long each state trial lasts "
                         "(issue 19's anchor: 1)")
     parser.add_argument("--bare", action="store_true", help="also run bare Ray Tune on the same trials (the anchor)")
+    parser.add_argument("--nodes", type=int, default=0, help="run each sweep on a fresh loopback cluster of this "
+                        "many one-CPU nodes (issue 19's second topology: --nodes 16 --concurrency 16)")
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--max-failures", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--chaos", action="store_true", help="the failures-at-scale run (needs --nodes >= 7; "
+                        "the first of --sizes is N)")
     args = parser.parse_args()
     global TRIAL_S
     TRIAL_S = args.trial_seconds
     if args.one:
         figures = (run_bare(args.one, args.concurrency, args.workdir) if args.bare
-                   else run_one(args.one, args.period, args.concurrency, args.workdir))
+                   else run_one(args.one, args.period, args.concurrency, args.workdir, args.resume,
+                                args.max_failures))
         print("RESULT " + json.dumps(figures), flush=True)
+    elif args.chaos:
+        chaos_mode(args)
     elif args.optuna_only:
         optuna_mode(args)
     else:
