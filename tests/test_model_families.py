@@ -291,7 +291,7 @@ ZERO0_BASELINE = {"gemma2", "qwen2"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_FAMILIES)
-def test_trains_under_zero3_and_resumes(ray_session, name, data_file, tmp_path, capfd):
+def test_trains_under_zero3(ray_session, name, data_file, tmp_path, capfd):
     """ZeRO-3, 2 workers, checkpoints every 2 steps, to step 8; the trained policy keeps the family's
     config. For ZERO0_BASELINE families a worker is killed after the first checkpoint, Ray Train restarts the
     group and the recipe resumes from the latest checkpoint (ray.max_failures 2: one spare, for a worker
