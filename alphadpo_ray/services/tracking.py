@@ -535,9 +535,10 @@ class PendingMetrics:
         if "create" in batch[0]:
             self._create(client, batch[0]["run_id"], batch[0]["create"])
             return
-        run_id = self.run_id(batch[0]["run_id"]) or self._find(client, batch[0]["run_id"])
+        key = batch[0]["run_id"]
+        run_id = self._find(client, key) if key.startswith(NEW_RUN) else key
         if run_id is None:  # its creation was lost with the file of an earlier process: nowhere to send these
-            raise MlflowException(f"no run was created for {batch[0]['run_id']}", error_code="RESOURCE_DOES_NOT_EXIST")
+            raise MlflowException(f"no run was created for {key}", error_code="RESOURCE_DOES_NOT_EXIST")
         if "finish" in batch[0]:
             event = batch[0]
             if event.get("tags"):
@@ -592,7 +593,6 @@ class PendingMetrics:
             client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[i : i + 100]])
         if spec.get("data"):
             log_data_inputs(client, run_id, spec["data"], new_run=new)
-        self.resolved[key] = run_id
 
 
 class MetricsSender:
