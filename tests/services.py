@@ -219,6 +219,21 @@ def _create_databases(url: str, databases: tuple[str, ...], proc: subprocess.Pop
 # MLflow tracking server
 
 
+# MLflow 3 starts a job runner and seven huey consumer processes per server for its GenAI jobs, which
+# nothing here uses: they cost ~6 CPU-s to start and poll at ~0.8 of a core for as long as the server runs
+# (measured on MLflow 3.17, 2 cores); without them an idle server takes ~0.01 of a core.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_command(root: Path, port: int, backend_store_uri: str | None = None,
+                          artifacts_destination: str | None = None) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`, one worker, serving its artifacts; defaults: a SQLite store and an
+    artifact folder under `root`. Run it with `MLFLOW_SERVER_ENV` in its environment."""
+    return [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination", artifacts_destination or str(root / "artifacts")]
+
+
 @contextlib.contextmanager
 def mlflow_server(root: Path, backend_store_uri: str | None = None, artifacts_destination: str | None = None,
                   env: dict[str, str] | None = None, admin: tuple[str, str] | None = None,
@@ -229,12 +244,8 @@ def mlflow_server(root: Path, backend_store_uri: str | None = None, artifacts_de
     SQLite under `root`). Yields the server's URI."""
     root.mkdir(parents=True, exist_ok=True)
     port, log = port or free_port(), root / "mlflow-server.log"
-    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
-               "--artifacts-destination", artifacts_destination or str(root / "artifacts")]
-    # MLflow 3 starts a job runner and ~8 huey consumer processes per server for its GenAI jobs, which
-    # nothing here uses: on 2 cores they cost each test that starts a server seconds of CPU.
-    server_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    command = mlflow_server_command(root, port, backend_store_uri, artifacts_destination)
+    server_env = {**os.environ, **MLFLOW_SERVER_ENV, **(env or {})}
     if admin:
         config, users = root / "basic_auth.ini", auth_database_uri or f"sqlite:///{root / 'auth.db'}"
         config.write_text("[mlflow]\ndefault_permission = READ\n"

@@ -15,20 +15,18 @@ import gzip
 import http.server
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import small_config
+from services import mlflow_server
 
 # Distinctive fake secrets (QZX…): shaped like the real thing where a shape rule must catch them.
 ENV_SECRETS = {
@@ -196,32 +194,6 @@ def test_tune_forwards_no_credentials_into_runtime_envs(monkeypatch):
 # End to end: a train and a sweep, then grep everything written
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, port
-        except OSError:
-            time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    pytest.fail("mlflow server did not start")
-
-
 DRIVER = """
 import sys
 from alphadpo_ray.cli import main
@@ -263,60 +235,62 @@ def test_no_secret_in_anything_a_train_and_a_sweep_write(builtin_task, tmp_path)
     root = tmp_path / "written"  # everything the commands write (the configs that hold the secrets are beside it)
     (root / "mlflow-server").mkdir(parents=True)
     ray_tmp = Path(tempfile.mkdtemp(prefix="ars-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    server, port = _start_mlflow_server(root / "mlflow-server")
     try:
-        uri = f"http://alice:{CONFIG_SECRETS['tracking_password']}@127.0.0.1:{port}"
-        common = dict(ray={"num_workers": 2, "storage_path": str(root / "storage"), "address": "local"},
-                      deepspeed={"zero_stage": 2, "extra": _extra()},
-                      tracking={"tracking_uri": uri, "experiment_name": "secrets"},
-                      training={"max_steps": 2, "save_steps": 2, "logging_steps": 1, "eval_steps": 100})
-        train = small_config(root / "train", name="secret-train", **common)
-        sweep = small_config(
-            root / "sweep", name="secret-sweep", **{
-                **common, "ray": {**common["ray"], "num_workers": 1},
-                "training": {**common["training"], "per_device_train_batch_size": 8, "total_batch_size": 8},
-                "sweep": {"name": "secret-sweep", "num_samples": 2, "max_concurrent_trials": 2}})
-        configs = tmp_path / "configs"
-        configs.mkdir()
-        for name, config in (("train", train), ("sweep", sweep)):
-            (configs / f"{name}.yaml").write_text(yaml.safe_dump(config.to_dict()))
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_USERNAME")}
-        env.update(ENV_SECRETS, RAY_TMPDIR=str(ray_tmp))
-        with open(root / "console.log", "wb") as console:
-            command = [sys.executable, "-c", DRIVER, str(configs / "train.yaml"), str(configs / "sweep.yaml")]
-            run = subprocess.run(command, cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT, timeout=600)
-        output = (root / "console.log").read_text(errors="replace")
-        assert run.returncode == 0, output[-4000:]
-        assert "[test] train exit 0" in output and "[test] sweep exit 0" in output
-
-        # it really ran, tracked on the server and checkpointed
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        runs = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
-        assert len(runs) >= 4 and all(r.info.status == "FINISHED" for r in runs)  # train, sweep parent, 2 trials
-        assert list((root / "storage").rglob("*model_states.pt")) and list((root / "storage").rglob("*optim_states.pt"))
-        assert list(ray_tmp.rglob("runtime_env_agent.log"))
-        assert "alice:***@" in output or f"127.0.0.1:{port}" in output
-
-        needles = _needles()
-        hits, scanned = [], 0
-        for base in (root, ray_tmp):
-            for path in base.rglob("*"):
-                if path.is_file() and not path.is_symlink() and not path.name.endswith((".sock", ".socket")):
-                    try:
-                        data = path.read_bytes()
-                    except OSError:
-                        continue
-                    scanned += 1
-                    hits += _hits(path, data, needles)
-        assert scanned > 100
-        assert hits == []
+        with mlflow_server(root / "mlflow-server") as server_uri:
+            port = int(server_uri.rsplit(":", 1)[1])
+            _train_and_sweep(root, tmp_path, ray_tmp, port)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=15)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _train_and_sweep(root: Path, tmp_path: Path, ray_tmp: Path, port: int) -> None:
+    """`alphadpo-ray train` then `sweep` with the secrets, tracked on the server at `port`; then every file
+    written (under `root` and Ray's temp dir) is scanned for them."""
+    uri = f"http://alice:{CONFIG_SECRETS['tracking_password']}@127.0.0.1:{port}"
+    common = dict(ray={"num_workers": 2, "storage_path": str(root / "storage"), "address": "local"},
+                  deepspeed={"zero_stage": 2, "extra": _extra()},
+                  tracking={"tracking_uri": uri, "experiment_name": "secrets"},
+                  training={"max_steps": 2, "save_steps": 2, "logging_steps": 1, "eval_steps": 100})
+    train = small_config(root / "train", name="secret-train", **common)
+    sweep = small_config(
+        root / "sweep", name="secret-sweep", **{
+            **common, "ray": {**common["ray"], "num_workers": 1},
+            "training": {**common["training"], "per_device_train_batch_size": 8, "total_batch_size": 8},
+            "sweep": {"name": "secret-sweep", "num_samples": 2, "max_concurrent_trials": 2}})
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, config in (("train", train), ("sweep", sweep)):
+        (configs / f"{name}.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_USERNAME")}
+    env.update(ENV_SECRETS, RAY_TMPDIR=str(ray_tmp))
+    with open(root / "console.log", "wb") as console:
+        command = [sys.executable, "-c", DRIVER, str(configs / "train.yaml"), str(configs / "sweep.yaml")]
+        run = subprocess.run(command, cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT, timeout=600)
+    output = (root / "console.log").read_text(errors="replace")
+    assert run.returncode == 0, output[-4000:]
+    assert "[test] train exit 0" in output and "[test] sweep exit 0" in output
+
+    # it really ran, tracked on the server and checkpointed
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"http://127.0.0.1:{port}")
+    runs = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    assert len(runs) >= 4 and all(r.info.status == "FINISHED" for r in runs)  # train, sweep parent, 2 trials
+    assert list((root / "storage").rglob("*model_states.pt")) and list((root / "storage").rglob("*optim_states.pt"))
+    assert list(ray_tmp.rglob("runtime_env_agent.log"))
+    assert "alice:***@" in output or f"127.0.0.1:{port}" in output
+
+    needles = _needles()
+    hits, scanned = [], 0
+    for base in (root, ray_tmp):
+        for path in base.rglob("*"):
+            if path.is_file() and not path.is_symlink() and not path.name.endswith((".sock", ".socket")):
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    continue
+                scanned += 1
+                hits += _hits(path, data, needles)
+    assert scanned > 100
+    assert hits == []
+

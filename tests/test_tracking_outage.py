@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import small_config
 from held import held_plugin
+from services import MLFLOW_SERVER_ENV, mlflow_server_command
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +36,9 @@ class MLflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> None:
-        mlflow = Path(sys.executable).with_name("mlflow")
-        self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        self.proc = subprocess.Popen(mlflow_server_command(self.root, self.port), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, **MLFLOW_SERVER_ENV})
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
