@@ -113,7 +113,6 @@ def test_missing_or_empty_token_file_says_how_to_make_it(tmp_path, content):
     saying how to fill the file (before: Ray's AuthenticationError traceback, whose advice `ray get-auth-token
     --generate` fails the same way), and the command it prints, run as printed, makes a token Ray reads."""
     import os
-    import shlex
     import subprocess
     import sys
     from pathlib import Path

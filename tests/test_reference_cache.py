@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 
 from alphadpo_ray.training import reference_cache as rc
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from alphadpo_ray.training.self_check import EXPECTED, FIGURES, SETTINGS, classify, load_expected, report
 

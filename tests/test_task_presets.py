@@ -3,7 +3,6 @@ preset's real pairs R-DPO's length term is non-zero, so R-DPO and DPO no longer 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
