@@ -64,7 +64,9 @@ def builtin_task():
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance shared by every test that needs Ray (4 logical CPUs on 2 cores:
-    Train controllers, 2 workers and Tune trials must fit at once)."""
+    Train controllers, 2 workers and Tune trials must fit at once). No dashboard: no test of this
+    instance reads it, and its processes cost ~2 CPU-s to start and ~0.03 of a core for as long as the
+    session lasts (tests that need Ray's state API or jobs use a `ray_cluster.LocalCluster`)."""
     import ray
 
     from alphadpo_ray.config.experiment import config_from_dict
@@ -73,7 +75,7 @@ def ray_session():
     env = worker_env(config_from_dict({}))
     os.environ.update(env)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, runtime_env={"env_vars": env}, logging_level="warning")
+        ray.init(num_cpus=4, runtime_env={"env_vars": env}, logging_level="warning", include_dashboard=False)
     yield ray
     ray.shutdown()
 
