@@ -411,6 +411,49 @@ def enqueued_params(frozen) -> dict | None:
     return frozen.system_attrs.get("fixed_params")
 
 
+def nsga2_sampler(**kwargs):
+    """Optuna's `NSGAIISampler(**kwargs)`, picklable: Tune pickles the searcher (with its sampler) into the
+    Tuner's state and the trial journal pickles it again (`dump_optuna_searcher`), and Optuna 5.1's genetic
+    samplers hold a `threading.Lock` (``BaseGASampler._thread_lock``, guarding their generation cache) that
+    cannot be pickled: a ``sweep.sampler: nsga2`` sweep failed at Tuner creation with ``TypeError: cannot
+    pickle '_thread.lock' object``. The class (`PicklableNSGAIISampler`, made on first use so importing this
+    module never imports Optuna) leaves the lock out of its pickled state and makes a new one when loaded.
+    Checked on optuna 5.1.0."""
+    return _picklable_nsga2()(**kwargs)
+
+
+def _picklable_nsga2():
+    """The `PicklableNSGAIISampler` class, defined once; pickles refer to it as
+    ``alphadpo_ray.compat.PicklableNSGAIISampler`` (found through the module's ``__getattr__``)."""
+    cls = globals().get("_PICKLABLE_NSGA2")
+    if cls is None:
+        import threading
+
+        import optuna
+
+        class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+            def __getstate__(self):
+                state = self.__dict__.copy()
+                state.pop("_thread_lock", None)
+                return state
+
+            def __setstate__(self, state):
+                self.__dict__.update(state)
+                self._thread_lock = threading.Lock()
+
+        PicklableNSGAIISampler.__module__ = __name__
+        PicklableNSGAIISampler.__qualname__ = "PicklableNSGAIISampler"
+        globals()["_PICKLABLE_NSGA2"] = cls = PicklableNSGAIISampler
+    return cls
+
+
+def __getattr__(name: str):
+    """``PicklableNSGAIISampler`` on demand (PEP 562), so unpickling a sampler finds its class."""
+    if name == "PicklableNSGAIISampler":
+        return _picklable_nsga2()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # --- DeepSpeed (engine.py, distributed.py, logprobs.py) --------------------------------------------------
 
 def zero3_consolidated_state_dict(engine) -> dict | None:

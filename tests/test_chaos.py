@@ -6,8 +6,8 @@ SIGKILLed and started again with ``--resume`` — the shape of `benchmarks/bench
 
 Afterwards: exactly N trials in the results, all finished; exactly N trial runs in MLflow, one per trial id,
 all FINISHED, each with its steps once; one parent run; no trial the first driver saw finish trained again
-under the resumed one. The trials' training steps are logged by a plugin method (trial id, Ray job) so the
-re-run work is counted, not guessed."""
+under the resumed one. The trials' training steps are logged by a plugin method (trial id, Ray job, node) so the
+re-run work is counted, not guessed, and a node to take away is one where a trial trains."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import csv
 import json
 import re
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,8 +31,8 @@ NODES = [f"127.0.0.{i}" for i in range(2, 7)]  # 5 one-CPU nodes: 1 killed, 1 dr
 DEADLINE_S = 5  # the drain's reclaim deadline
 WAIT_S = 900.0
 
-# SimPO (γ = 0) that writes one line per training step (the Tune trial it ran in and the Ray job, i.e. the
-# driver, that ran it) and takes STEP_S longer.
+# SimPO (γ = 0) that writes one line per training step (the Tune trial it ran in, the Ray job, i.e. the driver,
+# that ran it, and the node) and takes STEP_S longer.
 LOGGED_METHOD = """
 import os
 import time
@@ -41,6 +40,7 @@ import time
 import ray
 import torch
 from ray import tune
+from ray.util import get_node_ip_address
 
 from alphadpo_ray.ml.losses import Hyperparameter, LossOutput, register_method
 
@@ -52,7 +52,7 @@ def logged_simpo(pc, pj, rc, rj, lc, lj, *, beta):
     if torch.is_grad_enabled():
         trial = tune.get_context().get_trial_id()
         with open(LOG, "a") as log:
-            log.write(f"{trial} {ray.get_runtime_context().get_job_id()}\\n")
+            log.write(f"{trial} {ray.get_runtime_context().get_job_id()} {get_node_ip_address()}\\n")
         time.sleep(STEP_S)
     nc, nj = pc / lc, pj / lj
     losses = -torch.nn.functional.logsigmoid(beta * (nc - nj))
@@ -62,20 +62,6 @@ def logged_simpo(pc, pj, rc, rj, lc, lj, *, beta):
 register_method("chaos-simpo", logged_simpo, needs_reference=False, implicit_reward="β·π̄",
                 hyperparameters={"beta": Hyperparameter(2.0, low=0.5, high=4.0, low_open=True)})
 """.replace("STEP_S", str(STEP_S))
-
-
-# The nodes of the cluster's live Tune trial actors (waits up to 120 s for one), printed as JSON.
-_TRIAL_NODES = """
-import json, sys, time
-from ray.util.state import list_actors
-deadline = time.monotonic() + 120
-while True:
-    actors = list_actors(address=sys.argv[1], limit=1000, filters=[("state", "=", "ALIVE"), ("class_name", "=", "ImplicitFunc")])
-    if actors or time.monotonic() > deadline:
-        break
-    time.sleep(0.5)
-print("NODES " + json.dumps(sorted({a.node_id for a in actors})))
-"""
 
 
 def _done(text: str) -> list[str]:
@@ -123,16 +109,12 @@ def test_sweep_survives_node_loss_a_preemption_and_a_killed_driver(builtin_task,
                 time.sleep(0.5)
 
         def busy_node(exclude: set[str]) -> str:
-            """A worker node (not the head) hosting a Tune trial actor now, from Ray's state API (in a
-            subprocess: the state API needs this cluster's token)."""
-            found = subprocess.run([sys.executable, "-c", _TRIAL_NODES, cluster.dashboard_url], env=cluster.client_env(),
-                                   capture_output=True, text=True, timeout=300)
-            line = next((ln for ln in found.stdout.splitlines() if ln.startswith("NODES ")), None)
-            assert line, found.stdout[-2000:] + found.stderr[-3000:]
-            nodes = set(json.loads(line[len("NODES "):]))
-            ips = sorted(ip for ip in NODES if ip not in exclude and cluster.node_id(ip) in nodes)
-            assert ips, f"no trial running on a worker node: {nodes}"
-            return ips[0]
+            """The worker node (not the head) where a trial trained most recently, from the steps log."""
+            for line in reversed(steps_log.read_text().splitlines()):
+                ip = line.split()[-1]
+                if ip in NODES and ip not in exclude:
+                    return ip
+            raise AssertionError(f"no trial has trained on a worker node:\n{steps_log.read_text()[-2000:]}")
 
         started = time.monotonic()
         driver, first_log = launch("driver.log")
@@ -161,6 +143,11 @@ def test_sweep_survives_node_loss_a_preemption_and_a_killed_driver(builtin_task,
         second = second_log.read_text(errors="replace")
         assert resumed.returncode == 0, second[-6000:]
         wall = time.monotonic() - started
+    consoles = first_log.read_text(errors="replace") + second  # one [failure] line per retry, no Ray paragraph
+    assert not re.search(r"Traceback|RpcError|Error in training function", consoles), consoles[-6000:]
+    failures = re.findall(r"^\[failure\] .*$", consoles, re.M)
+    assert all(re.search(r"failed at step \d+ \((its process died|its node was lost or cannot be reached|its process "
+                         r"or node was lost)\);", line) for line in failures), failures
 
     results = Path(config.output_dir) / name
     summary = json.loads((results / "results.json").read_text())["summary"]
@@ -182,7 +169,7 @@ def test_sweep_survives_node_loss_a_preemption_and_a_killed_driver(builtin_task,
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
         assert steps == list(range(1, STEPS + 1)), (run.data.tags.get("alphadpo.trial_id"), steps)
 
-    lines = [line.split() for line in steps_log.read_text().splitlines() if line.strip()]
+    lines = [line.split()[:2] for line in steps_log.read_text().splitlines() if line.strip()]
     jobs = list(dict.fromkeys(job for _, job in lines))  # in order of first appearance
     assert len(jobs) == 2, jobs  # the first driver's job, then the resumed one's
     after_resume = Counter(trial for trial, job in lines if job == jobs[1])

@@ -303,6 +303,31 @@ def test_optuna_search_parts_and_saved_state_round_trip():
         assert study.best_trial.params == {"x": 0.75}
 
 
+def test_nsga2_sampler_pickles_and_goes_on_sampling():
+    """Optuna's NSGA-II sampler holds a lock (``BaseGASampler._thread_lock``) that pickle refuses; compat's
+    sampler leaves it out. Pickled mid-study (as Tune's Tuner state and the trial journal do, with pickle and
+    Ray's cloudpickle), the loaded sampler has its own lock and goes on: its generations continue."""
+    import pickle
+
+    import optuna
+    import ray.cloudpickle
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        return x, 1.0 - x * x
+
+    with contract("optuna", "NSGAIISampler's state (BaseGASampler._thread_lock, the only unpicklable part)"):
+        study = optuna.create_study(directions=["maximize", "minimize"],
+                                    sampler=compat.nsga2_sampler(seed=0, population_size=4))
+        study.optimize(objective, n_trials=10)
+        for dumps in (pickle.dumps, ray.cloudpickle.dumps):
+            loaded = pickle.loads(dumps(study))
+            assert type(loaded.sampler).__qualname__ == "PicklableNSGAIISampler"
+            assert loaded.sampler._thread_lock is not study.sampler._thread_lock
+            loaded.optimize(objective, n_trials=6)
+            assert len(loaded.trials) == 16 and all(0.0 <= t.params["x"] <= 1.0 for t in loaded.trials)
+
+
 # ------------------------------------------------------------------------------ DeepSpeed
 
 

@@ -209,6 +209,32 @@ def test_journal_reconciles_a_stale_snapshot_and_searcher():
     assert searcher._ot_study.trials[searcher._ot_trials["d"].number].state == state.COMPLETE
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_each_sampler_survives_the_tuners_pickle_and_the_journal(sampler):
+    """A sweep's searcher is pickled with the Tuner (Ray's cloudpickle) and by the trial journal: with every
+    `sweep.sampler` both round trips work and the loaded searcher goes on suggesting (a ``sampler: nsga2``
+    sweep failed at Tuner creation: Optuna's NSGA-II sampler holds a lock)."""
+    import ray.cloudpickle
+
+    from alphadpo_ray import compat
+    from alphadpo_ray.config.sweep_settings import SweepConfig
+    from alphadpo_ray.sweep.run import _searcher, tune_domains
+
+    space = tune_domains({"alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}, True)
+    searcher = _searcher(SweepConfig(sampler=sampler, nsga2_population=2), [])
+    searcher.set_search_properties(None, None, space)
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"eval/accuracy": 0.5 + i / 10, "eval/kl": 0.1 * i})
+    loaded = ray.cloudpickle.loads(ray.cloudpickle.dumps(searcher))
+    restored = _searcher(SweepConfig(sampler=sampler, nsga2_population=2), [])
+    restored.set_search_properties(None, None, space)
+    compat.load_optuna_searcher(restored, compat.dump_optuna_searcher(searcher))
+    for copy in (loaded, restored):
+        suggestion = copy.suggest("t3")
+        assert 0.0 <= suggestion["alpha"] <= 1.0
+
+
 def _run_cli(args, env, log):
     return subprocess.Popen([str(Path(sys.executable).with_name("alphadpo-ray")), *args], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -297,6 +323,31 @@ def test_restore_drops_only_the_no_results_yet_warning():
     assert not shown(f"Failed to fetch metrics for 1 trial(s):\n{missing}")
     assert shown(f"Failed to fetch metrics for 2 trial(s):\n{missing}\n- run_trial_c7301_00003: ValueError('bad json')")
     assert shown("Some other warning")
+
+
+def test_a_retried_trials_reason_says_its_process_died_or_its_node_was_lost():
+    """The [failure] line's reason for Ray's paragraphs about a trial actor that is gone (seen in test_chaos: a
+    node SIGKILLed under a trial gave ActorUnavailableError with an RPC code; a drained one an ActorDiedError
+    whose last line is its actor id); other errors keep their telling line, cut at 160 characters."""
+    from alphadpo_ray.sweep.run import _failure_reason
+
+    unavailable = ("Traceback (most recent call last):\nray.exceptions.ActorUnavailableError: The actor 9d0abf147b41 is "
+                   "unavailable: The actor is temporarily unavailable: RpcError: RPC error: Socket closed rpc_code: 14. "
+                   "The task may or may not have been executed on the actor.")
+    assert _failure_reason(unavailable) == "its node was lost or cannot be reached"
+    node = "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n\tclass_name: " \
+           "ImplicitFunc\n\tactor_id: 79b08c2f\nThe actor died because its node has died. Node Id: 4f2a"
+    assert _failure_reason(node) == "its node was lost or cannot be reached"
+    drained = "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n" \
+              "\tclass_name: ImplicitFunc\n\tactor_id: 79b08c2f45f74af39bdf1bc002000000"
+    assert _failure_reason(drained) == "its process or node was lost"
+    killed = "The actor died unexpectedly before finishing this task.\n\tactor_id: 1\nThe actor is dead because its " \
+             "worker process has died. Worker exit type: SYSTEM_ERROR"
+    assert _failure_reason(killed) == "its process died"
+    assert _failure_reason("Traceback:\n  ...\nValueError: bad beta") == "ValueError: bad beta"
+    assert _failure_reason("x" * 300) == "x" * 160 + "…"
+    oom = "The actor died unexpectedly before finishing this task.\nRuntimeError: CUDA out of memory. Tried 2 GiB"
+    assert _failure_reason(oom) == "out of memory. Tried 2 GiB"
 
 
 def test_direct_path_trial_killed_resumes_from_its_checkpoint(ray_session, builtin_task, tmp_path, capfd):

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -123,10 +124,7 @@ class TrialProgress(Callback):
             then = f"no checkpoint yet: retrying from step 0 ({step} step{'' if step == 1 else 's'} lost)"
         else:
             then = f"retrying from its checkpoint of step {'?' if at is None else at}"
-        reason = error_reason(trial_error_text(trial))
-        if "worker process has died" in reason:  # Ray's paragraph about a killed actor
-            reason = "its process died"
-        reason = reason if len(reason) <= 160 else reason[:160] + "…"
+        reason = _failure_reason(trial_error_text(trial))
         print(f"[failure] trial {trial.trial_id} failed at step {step} ({reason}); {then} (failure "
               f"{trial.num_failures} of sweep.max_failures {trial.max_failures}; traceback in "
               f"{trial.error_file or 'its error.txt'})", flush=True)
@@ -135,6 +133,25 @@ class TrialProgress(Callback):
         self._ended_ids().add(trial.trial_id)
         print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
               flush=True)
+
+
+# Ray's words for a trial actor that is gone (most specific first), and what the [failure] line says instead.
+_LOST_ACTOR = ((("worker process has died",), "its process died"),
+               (("its node has died", "The actor is temporarily unavailable"), "its node was lost or cannot be reached"),
+               (("The actor died unexpectedly before finishing this task",
+                 "The actor experienced an error before finishing this task"), "its process or node was lost"))
+
+
+def _failure_reason(text: str) -> str:
+    """A retried trial's reason, from its error text: the line that says what went wrong (`error_reason`), or,
+    for Ray's paragraphs about a killed actor process or a lost, unreachable or drained node (``ActorDiedError``,
+    ``ActorUnavailableError``: class name, actor id, RPC codes), a few words; cut at 160 characters."""
+    reason = error_reason(text)
+    if not re.search(r"non-finite loss|out of memory|OutOfMemory", reason):
+        for needles, words in _LOST_ACTOR:
+            if any(needle in (text or "") for needle in needles):
+                return words
+    return reason if len(reason) <= 160 else reason[:160] + "…"
 
 
 def _as_list(value) -> list:
@@ -158,7 +175,7 @@ def _searcher(sweep: SweepConfig, points: list[dict]):
         "tpe": lambda: optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials,
                                                   multivariate=sweep.tpe_multivariate,
                                                   constant_liar=sweep.max_concurrent_trials > 1),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=sweep.seed, population_size=sweep.nsga2_population),
+        "nsga2": lambda: compat.nsga2_sampler(seed=sweep.seed, population_size=sweep.nsga2_population),
         "random": lambda: optuna.samplers.RandomSampler(seed=sweep.seed),
     }
 
