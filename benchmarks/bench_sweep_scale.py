@@ -7,6 +7,8 @@
         --before-max 0                                                      # issue 19: beside bare Ray Tune
     .venv/bin/python benchmarks/bench_sweep_scale.py --bare --trial-seconds 1 --concurrency 16 --nodes 16 \
         --sizes 1000 --before-max 0                                         # the same on 16 loopback nodes
+    .venv/bin/python benchmarks/bench_sweep_scale.py --trial-seconds 1 --concurrency 16 --sizes 10000 \
+        --before-max 0 --sampler nsga2                                      # the project alone, NSGA-II
 
 Sweep mode: each (N, variant) is one fresh driver subprocess that starts a local Ray (``ray.init(num_cpus=C)``,
 C = ``--concurrency``; with ``--nodes K``, it joins a fresh loopback cluster of K one-CPU nodes instead)
@@ -146,7 +148,7 @@ def _init_ray(concurrency: int) -> None:
 
 
 def run_one(n: int, period: float, concurrency: int, workdir: str, resume: bool = False,
-            max_failures: int = 0) -> dict:
+            max_failures: int = 0, sampler: str = "tpe") -> dict:
     """One sweep of `n` state trials in this process (``resume``: `sweep --resume` of the one in `workdir`);
     the figures as a dict."""
     import io
@@ -173,7 +175,7 @@ def run_one(n: int, period: float, concurrency: int, workdir: str, resume: bool 
         "ray": {"num_workers": 1, "storage_path": f"{workdir}/ray"},
         "tracking": {"tracking_uri": uri, "experiment_name": "scale"},
         "sweep": {"name": f"scale{n}", "num_samples": n, "max_concurrent_trials": concurrency,
-                  "experiment_checkpoint_s": period, "sampler": "tpe", "max_failures": max_failures},
+                  "experiment_checkpoint_s": period, "sampler": sampler, "max_failures": max_failures},
     }, "bench_sweep_scale")
     tracking.create_sqlite_store(uri)
     _init_ray(concurrency)
@@ -193,7 +195,8 @@ def run_one(n: int, period: float, concurrency: int, workdir: str, resume: bool 
     report0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         rebuilt = report(config.sweep.name, tracking_uri=uri, output_dir=f"{workdir}/report")
-    return {"n": n, "variant": "after" if period else "before", "period": period, "trials": len(result.rows),
+    return {"n": n, "variant": "after" if period else "before", "period": period, "sampler": sampler,
+            "trials": len(result.rows),
             "finished": finished,
             "cpu_user": usage.ru_utime - usage0.ru_utime, "cpu_sys": usage.ru_stime - usage0.ru_stime,
             "wall": wall, "peak_rss_mib": peak_rss_mib, **totals,
@@ -271,7 +274,8 @@ def sweep_mode(args) -> None:
     ideal = f"{args.trial_seconds:g} s trials" if args.trial_seconds else "no sleep"
     print(f"settings: sizes {sizes}, variants {'bare (Ray Tune alone), ' if args.bare else ''}after "
           f"(experiment_checkpoint_s 30 + journal) and before (0, N <= {args.before_max}), {STEPS}-step state "
-          f"trials ({ideal}), {args.concurrency} at once, actor reuse, TPE, pareto objective, MLflow SQLite")
+          f"trials ({ideal}), {args.concurrency} at once, actor reuse, {args.sampler.upper()}, pareto objective, "
+          "MLflow SQLite")
     print(f"machine: {_machine()}")
     print("topology: " + (f"a loopback cluster of {args.nodes} one-CPU Ray nodes and a head with none (token auth)"
                           if args.nodes else f"one local Ray node offering {args.concurrency} trial slots"))
@@ -282,7 +286,8 @@ def sweep_mode(args) -> None:
             start = time.time()
             period = {"after": 30.0, "before": 0.0}.get(variant, 30.0)
             command = [sys.executable, __file__, "--one", str(n), "--period", str(period), "--concurrency",
-                       str(args.concurrency), "--workdir", workdir, "--trial-seconds", str(args.trial_seconds)]
+                       str(args.concurrency), "--workdir", workdir, "--trial-seconds", str(args.trial_seconds),
+                       "--sampler", args.sampler]
             with _cluster(args.nodes, workdir) as env:
                 proc = subprocess.run(command + (["--bare"] if variant == "bare" else []), env=env,
                                       capture_output=True, text=True, timeout=args.timeout)
@@ -531,6 +536,8 @@ def main() -> None:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-failures", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe",
+                        help="the project's sweep.sampler (TPE, its default; NSGA-II for thousands of trials)")
     parser.add_argument("--chaos", action="store_true", help="the failures-at-scale run (needs --nodes >= 7; "
                         "the first of --sizes is N)")
     args = parser.parse_args()
@@ -539,7 +546,7 @@ def main() -> None:
     if args.one:
         figures = (run_bare(args.one, args.concurrency, args.workdir) if args.bare
                    else run_one(args.one, args.period, args.concurrency, args.workdir, args.resume,
-                                args.max_failures))
+                                args.max_failures, args.sampler))
         print("RESULT " + json.dumps(figures), flush=True)
     elif args.chaos:
         chaos_mode(args)
