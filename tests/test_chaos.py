@@ -11,6 +11,7 @@ re-run work is counted, not guessed, and a node to take away is one where a tria
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -93,13 +94,17 @@ def test_sweep_survives_node_loss_a_preemption_and_a_killed_driver(builtin_task,
     create_sqlite_store(config.tracking.tracking_uri)
 
     specs = [{"ip": HEAD, "num_cpus": 1}] + [{"ip": ip, "num_cpus": 1} for ip in NODES]
-    with LocalCluster(tmp_path / "cluster", specs) as cluster:
+    drivers: list[subprocess.Popen] = []  # the sweep drivers this test started: stopped by PID if it fails
+    with LocalCluster(tmp_path / "cluster", specs) as cluster, contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: [(p.kill(), p.wait()) for p in drivers if p.poll() is None])
+
         def launch(log_name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
             out = tmp_path / log_name
             with open(out, "w") as handle:
                 process = subprocess.Popen([str(VENV_BIN / "alphadpo-ray"), "sweep", str(path), "--address",
                                             cluster.address, *extra], cwd=tmp_path, env=cluster.client_env(),
                                            stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            drivers.append(process)
             return process, out
 
         def wait_done(process: subprocess.Popen, out: Path, count: int) -> None:
