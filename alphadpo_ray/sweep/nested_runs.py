@@ -56,9 +56,13 @@ def trial_status(result: dict | None, error=None) -> str:
     return FINISHED
 
 
+# Lines of a trial's traceback that say what went wrong whatever else it holds: divergence, out of memory.
+TELLING_LINES = (r"non-finite loss[^\n]*", r"(out of memory|OutOfMemory)[^\n]*")
+
+
 def error_reason(text: str) -> str:
-    """The line of a trial's traceback that says what went wrong (diverged, out of memory, ...)."""
-    for pattern in (r"non-finite loss[^\n]*", r"(out of memory|OutOfMemory)[^\n]*"):
+    """The line of a trial's traceback that says what went wrong (a `TELLING_LINES` match, else its last line)."""
+    for pattern in TELLING_LINES:
         match = re.search(pattern, text or "")
         if match:
             return match.group(0)[:500]

@@ -48,7 +48,7 @@ from ..training.preflight import preflight
 from ..training.prepare import prepare_run
 from . import journal, plots, results as res
 from .nested_runs import (DATA_KEYS, KIND_TAG, METHOD_TAG, PARENT_TAG, PHASE_TAG, SEARCH, SEEDS, SWEEP_TAG,
-                          SweepMLflowCallback, error_reason, send_sweep_pending, trial_error_text)
+                          SweepMLflowCallback, TELLING_LINES, error_reason, send_sweep_pending, trial_error_text)
 from .study import machine, markdown, print_study, study_tables, write_study
 from .trial import run_trial
 from .views import compare_description, publish_compare
@@ -147,7 +147,7 @@ def _failure_reason(text: str) -> str:
     for Ray's paragraphs about a killed actor process or a lost, unreachable or drained node (``ActorDiedError``,
     ``ActorUnavailableError``: class name, actor id, RPC codes), a few words; cut at 160 characters."""
     reason = error_reason(text)
-    if not re.search(r"non-finite loss|out of memory|OutOfMemory", reason):
+    if not any(re.match(pattern, reason) for pattern in TELLING_LINES):
         for needles, words in _LOST_ACTOR:
             if any(needle in (text or "") for needle in needles):
                 return words
