@@ -438,7 +438,7 @@ PRIVATE_MODULE = re.compile(rf"^({'|'.join(LIBRARIES)})(\.\w+)*\.(_\w+|core\.gen
 # saved state and settings), and single-underscore attributes that are public by convention (namedtuples).
 INTERNAL_NAMES = {"ds_status", "ds_active_sub_modules", "ds_tensor", "ds_numel", "__compatible_ops__", "fixed_params",
                   "checkpoint_results", "latest_checkpoint_result", "num_unfinished_live_trials", "cached_results"}
-PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make"}
+PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make", "_exit"}  # documented: namedtuple's, os._exit
 SQL = re.compile(r"^\s*(DELETE|UPDATE|INSERT|ALTER|DROP)\s", re.IGNORECASE)
 
 

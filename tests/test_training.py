@@ -254,3 +254,48 @@ def test_unreachable_tracking_server_fails_before_training(builtin_task, tmp_pat
         launch.train(config, log=lambda *_: None)
     assert calls == []  # Ray was never started or connected to, no data or reference pass was prepared
     assert not (tmp_path / "storage").exists()  # nothing was prepared or trained
+
+
+def test_a_workers_sigterm_swallowed_in_a_callback_exits_it_without_a_traceback(ray_session, tmp_path):
+    """Ray's worker answers SIGTERM (the raylet ending a finished trial's actor) with `SystemExit` wherever the
+    main thread is; inside a weakref callback Python swallowed it, printed "Exception ignored in …" and a
+    traceback (forwarded to the driver's console: CI saw it end a sweep test) and the process carried on.
+    With `exit_on_a_swallowed_exit` (the trial and Train-worker entry points call it) it exits, quietly."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def pid(self) -> int:
+            return os.getpid()
+
+        def sigterm_inside_a_callback(self, stderr_path: str, hooked: bool) -> str:
+            import weakref
+
+            from alphadpo_ray.training.engine import exit_on_a_swallowed_exit
+
+            if hooked:
+                exit_on_a_swallowed_exit()
+            os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT), 2)
+
+            class Thing:
+                pass
+
+            def callback(_ref):  # Ray's SIGTERM handler runs in here, during the sleep
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+
+            thing = Thing()
+            self.ref = weakref.ref(thing, callback)
+            del thing
+            return "carried on"
+
+    bare, hooked = Worker.remote(), Worker.remote()
+    ray.get([bare.pid.remote(), hooked.pid.remote()])
+    # without the hook: the exit is lost, a traceback is printed (what the test shows can fail)
+    assert ray.get(bare.sigterm_inside_a_callback.remote(str(tmp_path / "bare.err"), False)) == "carried on"
+    bare_err = (tmp_path / "bare.err").read_text()
+    assert "Exception ignored in" in bare_err and "SystemExit" in bare_err, bare_err
+    ray.kill(bare)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(hooked.sigterm_inside_a_callback.remote(str(tmp_path / "hooked.err"), True), timeout=60)
+    assert (tmp_path / "hooked.err").read_text() == ""

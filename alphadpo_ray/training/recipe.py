@@ -53,7 +53,8 @@ from ..ml.task import check
 from ..services.secrets import redact
 from ..services.storage import read_table
 from ..services.train_callbacks import WORKER_NODE_KEY
-from .engine import build_policy_engine, consolidated_state_dict, load_reference, quiet_logs, release_reference
+from .engine import (build_policy_engine, consolidated_state_dict, exit_on_a_swallowed_exit, load_reference, quiet_logs,
+                     release_reference)
 from .plan import PreparedRun
 
 STATE_FILE = "trainer_state.json"
@@ -168,6 +169,7 @@ class TuneSession:
 
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Entry point of each Ray Train worker."""
+    exit_on_a_swallowed_exit()
     return run_recipe(loop_config, TrainSession())
 
 
