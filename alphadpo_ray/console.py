@@ -58,6 +58,8 @@ KNOWN_BENIGN_WORKER_LINES = (
     re.compile(r"core_worker\.cc.*Actor with class name: 'PreemptionWatcher'.*max_restarts > 0"),
     # its notice, which the recipe's `[preemption]` line gives with the step and the checkpoint written
     re.compile(r"^PreemptionWatcher: preemption detected"),
+    # a Tune trial restored (a retry, a resumed sweep): the recipe's `[resume] continuing from step N` says it
+    re.compile(r"^Restored on \S+ from checkpoint: Checkpoint\("),
     # a lost node: the GCS cannot free its placement-group bundles, the raylet reports it dead
     re.compile(r"gcs_placement_group_scheduler\.cc.*Failed to remove \d+ bundle"),
     re.compile(r"has been marked dead because the detector has missed too many heartbeats"),

@@ -71,6 +71,7 @@ NODE_LOSS = [
                    "Failed to remove 1 bundle(s) for placement group 6b13e6 at node d11030"),
     ("raylet", "The node with node id: d11030 and address: 127.0.0.2 and node name: 127.0.0.2 has been marked dead "
                "because the detector has missed too many heartbeats from it."),
+    (12, "Restored on 127.0.0.3 from checkpoint: Checkpoint(filesystem=local, path=/s/0a1_00002/checkpoint_000001)"),
     (5, "[failure] node 127.0.0.2 lost at step 4; resuming from step 4 (0 steps lost)"),
     (11, "[resume] continuing from step 4 of 16, after the preemption noticed at step 4"),
     (5, "step 5/16  loss 0.8521  margin -0.272"),

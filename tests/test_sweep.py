@@ -240,73 +240,112 @@ def _run_cli(args, env, log):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-GRID4 = {"search": "grid", "points_to_evaluate": False, "num_samples": 1,
-         "search_space": {"alpha": {"type": "grid", "values": [0.0, 0.1, 0.2, 0.3]}}}
-
-
 def test_grid_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path):
     """`kill -9` of the sweep driver mid-way, then `--resume`: finished trials are not re-run, the rest
-    finish, and MLflow holds exactly one child run per trial, all finished. A grid sweep: its trials come
-    from Tune's saved variant generator, advanced past those the journal holds (an Optuna sweep, its searcher
-    restored from the journal: test_object_storage's sweep resumed from the bucket)."""
-    # long enough (~5 s per trial) to kill the driver while the third trial runs
+    finish, and MLflow holds exactly one child run per trial, all finished, each step once. The driver dies at
+    the worst moment for the third trial: it has saved its final checkpoint, and the driver (stopped) never took
+    that report — so Tune never registered it; the resumed trial starts from it and trains nothing again (was:
+    Tune's older checkpoint, steps trained twice). A grid sweep: its trials come from Tune's saved variant
+    generator, advanced past those the journal holds (an Optuna sweep, its searcher restored from the journal:
+    test_object_storage's sweep resumed from the bucket)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from alphadpo_ray.training.recipe import verify_checkpoint
+    from held import held_plugin
+
     name = "resume-grid"  # the Ray storage is shared by the tests of a session
-    sweep = {"name": name, "num_samples": 4, "max_concurrent_trials": 1, **GRID4}
-    config = sweep_config(tmp_path, sweep,
-                          training={"max_steps": 120, "eval_steps": 40, "save_steps": 20, "logging_steps": 20})
+    plugin_dir = tmp_path / "plugin"
+    plugin = held_plugin(plugin_dir, "held-grid", step=4, action="wait", trial=3)  # the 3rd trial's last step
+    sweep = {"name": name, "num_samples": 1, "max_concurrent_trials": 1, "search": "grid", "points_to_evaluate": False,
+             "search_space": {"beta": {"type": "grid", "values": [1.5, 2.0, 2.5, 3.0]}}}
+    config = sweep_config(tmp_path, sweep, plugins=[str(plugin)], method={"name": "held-grid", "beta": 2.0},
+                          training={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     storage = Path(config.storage_path()) / name
 
-    from mlflow.tracking import MlflowClient
-
-    def finished_trials() -> set[str]:
-        """Trial ids whose MLflow child run the driver has closed as FINISHED. Nothing before the driver has
-        made its store: a client opening a missing SQLite file creates and migrates it, racing the driver."""
+    def trial_runs() -> dict:
+        """Trial id → its MLflow child run. Nothing before the driver has made its store: a client opening a
+        missing SQLite file creates and migrates it, racing the driver."""
         if not Path(config.tracking.tracking_uri.removeprefix("sqlite:///")).exists():
-            return set()
+            return {}
         client = MlflowClient(config.tracking.tracking_uri)
         experiment = client.get_experiment_by_name(config.tracking.experiment_name)
         if experiment is None:
-            return set()
+            return {}
         runs = client.search_runs([experiment.experiment_id], "tags.`alphadpo.kind` = 'trial'")
-        return {r.data.tags["alphadpo.trial_id"] for r in runs if r.info.status == "FINISHED"}
+        return {r.data.tags["alphadpo.trial_id"]: r for r in runs}
+
+    def loss_steps(run) -> list[int]:
+        return sorted(m.step for m in MlflowClient(config.tracking.tracking_uri).get_metric_history(
+            run.info.run_id, "train/loss"))
+
+    def wait_until(what: str, ready, process, log: Path, timeout: float = 600):
+        deadline = time.time() + timeout
+        while time.time() < deadline and process.poll() is None:
+            value = ready()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"{what}: not within {timeout} s (exit {process.poll()}):\n{log.read_text()[-3000:]}")
 
     with open(tmp_path / "first.log", "wb") as log:
         # its own local Ray (started by the driver, fate-shared with it: killing the driver's process
         # group takes that Ray down too, like a machine losing the driver)
         first = _run_cli(["sweep", str(path), "--address", "local"], env, log)
-        deadline = time.time() + 600
-        while time.time() < deadline and first.poll() is None and len(finished_trials()) < 2:
-            time.sleep(0.2)
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)  # two trials done, the third running
-        first.wait()
-    finished_before = finished_trials()
-    assert 2 <= len(finished_before) < 4
+        try:
+            wait_until("the third trial at its last step", lambda: (plugin_dir / "waiting").exists(), first,
+                       tmp_path / "first.log")
+            third = (plugin_dir / "trials.log").read_text().split()[2]
+            wait_until("its step 3 in MLflow", lambda: third in trial_runs() and loss_steps(trial_runs()[third])
+                       == [1, 2, 3], first, tmp_path / "first.log")
+            os.kill(first.pid, signal.SIGSTOP)  # the driver takes no more reports
+            (plugin_dir / "release").touch()
+
+            def final_checkpoint():
+                for folder in sorted((storage / third).glob("checkpoint_*")):
+                    state = folder / "trainer_state.json"
+                    if state.exists() and json.loads(state.read_text() or "{}").get("step") == 4 \
+                            and verify_checkpoint(folder) is None:
+                        return folder
+                return None
+
+            saved = wait_until("the third trial's final checkpoint", final_checkpoint, first, tmp_path / "first.log")
+            calls_before = (plugin_dir / "calls.log").read_text()
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    finished_before = {t for t, r in trial_runs().items() if r.info.status == "FINISHED"}
+    assert len(finished_before) == 2 and third not in finished_before
 
     with open(tmp_path / "second.log", "wb") as log:
         second = _run_cli(["sweep", str(path), "--resume", "--address", "local"], env, log)
         assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    assert "Failed to fetch metrics" not in (tmp_path / "second.log").read_text()  # a just-started trial: no results yet
-
-    import json
+    console = (tmp_path / "second.log").read_text()
+    assert "Failed to fetch metrics" not in console  # a just-started trial: no results yet
+    assert f"[resume] {saved.name} of this trial was saved but never registered" in console, console[-3000:]
+    assert "[resume] continuing from step 4 of 4" in console, console[-3000:]
+    assert "Restored on" not in console  # Tune's own restore line: the [resume] line says it
+    retrained = [line for line in (plugin_dir / "calls.log").read_text()[len(calls_before):].splitlines()
+                 if line.startswith(f"{third} ")]
+    assert not retrained, f"the third trial trained again: {retrained}"
 
     results = json.loads((Path(config.run_dir).parent / name / "results.json").read_text())
     assert results["summary"]["trials"] == 4 and results["summary"]["failed"] == 0
-    for trial in finished_before:  # not re-run: exactly one final result, reported once per step
+    for trial in finished_before | {third}:  # not re-run: exactly one result per reported step
         lines = [json.loads(x) for x in (storage / trial / "result.json").read_text().splitlines() if x.strip()]
         steps = [x["step"] for x in lines if "step" in x]
-        assert len(steps) == len(set(steps)), f"trial {trial} was re-run"
+        assert len(steps) == len(set(steps)) and max(steps) == 4, (trial, steps)
+    assert not list(storage.glob("*/events.out.tfevents*"))  # no TensorBoard files (`NoTensorBoardLogs`)
     children = _children(config.tracking.tracking_uri, results["mlflow_parent_run_id"])
     assert len(children) == 4
     assert len({c.data.tags["alphadpo.trial_id"] for c in children}) == 4
     assert all(c.info.status == "FINISHED" for c in children)
-    client = MlflowClient(config.tracking.tracking_uri)
-    for child in children:  # one metric point per reported step, even for the trial cut off mid-run
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
-        assert sorted(steps) == list(range(20, 121, 20)), (child.data.tags["alphadpo.trial_id"], steps)
+    for child in children:  # one metric point per reported step, the trial cut off at its end included
+        assert loss_steps(child) == [1, 2, 3, 4], (child.data.tags["alphadpo.trial_id"], loss_steps(child))
 
 
 def test_restore_drops_only_the_no_results_yet_warning():
@@ -740,3 +779,89 @@ def test_ctrl_c_mid_sweep_says_interrupted_and_resumes_with_the_printed_command(
     assert results["summary"]["trials"] == 2 and results["summary"]["failed"] == 0, results["summary"]
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     assert len(_children(config.tracking.tracking_uri, parents[0].info.run_id)) == 2
+
+
+def test_the_sweeps_scheduler_chooses_as_tunes_fifo_without_walking_ended_trials():
+    """`SkipsEndedTrials` picks the trial Tune's own FIFOScheduler picks (first PENDING, else first PAUSED) at
+    every step of a sweep's life — trials added, started, paused, ended out of order — and a new controller (a
+    resumed sweep) starts over from the top."""
+    import pickle
+    import random
+
+    from ray import tune
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    from alphadpo_ray.sweep.run import FifoScheduler
+
+    tune.register_trainable("fifo_choice", lambda config: None)
+
+    class Controller:  # the one method a scheduler's choice reads
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+    class Wrapper:  # as Tune's `TuneController._wrapped()`: a new wrapper of the same controller at every call
+        def __init__(self, controller):
+            self.get_trials = controller.get_trials
+
+    rng, ours, tunes = random.Random(0), FifoScheduler(), FIFOScheduler()
+    controller = Controller([])
+    for step in range(400):
+        if rng.random() < 0.3:
+            controller.trials.append(Trial("fifo_choice", config={}))
+        live = [t for t in controller.trials if t.status not in (Trial.TERMINATED, Trial.ERROR)]
+        if live:
+            rng.choice(live).set_status(rng.choice([Trial.RUNNING, Trial.PAUSED, Trial.PENDING, Trial.TERMINATED,
+                                                    Trial.ERROR]))
+        assert ours.choose_trial_to_run(Wrapper(controller)) is tunes.choose_trial_to_run(controller), step
+    # the ended prefix is remembered across calls (and wrappers): a trial in it is not looked at again (were one
+    # to come back — which Tune never does — only Tune's walk would see it)
+    ended = [Trial("fifo_choice", config={}) for _ in range(50)]
+    for trial in ended:
+        trial.set_status(Trial.TERMINATED)
+    waiting = Trial("fifo_choice", config={})
+    controller = Controller([*ended, waiting])
+    assert ours.choose_trial_to_run(Wrapper(controller)) is waiting
+    ended[0].set_status(Trial.PENDING)
+    assert ours.choose_trial_to_run(Wrapper(controller)) is waiting
+    assert tunes.choose_trial_to_run(controller) is ended[0]
+    resumed = Controller([Trial("fifo_choice", config={})])  # another controller's list: walked from the top
+    assert ours.choose_trial_to_run(Wrapper(resumed)) is resumed.trials[0]
+    assert "_ended_prefix" not in pickle.loads(pickle.dumps(ours)).__dict__  # never pickled with the trials
+
+
+def test_a_trial_resumes_from_the_newest_intact_checkpoint_tune_never_registered(ray_session, tmp_path):
+    """A trial's folder may hold checkpoints Tune never registered (the driver died before taking the report):
+    the trial resumes from the newest of them that verifies, passing over a newer save cut short; with none
+    intact it starts as Tune says (here: from nothing)."""
+    from ray import tune
+
+    from alphadpo_ray.training.recipe import write_manifest
+
+    def report_the_checkpoint_to_resume_from(config):  # defined here: pickled by value for the trial's process
+        from alphadpo_ray.training.recipe import TuneSession
+
+        checkpoint = TuneSession().get_checkpoint()
+        tune.report({"resumes_from": checkpoint.path.rsplit("/", 1)[-1] if checkpoint else "nothing"})
+
+    experiment = tmp_path / "storage" / "unregistered"
+    for trial, intact, cut_short in (("two-saved", ["checkpoint_000000", "checkpoint_000001"], "checkpoint_000002"),
+                                     ("none-intact", [], "checkpoint_000000")):
+        for name in [*intact, cut_short]:
+            folder = experiment / trial / name
+            folder.mkdir(parents=True)
+            (folder / "trainer_state.json").write_text('{"step": 1}')
+            if name in intact:
+                write_manifest(folder, 0, 1, 1)
+    tuner = tune.Tuner(report_the_checkpoint_to_resume_from,
+                       param_space={"trial": tune.grid_search(["two-saved", "none-intact"])},
+                       tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: t.config["trial"], reuse_actors=True,
+                                                   max_concurrent_trials=1),  # one process imports torch
+                       run_config=tune.RunConfig(name="unregistered", storage_path=str(tmp_path / "storage"),
+                                                 verbose=0))
+    grid = tuner.fit()
+    assert {r.config["trial"]: r.metrics["resumes_from"] for r in grid} == {
+        "two-saved": "checkpoint_000001", "none-intact": "nothing"}

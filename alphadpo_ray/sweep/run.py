@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
 from .. import compat
 from ..config.experiment import ExperimentConfig, config_from_dict
@@ -95,11 +97,10 @@ class TrialProgress(Callback):
         if getattr(self, "name", "") not in _ENDED:  # first step: a resumed sweep's trials that ended before
             self._ended_ids().update(t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR"))
 
-    @staticmethod
-    def _ended(trials, trial) -> int:
-        """Trials ended so far, this one included (and those a resumed sweep had already finished)."""
-        ended = ("TERMINATED", "ERROR")
-        return sum(t.status in ended for t in trials) + (trial.status not in ended)
+    def _ended(self) -> int:
+        """Trials ended so far, the one ending now included (and those a resumed sweep had already finished);
+        counted as they end, not by walking every trial of the sweep at each end."""
+        return len(self._ended_ids())
 
     @staticmethod
     def _params(trial) -> str:
@@ -111,7 +112,7 @@ class TrialProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended_ids().add(trial.trial_id)
         r = trial.last_result or {}
-        print(f"[trial {trial.trial_id}] done ({self._ended(trials, trial)}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
+        print(f"[trial {trial.trial_id}] done ({self._ended()}/{self.total}): {self.accuracy_key.removeprefix('eval/')} "
               f"{r.get(self.accuracy_key, float('nan')):.3f}  kl {r.get('eval/kl', float('nan')):.3f}  "
               f"step {r.get('step', '?')}  {r.get('time_total_s', 0):.1f}s", flush=True)
 
@@ -131,7 +132,7 @@ class TrialProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended_ids().add(trial.trial_id)
-        print(f"[trial {trial.trial_id}] FAILED ({self._ended(trials, trial)}/{self.total}): {error_reason(trial_error_text(trial))}",
+        print(f"[trial {trial.trial_id}] FAILED ({self._ended()}/{self.total}): {error_reason(trial_error_text(trial))}",
               flush=True)
 
 
@@ -213,16 +214,74 @@ def tune_domains(space: dict[str, dict], grid_as_choice: bool):
     return out
 
 
-def _scheduler(sweep: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+class SkipsEndedTrials:
+    """Tune's FIFO choice of the next trial to run (the first PENDING trial, else the first PAUSED one) without
+    walking the trials that already ended: Tune keeps every trial of the sweep in one list and asks at every
+    step of its loop, so its walk grew with the sweep (a fifth of the driver's main thread at 3,000 trials,
+    py-spy, benchmarks/README.md §4). A trial that ended stays ended within a `fit`, so the list's ended prefix
+    is skipped; another controller's list (a resumed sweep) is walked from the top."""
 
+    def choose_trial_to_run(self, tune_controller):
+        from ray.tune.experiment import Trial
+
+        # the controller's own list: Tune hands the scheduler a new wrapper of its controller at every call
+        trials = tune_controller.get_trials()
+        walked, start = getattr(self, "_ended_prefix", (None, 0))
+        if walked is not trials or start > len(trials):
+            start = 0
+        while start < len(trials) and trials[start].status in (Trial.TERMINATED, Trial.ERROR):
+            start += 1
+        self._ended_prefix = (trials, start)
+        for wanted in (Trial.PENDING, Trial.PAUSED):
+            for i in range(start, len(trials)):
+                if trials[i].status == wanted:
+                    return trials[i]
+        return None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_ended_prefix"}  # never the controller's trials
+
+
+class FifoScheduler(SkipsEndedTrials, FIFOScheduler):
+    """Tune's default scheduler (run every trial to its end), choosing the next trial as `SkipsEndedTrials`."""
+
+
+class AshaScheduler(SkipsEndedTrials, ASHAScheduler):
+    """``sweep.scheduler.type: asha``: Tune's asynchronous successive halving, choosing as `SkipsEndedTrials`."""
+
+
+class MedianStopping(SkipsEndedTrials, MedianStoppingRule):
+    """``sweep.scheduler.type: median``: Tune's median stopping rule, choosing as `SkipsEndedTrials`."""
+
+
+def _scheduler(sweep: SweepConfig):
     s = sweep.scheduler
     if s.type == "asha":
-        return ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
+        return AshaScheduler(time_attr="step", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor, max_t=10**9)
     if s.type == "median":
-        return MedianStoppingRule(time_attr="step", metric=s.metric, mode=s.mode, grace_period=s.grace_period)
-    return None
+        return MedianStopping(time_attr="step", metric=s.metric, mode=s.mode, grace_period=s.grace_period)
+    return FifoScheduler()
+
+
+class NoTensorBoardLogs(TBXLoggerCallback):
+    """Stands in for the TensorBoard logger Tune adds to every `fit` unless one is given (Tune adds its CSV,
+    JSON and TensorBoard loggers only where the callbacks have none of that kind): no event files. A sweep's
+    metrics are in MLflow (and each trial's ``result.json``/``progress.csv``, which Tune's restore reads);
+    TensorBoard's writer — a thread and a file per trial, a flush per result — was a quarter of the sweep
+    driver's main-thread time over thousands of one-second trials (py-spy, benchmarks/README.md §4)."""
+
+    def __init__(self) -> None:  # no tensorboardX needed
+        pass
+
+    def log_trial_start(self, trial) -> None:
+        pass
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        pass
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        pass
 
 
 @dataclass
@@ -366,7 +425,7 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
         trainable,
         param_space=tune_domains(space, grid_as_choice=not use_grid),
         tune_config=tune_config,
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=[journal.TrialJournal(), *callbacks],
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=[journal.TrialJournal(), *callbacks, NoTensorBoardLogs()],
                              failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
     )
 

@@ -149,9 +149,30 @@ class TuneSession:
     rank, world = 0, 1
 
     def get_checkpoint(self):
+        """Tune's latest registered checkpoint of this trial, or a newer intact one in the trial's folder that Tune
+        never registered: the trial saved it and the sweep driver never took the report (the driver was killed as
+        the trial saved or finished, or the trial died with its report on the way). A newer one that does not
+        verify (a save cut short) is passed over, as before."""
+        import pyarrow.fs as pafs
         import ray.tune
 
-        return ray.tune.get_checkpoint()
+        registered = ray.tune.get_checkpoint()
+        storage = ray.tune.get_context().get_storage()  # DeveloperAPI: the trial's folder in the run storage
+        fs, folder = storage.storage_filesystem, storage.trial_fs_path
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except OSError:
+            return registered
+        known = posixpath.basename(registered.path.rstrip("/")) if registered is not None else ""
+        newer = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_") and i.base_name > known), reverse=True)
+        for name in newer:  # Tune's checkpoint_<index>: the names sort by index
+            path = posixpath.join(folder, name)
+            if checkpoint_problem(fs, path) is None:
+                print(f"[resume] {name} of this trial was saved but never registered by the sweep driver (it or the "
+                      "trial stopped first): resuming from it", flush=True)
+                return ray.tune.Checkpoint(path, filesystem=fs)
+        return registered
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         import ray.tune
@@ -210,6 +231,11 @@ def run_recipe(loop_config: dict, session) -> dict:
         state["evals"].append(evaluate(w, 0))
         spent["evaluation"] += time.time() - eval_start
         w.session.report({**state["evals"][0], "step": 0, "total_steps": total_steps})
+    elif state["step"] >= total_steps and state.get("report"):
+        # resumed from the final checkpoint: its report again (MLflow keeps each step once), for whoever waits on
+        # the run's reports — a sweep trial whose driver stopped before taking the final one (Tune's last result,
+        # Optuna's objective)
+        w.session.report(state["report"])
     last_eval = state["evals"][-1]
     window = {"seconds": 0.0, "tokens": 0, "steps": 0}
     status, message = "finished", ""
@@ -252,6 +278,8 @@ def run_recipe(loop_config: dict, session) -> dict:
                       "time/setup_seconds": setup_seconds, "time/recipe_seconds": time.time() - w.start}
             window = {"seconds": 0.0, "tokens": 0, "steps": 0}
             if preempted or step % t.save_steps == 0 or is_last:  # a notice: the just-in-time checkpoint
+                if is_last:
+                    state["report"] = report  # what a resume from this final checkpoint reports again
                 save_checkpoint(w, state, report, final=is_last)
             else:
                 w.session.report(report)
