@@ -21,6 +21,33 @@ pytestmark = pytest.mark.slow
 TRAINING = {"max_steps": 6, "save_steps": 2, "eval_steps": 100, "logging_steps": 2}
 
 
+def test_a_killed_writers_scratch_checkpoint_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A worker killed while writing a checkpoint leaves its temporary copy (a whole checkpoint share) in the
+    temp folder; the next scratch directory made on this host removes those whose process is gone, and only
+    those: a live process's, another host's and foreign folders stay."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from alphadpo_ray.training.recipe import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = "".join(c for c in socket.gethostname().lower() if c.isalnum())[:24]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    names = {"dead": f"alphadpo-ckpt-r1-{host}-p{gone.pid}-x1y2", "live": f"alphadpo-resume-{host}-p{os.getpid()}-a_b",
+             "other host": f"alphadpo-ckpt-r0-otherhost-p{gone.pid}-zz", "old style": "alphadpo-ckpt-r0-k3j9a_x2",
+             "not ours": f"something-{host}-p{gone.pid}-q"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_states.pt").write_bytes(b"x" * 100)
+    made = Path(scratch_dir("ckpt-r0"))
+    assert made.parent == tmp_path and made.name.startswith(f"alphadpo-ckpt-r0-{host}-p{os.getpid()}-")
+    assert {k for k, name in names.items() if (tmp_path / name).exists()} == {"live", "other host", "old style",
+                                                                               "not ours"}
+
+
 def test_manifest_catches_truncation_corruption_and_partial_saves(tmp_path):
     """The manifest check on its own (no Ray): each kind of damage is named."""
     from alphadpo_ray.training.recipe import verify_checkpoint, write_manifest

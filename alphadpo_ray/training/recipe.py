@@ -27,10 +27,12 @@ import errno
 import hashlib
 import json
 import math
+import os
 import posixpath
 import re
 import random
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -506,7 +508,7 @@ def save_checkpoint(w: _Worker, state: dict, metrics: dict, final: bool) -> None
     number of workers). Ray uploads each worker's directory into the same checkpoint. A save that
     fails before the report leaves nothing in storage; one interrupted during the upload leaves a
     directory whose manifests do not verify, which `resume` never loads."""
-    tmp = tempfile.mkdtemp(prefix=f"alphadpo-ckpt-r{w.rank}-")
+    tmp = scratch_dir(f"ckpt-r{w.rank}")
     try:
         try:
             w.engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -640,6 +642,33 @@ def checkpoint_problem(fs, path: str) -> str | None:
         return problem or verify_checkpoint(ckpt_dir)
 
 
+def scratch_dir(kind: str) -> str:
+    """A new temporary directory ``alphadpo-{kind}-{host}-p{pid}-…`` (a checkpoint being written, one being read
+    from remote storage). Its owner removes it when done; a process killed meanwhile (a lost worker, an
+    out-of-memory kill) cannot, and on a node that lives on each such directory is a whole checkpoint share left
+    in the temp folder. So first, this host's ones whose process is gone are removed (by the pid in their name; a
+    pid in use again, or another user's process, keeps its directory; the host name keeps containers that share a
+    temp folder but not their process ids apart)."""
+    root = Path(tempfile.gettempdir())
+    host = re.sub(r"[^a-z0-9]", "", socket.gethostname().lower())[:24] or "host"
+    pattern = re.compile(rf"alphadpo-[a-z0-9-]+-{host}-p(\d+)-\w+")
+    for stale in root.glob(f"alphadpo-*-{host}-p*-*"):
+        match = pattern.fullmatch(stale.name)
+        if match and stale.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"alphadpo-{kind}-{host}-p{os.getpid()}-", dir=root)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _local_view(fs, path: str | None):
     """(a local directory with the checkpoint's files, None) — the directory itself on local storage,
@@ -653,7 +682,7 @@ def _local_view(fs, path: str | None):
         local = Path(path)
         yield (local, None) if local.is_dir() else (None, "the directory is gone")
         return
-    tmp = tempfile.mkdtemp(prefix="alphadpo-resume-")
+    tmp = scratch_dir("resume")
     try:
         try:
             pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
