@@ -21,8 +21,8 @@ def held_plugin(folder: Path, name: str, *, step: int = 6, action: str = "sleep"
     folder.mkdir(parents=True, exist_ok=True)
     plugin = folder / "held_method.py"
     shutil.copyfile(PLUGIN, plugin)
-    plugin.with_suffix(".json").write_text(json.dumps({"name": name, "step": step, "action": action, "loss": loss,
-                                                               **({"trial": trial} if trial else {})}))
+    settings = {"name": name, "step": step, "action": action, "loss": loss, **({"trial": trial} if trial else {})}
+    plugin.with_suffix(".json").write_text(json.dumps(settings))
     if action != "wait":
         (folder / "hold").touch()
     return plugin

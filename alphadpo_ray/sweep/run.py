@@ -425,7 +425,8 @@ def _tuner(config: ExperimentConfig, sweep: SweepConfig, method: str, plan, name
         trainable,
         param_space=tune_domains(space, grid_as_choice=not use_grid),
         tune_config=tune_config,
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=[journal.TrialJournal(), *callbacks, NoTensorBoardLogs()],
+        run_config=RunConfig(name=name, storage_path=storage,
+                             callbacks=[journal.TrialJournal(), *callbacks, NoTensorBoardLogs()],
                              failure_config=FailureConfig(max_failures=sweep.max_failures), verbose=0),
     )
 

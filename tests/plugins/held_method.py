@@ -61,9 +61,10 @@ def held_loss(pc, pj, rc, rj, lc, lj, *, beta):
     if torch.is_grad_enabled() and "trial" in SETTINGS:
         trial = _trial_id()
         calls = calls_by_trial[trial] = calls_by_trial.get(trial, 0) + 1
+        order = _trial_order(trial)  # registered at its first training step
         with open(HERE / "calls.log", "a") as log:
             log.write(f"{trial} {calls}\n")
-        if calls == SETTINGS["step"] and _trial_order(trial) == SETTINGS["trial"]:
+        if calls == SETTINGS["step"] and order == SETTINGS["trial"]:
             _hold()
     elif torch.is_grad_enabled():
         training_calls += 1
