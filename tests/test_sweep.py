@@ -305,11 +305,10 @@ def test_grid_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path
             os.kill(first.pid, signal.SIGSTOP)  # the driver takes no more reports
             (plugin_dir / "release").touch()
 
-            def final_checkpoint():
+            def final_checkpoint():  # complete (its manifest verifies: every file whole) before it is read
                 for folder in sorted((storage / third).glob("checkpoint_*")):
-                    state = folder / "trainer_state.json"
-                    if state.exists() and json.loads(state.read_text() or "{}").get("step") == 4 \
-                            and verify_checkpoint(folder) is None:
+                    if verify_checkpoint(folder) is None and \
+                            json.loads((folder / "trainer_state.json").read_text()).get("step") == 4:
                         return folder
                 return None
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
@@ -222,8 +223,6 @@ class SkipsEndedTrials:
     is skipped; another controller's list (a resumed sweep) is walked from the top."""
 
     def choose_trial_to_run(self, tune_controller):
-        from ray.tune.experiment import Trial
-
         # the controller's own list: Tune hands the scheduler a new wrapper of its controller at every call
         trials = tune_controller.get_trials()
         walked, start = getattr(self, "_ended_prefix", (None, 0))
