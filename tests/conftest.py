@@ -70,12 +70,13 @@ def ray_session():
     import ray
 
     from alphadpo_ray.config.experiment import config_from_dict
-    from alphadpo_ray.training.launch import worker_env
+    from alphadpo_ray.training.launch import WORKER_SETUP_HOOK, worker_env
 
     env = worker_env(config_from_dict({}))
     os.environ.update(env)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, runtime_env={"env_vars": env}, logging_level="warning", include_dashboard=False)
+        ray.init(num_cpus=4, runtime_env={"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK},
+                 logging_level="warning", include_dashboard=False)
     yield ray
     ray.shutdown()
 

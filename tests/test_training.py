@@ -260,7 +260,9 @@ def test_a_workers_sigterm_swallowed_in_a_callback_exits_it_without_a_traceback(
     """Ray's worker answers SIGTERM (the raylet ending a finished trial's actor) with `SystemExit` wherever the
     main thread is; inside a weakref callback Python swallowed it, printed "Exception ignored in …" and a
     traceback (forwarded to the driver's console: CI saw it end a sweep test) and the process carried on.
-    With `exit_on_a_swallowed_exit` (the trial and Train-worker entry points call it) it exits, quietly."""
+    With `exit_on_a_swallowed_exit` — installed in every worker process of the job as it starts (the job's
+    ``worker_process_setup_hook``, as `launch.init_ray` sets it; CI saw a trial actor that never ran a trial print
+    the traceback) — it exits, quietly."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -269,12 +271,13 @@ def test_a_workers_sigterm_swallowed_in_a_callback_exits_it_without_a_traceback(
             return os.getpid()
 
         def sigterm_inside_a_callback(self, stderr_path: str, hooked: bool) -> str:
+            import sys
             import weakref
 
-            from alphadpo_ray.training.engine import exit_on_a_swallowed_exit
-
-            if hooked:
-                exit_on_a_swallowed_exit()
+            # the job's setup hook ran as this process started; without it, Python's own hook
+            assert getattr(sys.unraisablehook, "_alphadpo_exits", False), "the job's setup hook did not run"
+            if not hooked:
+                sys.unraisablehook = sys.__unraisablehook__
             os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT), 2)
 
             class Thing:

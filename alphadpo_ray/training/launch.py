@@ -159,6 +159,12 @@ def apply_worker_env(config: ExperimentConfig) -> dict[str, str]:
     return env
 
 
+# Run by Ray in every worker process of the job as it starts (trial actors that never ran a trial included): a
+# SIGTERM that Python swallows in a callback exits the process instead of printing a traceback. The trial and
+# Train-worker entry points call it too, for jobs whose Ray someone else started.
+WORKER_SETUP_HOOK = "alphadpo_ray.training.engine.exit_on_a_swallowed_exit"
+
+
 def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
     """Connect to `address` / `ray.address` / RAY_ADDRESS, or start a local Ray instance.
 
@@ -181,7 +187,8 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> None:
         if gcs_address(address):
             check_cluster_access(gcs_address(address))
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="warning")
+        ray.init(address=address, runtime_env={"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK},
+                 log_to_driver=True, logging_level="warning")
         for line in spot_warnings(config, ray.nodes()):
             print(line, flush=True)
     drop_benign_worker_lines()
