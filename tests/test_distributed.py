@@ -137,6 +137,8 @@ def _deepspeed_worker(rank: int, world: int, tmp: str) -> None:
         summed = torch.tensor([rank + 1.0])
         comm.all_reduce(summed)
         torch.save({"shm_op": comm.cdb.shm_comm_op, "sum": summed.item()}, f"{tmp}/ds{rank}.pt")
+        dist.barrier()  # both ranks done with the group before either tears it down (seen once: a rank aborted
+        # with "terminate called without an active exception" as the other destroyed the group under it)
     finally:
         dist.destroy_process_group()
 
