@@ -155,20 +155,13 @@ class TuneSession:
         never registered: the trial saved it and the sweep driver never took the report (the driver was killed as
         the trial saved or finished, or the trial died with its report on the way). A newer one that does not
         verify (a save cut short) is passed over, as before."""
-        import pyarrow.fs as pafs
         import ray.tune
 
         registered = ray.tune.get_checkpoint()
         storage = ray.tune.get_context().get_storage()  # DeveloperAPI: the trial's folder in the run storage
         fs, folder = storage.storage_filesystem, storage.trial_fs_path
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        except OSError:
-            return registered
         known = posixpath.basename(registered.path.rstrip("/")) if registered is not None else ""
-        newer = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                        and i.base_name.startswith("checkpoint_") and i.base_name > known), reverse=True)
-        for name in newer:  # Tune's checkpoint_<index>: the names sort by index
+        for name in (n for n in checkpoint_names(fs, folder) if n > known):  # Tune's checkpoint_<index>
             path = posixpath.join(folder, name)
             if checkpoint_problem(fs, path) is None:
                 print(f"[resume] {name} of this trial was saved but never registered by the sweep driver (it or the "
@@ -620,17 +613,22 @@ def checkpoint_candidates(fs, path: str) -> list[str]:
     """`path` (the run's latest checkpoint, as Ray registered it) then the older ``checkpoint_*``
     directories beside it, newest first. Ray names checkpoints so that names sort by time (Train:
     ``checkpoint_<timestamp>``, Tune: ``checkpoint_<index>``); newer unregistered ones are ignored."""
-    import pyarrow.fs as pafs
-
     path = path.rstrip("/")
     parent, name = posixpath.split(path)
+    return [path] + [posixpath.join(parent, n) for n in checkpoint_names(fs, parent) if n < name]
+
+
+def checkpoint_names(fs, folder: str) -> list[str]:
+    """The ``checkpoint_*`` directories in `folder`, newest first (their names sort by time); none when the
+    folder is missing or cannot be listed."""
+    import pyarrow.fs as pafs
+
     try:
-        infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     except OSError:
-        infos = []
-    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
-    return [path] + [posixpath.join(parent, n) for n in older]
+        return []
+    return sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
 
 
 def checkpoint_problem(fs, path: str) -> str | None:
