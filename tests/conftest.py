@@ -64,9 +64,11 @@ def builtin_task():
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance shared by every test that needs Ray (4 logical CPUs on 2 cores:
-    Train controllers, 2 workers and Tune trials must fit at once). No dashboard: no test of this
-    instance reads it, and its processes cost ~2 CPU-s to start and ~0.03 of a core for as long as the
-    session lasts (tests that need Ray's state API or jobs use a `ray_cluster.LocalCluster`)."""
+    Train controllers, 2 workers and Tune trials must fit at once), with its dashboard on a free port, as
+    `launch.init_ray` starts one (~1.7 CPU-s to start, ~0.03 of a core while the session lasts): Ray Train's
+    placement-group cleaner asks its state API whether a run's controller is alive. A Ray without one still
+    advertises 127.0.0.1:8265, where another Ray's dashboard (a CLI test's) says "no such actor", and the cleaner
+    then removes the run's placement group, killing its workers (CI saw it)."""
     import ray
 
     from alphadpo_ray.config.experiment import config_from_dict
@@ -76,7 +78,7 @@ def ray_session():
     os.environ.update(env)
     if not ray.is_initialized():
         ray.init(num_cpus=4, runtime_env={"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK},
-                 logging_level="warning", include_dashboard=False)
+                 logging_level="warning", include_dashboard=True, dashboard_port=0)
     yield ray
     ray.shutdown()
 

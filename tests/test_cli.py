@@ -90,8 +90,9 @@ def test_rerunning_a_finished_train_answers_from_its_summary(tmp_path, builtin_t
     """A finished run re-run as is: one line from its stored summary, no Ray, no data preparation. Changed
     settings still refuse. With its outputs gone it resumes from the final checkpoint Ray Train wrote, here
     in the CLI's own process (no ``--address``: a one-worker run trains in process), and says so once.
-    The first run trains beside another Ray instance on the machine: Ray Train's placement-group
-    cleaner cannot tell which is its own and dies with a trace; the console gets one line instead."""
+    The first run trains beside another Ray instance on the machine: Ray Train's placement-group cleaner
+    asks its own cluster (the job's setup hook, `worker_process`), so it neither dies with a trace ("multiple
+    active Ray instances", as before the hook) nor says anything."""
     import shutil
 
     from ray_cluster import LocalCluster
@@ -102,9 +103,7 @@ def test_rerunning_a_finished_train_answers_from_its_summary(tmp_path, builtin_t
     assert first.returncode == 0, first.stderr[-3000:]
     output = first.stdout + first.stderr
     assert "Traceback" not in output and "PlacementGroupCleaner" not in output, output[-6000:]
-    cleaner = [l for l in output.splitlines() if "placement-group cleaner" in l]
-    assert len(cleaner) <= 1, cleaner
-    assert all("several Ray instances" in l and "worker-*-" in l for l in cleaner), cleaner
+    assert "placement-group cleaner" not in output and "Failed to query" not in output, output[-6000:]
 
     again = _cli("train", str(config), "--address", "local", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

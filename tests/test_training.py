@@ -302,3 +302,43 @@ def test_a_workers_sigterm_swallowed_in_a_callback_exits_it_without_a_traceback(
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(hooked.sigterm_inside_a_callback.remote(str(tmp_path / "hooked.err"), True), timeout=60)
     assert (tmp_path / "hooked.err").read_text() == ""
+
+
+def test_a_workers_state_api_asks_its_own_ray_with_another_ray_on_the_machine(ray_session, tmp_path):
+    """Ray Train's placement-group cleaner asks the state API (no address given) once a second whether the run's
+    controller is alive and takes "not found" for dead. With another Ray instance on the machine Ray guesses which
+    to ask: CI saw the cleaner ask another Ray's dashboard, remove the run's placement group and the raylet kill
+    the run's worker. The job's setup hook (`worker_process.state_api_on_this_cluster`) points every worker
+    process at its own cluster: an actor of this job, asked about itself, is found alive, and found dead once
+    killed; without the hook, Ray cannot tell which instance is meant."""
+    import ray
+    from ray.util.state import get_actor
+    from ray_cluster import LocalCluster
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def me(self) -> str:
+            return ray.get_runtime_context().get_actor_id()
+
+        def ask(self, actor_id: str, hooked: bool = True):
+            if not hooked:
+                os.environ.pop("RAY_ADDRESS")  # what the hook set as the process started
+            try:
+                found = get_actor(actor_id, timeout=20)
+                return os.environ.get("RAY_ADDRESS"), found.state if found else "not found"
+            except Exception as err:  # noqa: BLE001 - returned for the test to check
+                return os.environ.get("RAY_ADDRESS"), repr(err)
+
+    with LocalCluster(tmp_path / "other-ray", nodes=[{"ip": "127.0.0.1", "num_cpus": 0}]):
+        asking, asked, bare = Worker.remote(), Worker.remote(), Worker.remote()
+        asked_id = ray.get(asked.me.remote())
+        address, state = ray.get(asking.ask.remote(asked_id))
+        assert address == ray.get_runtime_context().gcs_address and state == "ALIVE", (address, state)
+        ray.kill(asked)
+        deadline = time.time() + 30
+        while (state := ray.get(asking.ask.remote(asked_id))[1]) == "ALIVE" and time.time() < deadline:
+            time.sleep(0.5)
+        assert state == "DEAD", state
+        # without the hook: two instances on the machine, and Ray cannot tell which one is meant
+        address, state = ray.get(bare.ask.remote(ray.get(bare.me.remote()), False))
+        assert address is None and "multiple active Ray instances" in state, state

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from ..config.experiment import ExperimentConfig, config_from_dict
 from ..errors import AlphaDPOError
-from ..training.engine import exit_on_a_swallowed_exit, quiet_logs
+from ..training import worker_process
+from ..training.engine import quiet_logs
 from ..training.launch import build_trainer
 from ..training.plan import PreparedRun
 from ..training.recipe import TuneSession, run_recipe
@@ -56,7 +57,7 @@ def run_trial(params: dict, *, base: dict, method: str, plan: dict, sweep_name: 
     """The Tune trainable (function API)."""
     import ray.tune
 
-    exit_on_a_swallowed_exit()  # a finished trial's actor, ended by SIGTERM, exits without a traceback
+    worker_process.setup()  # for a Ray someone else started (the job's setup hook does it otherwise)
     context = ray.tune.get_context()
     run_name = f"{sweep_name}_{context.get_trial_id()}"
     config = trial_config(base, method, params, run_name)

@@ -118,36 +118,6 @@ def quiet_logs() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def exit_on_a_swallowed_exit() -> None:
-    """Call in a Ray worker process. Ray's workers answer SIGTERM (the raylet ending an actor: a finished
-    trial's, a stopped worker group's) by raising `SystemExit` wherever the main thread is. Inside a weakref
-    callback or a ``__del__`` Python cannot raise it: it prints "Exception ignored in …" and a traceback, which
-    Ray forwards to the driver's console, and the process carries on until the raylet kills it. Here such a
-    swallowed exit does what it was raised for: the process flushes its output and exits at once with its code,
-    printing nothing. Other unraisable exceptions go to the hook before. Idempotent."""
-    import os
-    import sys
-    import threading
-
-    previous = sys.unraisablehook
-    if getattr(previous, "_alphadpo_exits", False):
-        return
-
-    def hook(unraisable) -> None:
-        if issubclass(unraisable.exc_type, SystemExit) and threading.current_thread() is threading.main_thread():
-            code = getattr(unraisable.exc_value, "code", 1)
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError, AttributeError):
-                    pass
-            os._exit(code if isinstance(code, int) else int(code is not None))
-        previous(unraisable)
-
-    hook._alphadpo_exits = True
-    sys.unraisablehook = hook
-
-
 def _dtype(config: ExperimentConfig) -> torch.dtype:
     return torch.bfloat16 if config.training.bf16 else torch.float32
 

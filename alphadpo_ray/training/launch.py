@@ -160,9 +160,10 @@ def apply_worker_env(config: ExperimentConfig) -> dict[str, str]:
 
 
 # Run by Ray in every worker process of the job as it starts (trial actors that never ran a trial included): a
-# SIGTERM that Python swallows in a callback exits the process instead of printing a traceback. The trial and
-# Train-worker entry points call it too, for jobs whose Ray someone else started.
-WORKER_SETUP_HOOK = "alphadpo_ray.training.engine.exit_on_a_swallowed_exit"
+# SIGTERM that Python swallows in a callback exits the process instead of printing a traceback, and Ray's state
+# API asks this cluster, not another Ray on the machine (`worker_process`). The trial and Train-worker entry
+# points call it too, for jobs whose Ray someone else started.
+WORKER_SETUP_HOOK = "alphadpo_ray.training.worker_process.setup"
 
 
 def init_ray(config: ExperimentConfig, address: str | None = None) -> None:

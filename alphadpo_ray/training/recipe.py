@@ -55,8 +55,9 @@ from ..ml.task import check
 from ..services.secrets import redact
 from ..services.storage import read_table
 from ..services.train_callbacks import WORKER_NODE_KEY
-from .engine import (build_policy_engine, consolidated_state_dict, exit_on_a_swallowed_exit, load_reference, quiet_logs,
+from .engine import (build_policy_engine, consolidated_state_dict, load_reference, quiet_logs,
                      release_reference)
+from . import worker_process
 from .plan import PreparedRun
 
 STATE_FILE = "trainer_state.json"
@@ -185,7 +186,7 @@ class TuneSession:
 
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Entry point of each Ray Train worker."""
-    exit_on_a_swallowed_exit()
+    worker_process.setup()
     return run_recipe(loop_config, TrainSession())
 
 
