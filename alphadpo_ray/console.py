@@ -69,9 +69,10 @@ KNOWN_BENIGN_WORKER_LINES = (
 # indented lines after it) dropped from the console per worker process. Value: None when another line
 # already says what happened (a worker group failure: `ConsoleProgress.after_exception`), else the line to
 # print instead, once per process ({why}: the exception). Ray Train's PlacementGroupCleaner asks the state
-# API for its controller with no address; with another Ray instance on the machine Ray cannot tell which
-# one is meant ("Found multiple active Ray instances") and its monitor thread dies with a 30-line trace;
-# training is unaffected (the cleaner only matters if the driver dies uncleanly).
+# API for its controller with no address; in a job whose Ray someone else started (no `worker_process` setup
+# hook), with another Ray instance on the machine, Ray cannot tell which one is meant ("Found multiple active Ray
+# instances") and its monitor thread dies with a 30-line trace; training is unaffected (the cleaner only matters
+# if the driver dies uncleanly).
 KNOWN_TRACES = (
     (re.compile(r"^Exception in thread PlacementGroupCleanerMonitor"),
      "Ray Train's placement-group cleaner stopped ({why}); training is unaffected"),

@@ -243,11 +243,12 @@ def _run_cli(args, env, log):
 def test_grid_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path):
     """`kill -9` of the sweep driver mid-way, then `--resume`: finished trials are not re-run, the rest
     finish, and MLflow holds exactly one child run per trial, all finished, each step once. The driver dies at
-    the worst moment for the third trial: it has saved its final checkpoint, and the driver (stopped) never took
-    that report — so Tune never registered it; the resumed trial starts from it and trains nothing again (was:
-    Tune's older checkpoint, steps trained twice). A grid sweep: its trials come from Tune's saved variant
-    generator, advanced past those the journal holds (an Optuna sweep, its searcher restored from the journal:
-    test_object_storage's sweep resumed from the bucket)."""
+    the worst moment for the third trial: it has saved its step-2 checkpoint, and the driver (stopped) never took
+    that report — so Tune never registered it; the resumed trial starts from it, trains steps 1–2 not again (was:
+    from step 0) and reports step 2 again, which MLflow would otherwise never get (test_chaos saw a trial's
+    steps [1, 3]). A grid sweep: its trials come from Tune's saved variant generator, advanced past those the
+    journal holds (an Optuna sweep, its searcher restored from the journal: test_object_storage's sweep resumed
+    from the bucket)."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -257,7 +258,7 @@ def test_grid_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path
 
     name = "resume-grid"  # the Ray storage is shared by the tests of a session
     plugin_dir = tmp_path / "plugin"
-    plugin = held_plugin(plugin_dir, "held-grid", step=4, action="wait", trial=3)  # the 3rd trial's last step
+    plugin = held_plugin(plugin_dir, "held-grid", step=2, action="wait", trial=3)  # the 3rd trial's first save
     sweep = {"name": name, "num_samples": 1, "max_concurrent_trials": 1, "search": "grid", "points_to_evaluate": False,
              "search_space": {"beta": {"type": "grid", "values": [1.5, 2.0, 2.5, 3.0]}}}
     config = sweep_config(tmp_path, sweep, plugins=[str(plugin)], method={"name": "held-grid", "beta": 2.0},
@@ -297,22 +298,22 @@ def test_grid_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path
         # group takes that Ray down too, like a machine losing the driver)
         first = _run_cli(["sweep", str(path), "--address", "local"], env, log)
         try:
-            wait_until("the third trial at its last step", lambda: (plugin_dir / "waiting").exists(), first,
+            wait_until("the third trial at step 2", lambda: (plugin_dir / "waiting").exists(), first,
                        tmp_path / "first.log")
             third = (plugin_dir / "trials.log").read_text().split()[2]
-            wait_until("its step 3 in MLflow", lambda: third in trial_runs() and loss_steps(trial_runs()[third])
-                       == [1, 2, 3], first, tmp_path / "first.log")
+            wait_until("its step 1 in MLflow", lambda: third in trial_runs() and loss_steps(trial_runs()[third])
+                       == [1], first, tmp_path / "first.log")
             os.kill(first.pid, signal.SIGSTOP)  # the driver takes no more reports
             (plugin_dir / "release").touch()
 
-            def final_checkpoint():  # complete (its manifest verifies: every file whole) before it is read
+            def step_2_checkpoint():  # complete (its manifest verifies: every file whole) before it is read
                 for folder in sorted((storage / third).glob("checkpoint_*")):
                     if verify_checkpoint(folder) is None and \
-                            json.loads((folder / "trainer_state.json").read_text()).get("step") == 4:
+                            json.loads((folder / "trainer_state.json").read_text()).get("step") == 2:
                         return folder
                 return None
 
-            saved = wait_until("the third trial's final checkpoint", final_checkpoint, first, tmp_path / "first.log")
+            saved = wait_until("the third trial's step-2 checkpoint", step_2_checkpoint, first, tmp_path / "first.log")
             calls_before = (plugin_dir / "calls.log").read_text()
         finally:
             os.killpg(first.pid, signal.SIGKILL)
@@ -326,11 +327,11 @@ def test_grid_sweep_killed_and_resumed_runs_nothing_twice(builtin_task, tmp_path
     console = (tmp_path / "second.log").read_text()
     assert "Failed to fetch metrics" not in console  # a just-started trial: no results yet
     assert f"[resume] {saved.name} of this trial was saved but never registered" in console, console[-3000:]
-    assert "[resume] continuing from step 4 of 4" in console, console[-3000:]
+    assert "[resume] continuing from step 2 of 4" in console, console[-3000:]
     assert "Restored on" not in console  # Tune's own restore line: the [resume] line says it
-    retrained = [line for line in (plugin_dir / "calls.log").read_text()[len(calls_before):].splitlines()
-                 if line.startswith(f"{third} ")]
-    assert not retrained, f"the third trial trained again: {retrained}"
+    trained = [line for line in (plugin_dir / "calls.log").read_text()[len(calls_before):].splitlines()
+               if line.startswith(f"{third} ")]
+    assert len(trained) == 2, f"the third trial trained {trained} after the resume (steps 3 and 4 only)"
 
     results = json.loads((Path(config.run_dir).parent / name / "results.json").read_text())
     assert results["summary"]["trials"] == 4 and results["summary"]["failed"] == 0

@@ -150,6 +150,7 @@ class TuneSession:
     """The same interface inside a Ray Tune trial (`ray.tune.*`): the single-worker direct path."""
 
     rank, world = 0, 1
+    checkpoint_unregistered = False  # get_checkpoint handed over one the driver never took the report of
 
     def get_checkpoint(self):
         """Tune's latest registered checkpoint of this trial, or a newer intact one in the trial's folder that Tune
@@ -167,6 +168,7 @@ class TuneSession:
             if checkpoint_problem(fs, path) is None:
                 print(f"[resume] {name} of this trial was saved but never registered by the sweep driver (it or the "
                       "trial stopped first): resuming from it", flush=True)
+                self.checkpoint_unregistered = True  # its report never reached the driver: `run_recipe` sends it
                 return ray.tune.Checkpoint(path, filesystem=fs)
         return registered
 
@@ -227,10 +229,12 @@ def run_recipe(loop_config: dict, session) -> dict:
         state["evals"].append(evaluate(w, 0))
         spent["evaluation"] += time.time() - eval_start
         w.session.report({**state["evals"][0], "step": 0, "total_steps": total_steps})
-    elif state["step"] >= total_steps and state.get("report"):
-        # resumed from the final checkpoint: its report again (MLflow keeps each step once), for whoever waits on
-        # the run's reports — a sweep trial whose driver stopped before taking the final one (Tune's last result,
-        # Optuna's objective)
+    elif state.get("report") and (state["step"] >= total_steps
+                                  or getattr(w.session, "checkpoint_unregistered", False)):
+        # resumed from the final checkpoint, or from one whose report never reached the sweep driver (Tune's
+        # reports are synchronous: only the last can be lost, with the driver or the trial's node): the checkpoint's
+        # report again (MLflow keeps each step once), for whoever waits on the run's reports — that step's metrics in
+        # MLflow, Tune's last result, Optuna's objective
         w.session.report(state["report"])
     last_eval = state["evals"][-1]
     window = {"seconds": 0.0, "tokens": 0, "steps": 0}
@@ -274,8 +278,7 @@ def run_recipe(loop_config: dict, session) -> dict:
                       "time/setup_seconds": setup_seconds, "time/recipe_seconds": time.time() - w.start}
             window = {"seconds": 0.0, "tokens": 0, "steps": 0}
             if preempted or step % t.save_steps == 0 or is_last:  # a notice: the just-in-time checkpoint
-                if is_last:
-                    state["report"] = report  # what a resume from this final checkpoint reports again
+                state["report"] = report  # what a resume from this checkpoint may have to report again (above)
                 save_checkpoint(w, state, report, final=is_last)
             else:
                 w.session.report(report)
