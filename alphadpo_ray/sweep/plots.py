@@ -295,6 +295,11 @@ def _fixed_text(rows: list[dict]) -> str:
     return ", ".join(f"{SHORT_NAMES.get(c, c)}={rows[0].get(c)}" for c in config_columns(rows) if c != "alpha")
 
 
+# At most this many distinct α values get a tick each (a grid); more (an α searched over a range: one per trial)
+# would print thousands of overlapping labels and grid lines over the points.
+ALPHA_TICKS_MAX = 12
+
+
 def alpha_sensitivity_figure(rows: list[dict]):
     """AlphaDPO metrics against α: mean ± 95 % t over seeds when only α (and the seed) vary, otherwise the
     raw points under a title saying the grid is not controlled."""
@@ -317,7 +322,8 @@ def alpha_sensitivity_figure(rows: list[dict]):
             points = alpha_points(ok, metric)
             ax.errorbar([a for a, _ in points], [i.mean for _, i in points], yerr=[_half_width(i) for _, i in points],
                         color="tab:blue", marker="o", capsize=4, gid=f"alpha:{metric}")
-        ax.set_xticks(alphas)
+        if len(alphas) <= ALPHA_TICKS_MAX:  # a grid: a tick at each α; a searched α: matplotlib's own ticks
+            ax.set_xticks(alphas)
         limits = fitted_limits([0.0, *alphas])
         ax.set_xlim(*limits)
         ax.set_xlabel("α")
