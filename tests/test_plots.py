@@ -139,21 +139,26 @@ def test_alpha_uncontrolled_set_is_labelled(tmp_path):
 
 
 def test_alpha_ticks_are_the_grid_or_a_readable_few(tmp_path):
-    """A grid of α values gets a tick at each; an α searched over a range (a value per trial: 2,000 of them in a
-    2,000-trial sweep drew 2,000 overlapping labels and grid lines over the points) gets matplotlib's few."""
+    """A grid of α values gets a tick at each; an α searched over a range (a value per trial: the quickstart's 8
+    trials printed overlapping labels, a 2,000-trial sweep 2,000 labels and grid lines over the points) gets
+    matplotlib's few."""
     import random
 
     grid = [_alpha_row(a, s, 0.6 + a, 0.1 + a) for a in (0.0, 0.05, 0.1, 0.2) for s in range(2)]
     ax = plots.alpha_sensitivity_figure(grid).axes[0]
     assert list(ax.get_xticks()) == [0.0, 0.05, 0.1, 0.2]
     rng = random.Random(0)
-    searched = [_alpha_row(rng.uniform(0.0, 0.5), 0, 0.6, 0.1, beta=rng.uniform(1, 3)) for _ in range(300)]
-    fig = plots.alpha_sensitivity_figure(searched)
-    for ax in (a for a in fig.axes if a.get_visible()):
-        low, high = ax.get_xlim()
-        shown = [t for t in ax.get_xticks() if low <= t <= high]
-        assert 3 <= len(shown) <= 12, shown
-    assert plots.plot_alpha_sensitivity(searched, tmp_path / "alpha.png").read_bytes()[:4] == PNG
+    quickstart = [0.0110, 0.0187, 0.0500, 0.0550, 0.0792, 0.1641, 0.2000, 0.2279]  # `make run`'s 8 trials
+    many = [rng.uniform(0.0, 0.5) for _ in range(300)]
+    for alphas in (quickstart, many):
+        searched = [_alpha_row(a, 0, 0.6, 0.1, beta=rng.uniform(1, 3)) for a in alphas]
+        fig = plots.alpha_sensitivity_figure(searched)
+        for ax in (a for a in fig.axes if a.get_visible()):
+            low, high = ax.get_xlim()
+            shown = [t for t in ax.get_xticks() if low <= t <= high]
+            steps = {round(b - a, 9) for a, b in zip(shown, shown[1:])}
+            assert 3 <= len(shown) <= 12 and len(steps) == 1, shown  # matplotlib's evenly spaced ticks
+        assert plots.plot_alpha_sensitivity(searched, tmp_path / "alpha.png").read_bytes()[:4] == PNG
 
 
 def _curve(kl_values, acc_values, sampled=True):

@@ -295,9 +295,19 @@ def _fixed_text(rows: list[dict]) -> str:
     return ", ".join(f"{SHORT_NAMES.get(c, c)}={rows[0].get(c)}" for c in config_columns(rows) if c != "alpha")
 
 
-# At most this many distinct α values get a tick each (a grid); more (an α searched over a range: one per trial)
-# would print thousands of overlapping labels and grid lines over the points.
+# α values get a tick each only when there are at most this many and neighbours are at least this share of the axis
+# apart (a grid); otherwise matplotlib's own ticks. An α searched over a range has a value per trial: the quickstart's
+# 8 trials printed overlapping labels, a 2,000-trial sweep 2,000 labels and grid lines over the points.
 ALPHA_TICKS_MAX = 12
+ALPHA_TICK_GAP = 0.1
+
+
+def alpha_ticks(alphas: list[float], limits: tuple[float, float]) -> list[float] | None:
+    """The sorted `alphas` as ticks when they read apart on an axis spanning `limits`, else None."""
+    gaps = [b - a for a, b in zip(alphas, alphas[1:])]
+    if len(alphas) > ALPHA_TICKS_MAX or (gaps and min(gaps) < ALPHA_TICK_GAP * (limits[1] - limits[0])):
+        return None
+    return alphas
 
 
 def alpha_sensitivity_figure(rows: list[dict]):
@@ -322,9 +332,10 @@ def alpha_sensitivity_figure(rows: list[dict]):
             points = alpha_points(ok, metric)
             ax.errorbar([a for a, _ in points], [i.mean for _, i in points], yerr=[_half_width(i) for _, i in points],
                         color="tab:blue", marker="o", capsize=4, gid=f"alpha:{metric}")
-        if len(alphas) <= ALPHA_TICKS_MAX:  # a grid: a tick at each α; a searched α: matplotlib's own ticks
-            ax.set_xticks(alphas)
         limits = fitted_limits([0.0, *alphas])
+        ticks = alpha_ticks(alphas, limits)
+        if ticks is not None:  # a grid: a tick at each α; a searched α: matplotlib's own ticks
+            ax.set_xticks(ticks)
         ax.set_xlim(*limits)
         ax.set_xlabel("α")
         ax.set_title(METRIC_LABELS[metric], fontsize=10)
@@ -397,7 +408,7 @@ def plot_method_intervals(summaries: list[dict], path: Path) -> Path | None:
 
 __all__ = ["plot_pareto", "plot_kl_curves", "plot_alpha_sensitivity", "plot_method_intervals", "pareto_figure",
            "kl_curves_figure", "alpha_sensitivity_figure", "method_intervals_figure", "pareto_limits",
-           "fitted_limits", "curve_band", "alpha_points", "varying_columns", "rank_labels", "method_styles"]
+           "fitted_limits", "curve_band", "alpha_points", "alpha_ticks", "varying_columns", "rank_labels", "method_styles"]
 
 
 def write_plots(rows_by_method: dict[str, list[dict]], accuracy: str, directory: Path, reference_accuracy=None,
